@@ -1,0 +1,61 @@
+"""User-facing errors.
+
+Every error a user can cause is a `DskdError`: the CLI prints its message as one line on stderr and exits
+with status 2 (the traceback only with `--debug`). Messages read as "what went wrong -> where -> what to do".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class DskdError(Exception):
+    """An error caused by input the user controls (config, files, models, servers)."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One problem in a config file: the dotted key, what is wrong, and how to fix it."""
+
+    key: str
+    problem: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.key}: {self.problem}"
+        return f"{text}; {self.fix}" if self.fix else text
+
+
+class ConfigError(DskdError):
+    """All the problems found in one config, reported together."""
+
+    def __init__(self, problems: list[ConfigProblem], source: str = "config") -> None:
+        self.problems = list(problems)
+        self.source = source
+        super().__init__(self._summary())
+
+    def _summary(self) -> str:
+        if len(self.problems) == 1:
+            return f"{self.source}: {self.problems[0]}"
+        listed = " | ".join(str(p) for p in self.problems)
+        return f"{self.source}: {len(self.problems)} problems: {listed}"
+
+
+class PluginError(DskdError):
+    """A plugin failed to load, registered a duplicate name, or cannot be used as configured."""
+
+
+class DataError(DskdError):
+    """A data file is missing, empty or malformed, or a sample cannot be tokenised as configured."""
+
+
+class ModelError(DskdError):
+    """A model, tokenizer or LM head cannot be loaded or is incompatible with the objective."""
+
+
+class TeacherError(DskdError):
+    """A teacher could not answer. Names the address and a hint; never silently replaced by zeros."""
+
+
+class CheckpointError(DskdError):
+    """A checkpoint is missing, partial or was written for a different run."""
