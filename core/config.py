@@ -1,0 +1,501 @@
+"""`dskd.toml` -> typed, frozen dataclasses, one per table; every problem collected and reported together.
+
+Each field has a default and an attribute docstring (shown by `docs/config.md` and `dskd validate`). Plugin
+tables (`[objective]`, `[divergence]`, `[aligner]`, `[policy]`) hold `name` plus the plugin's own options,
+which are validated against the plugin's signature (`dskd.registry.option_defaults`). Relative paths are
+resolved against the directory of the config file, so a job runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dskd.errors import ConfigError, ConfigProblem
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, checkpoints, final student, results."""
+    seed: int = 0
+    """Seed of every random stream (model init, data order, dropout, sampling)."""
+    stages: tuple[str, ...] = ("distill", "eval")
+    """Stages to run, in order: any of "teacher_sft", "distill", "eval"."""
+    deterministic: bool = False
+    """Use deterministic torch kernels (slower; makes resumed runs bit-identical on one device)."""
+    log_every: int = 10
+    """Optimizer steps between metric reductions, progress updates and metrics.jsonl lines."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = ""
+    """Pretrained weights: a local directory or a hub id. Empty: build from `config` with random weights."""
+    config: str = ""
+    """An HF config.json (or its directory) to build a randomly initialised model from, when `model` is empty."""
+    tokenizer: str = ""
+    """Tokenizer directory or hub id. Empty: the one saved with `model`."""
+    dtype: str = "float32"
+    """Weights dtype: "float32" or "bfloat16"."""
+
+
+@dataclass(frozen=True)
+class StudentConfig(ModelConfig):
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about 30% more time)."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig(ModelConfig):
+    address: tuple[str, ...] = ()
+    """gRPC teacher servers ("host:port"). Empty: the teacher runs in this process."""
+    auth_token_env: str = ""
+    """Name of the environment variable holding the servers' bearer token (never the token itself)."""
+    tls_ca_file: str = ""
+    """CA certificate (PEM) to verify the servers' TLS certificates. Empty: plaintext."""
+    timeout_s: float = 120.0
+    """Deadline of one teacher call, in seconds."""
+    wire_dtype: str = "bfloat16"
+    """Dtype of hidden states and log-probabilities on the wire: "bfloat16" or "float32"."""
+    cache_dir: str = ""
+    """Where a remote teacher's tokenizer and LM head are cached (by fingerprint). Empty: ~/.cache/dskd."""
+
+
+@dataclass(frozen=True)
+class TeacherSFTConfig:
+    steps: int = 0
+    """Optimizer steps of supervised fine-tuning of the teacher (stage "teacher_sft")."""
+    lr: float = 1e-3
+    """Peak learning rate of the teacher SFT."""
+    batch_size: int = 16
+    """Sequences per teacher SFT step."""
+    warmup_steps: int = 0
+    """Linear warm-up steps of the teacher SFT."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""
+    """Training split, JSONL (one object per line)."""
+    valid: str = ""
+    """Validation split (held-out distillation metrics). Optional."""
+    test: str = ""
+    """Test split (generation evaluation). Optional."""
+    instruction_field: str = "instruction"
+    """Field holding the instruction (Dolly: instruction)."""
+    context_field: str = "context"
+    """Field holding optional context (Dolly: context; Alpaca: input). Missing or empty: no context section."""
+    response_field: str = "response"
+    """Field holding the response: a string, or a list of references (the first is trained on)."""
+    prompt_field: str = ""
+    """If set, a field holding the complete prompt text, used verbatim instead of the template."""
+    template: str = "alpaca"
+    """Prompt template: "alpaca" or a string with {instruction} and {context} placeholders."""
+    max_length: int = 512
+    """Maximum tokens of prompt plus response, per tokenizer. Longer samples are an error (never silently cut)."""
+    max_prompt_length: int = 256
+    """Prompts longer than this keep their *last* tokens, so the "### Response:" cue survives."""
+    num_workers: int = 0
+    """Processes that tokenise and align the data (0: in the main process)."""
+    cache_dir: str = ""
+    """Cache of tokenised and aligned splits, keyed by data and tokenizer fingerprints. Empty: <output_dir>/cache."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps of distillation."""
+    batch_size: int = 8
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 5e-4
+    """Peak learning rate of the student."""
+    projector_lr: float = 1e-3
+    """Peak learning rate of an objective's projectors (DSKD)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    schedule: str = "cosine"
+    """Learning-rate decay after warm-up: "cosine", "linear" or "constant"."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak (cosine and linear)."""
+    clip_grad: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    precision: str = "fp32"
+    """"fp32" or "bf16" (autocast; losses are always computed in float32)."""
+    save_every: int = 0
+    """Optimizer steps between resumable checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept on disk (the newest)."""
+    chunk_size: int = 1024
+    """Token rows per chunk of the loss (bounds the memory of full-vocabulary logits)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "kd"
+    """Objective plugin: sft, kd, dskd, dskd_v2, ... (see `dskd plugins`)."""
+    kd_rate: float = 0.5
+    """Weight of the distillation loss; the CE on gold labels gets 1 - kd_rate (spec §1.3)."""
+    temperature: float = 1.0
+    """Divergence temperature (divides student and teacher logits)."""
+    options: dict = field(default_factory=dict)
+    """The plugin's own options (the other keys of the table)."""
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    name: str = ""
+    """Plugin name (see `dskd plugins`)."""
+    options: dict = field(default_factory=dict)
+    """The plugin's own options (the other keys of the table)."""
+
+
+@dataclass(frozen=True)
+class DivergenceConfig(PluginConfig):
+    name: str = "forward_kl"
+    """Divergence plugin: forward_kl, reverse_kl, js, tvd, skew_forward_kl, skew_reverse_kl, adaptive_kl, generalized_jsd."""
+
+
+@dataclass(frozen=True)
+class AlignerConfig(PluginConfig):
+    name: str = ""
+    """Aligner plugin. Empty: identity for the same vocabulary, otherwise eta."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig(PluginConfig):
+    name: str = "off_policy"
+    """Policy plugin: off_policy, on_policy, mixed, teacher_generated, adaptive."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str = "test"
+    """Split to evaluate by generation: "test" or "valid"."""
+    max_new_tokens: int = 64
+    """Tokens generated per prompt."""
+    batch_size: int = 32
+    """Prompts per generation batch."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (with temperature > 0)."""
+    seeds: tuple[int, ...] = (0,)
+    """Generation seeds; metrics are averaged over them."""
+    max_samples: int = 0
+    """Evaluate at most this many examples (0: all)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher_sft: TeacherSFTConfig = field(default_factory=TeacherSFTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = ""
+    """Path of the file this config was read from (not a table)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "source":
+                continue
+            table = dataclasses.asdict(getattr(self, f.name))
+            options = table.pop("options", None)
+            if options:
+                table.update(options)
+            out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in table.items()}
+        return out
+
+
+PLUGIN_TABLES = {"objective": "objectives", "divergence": "divergences", "aligner": "aligners", "policy": "policies"}
+STAGES = ("teacher_sft", "distill", "eval")
+PATH_FIELDS = {
+    ("student", "model"), ("student", "config"), ("student", "tokenizer"),
+    ("teacher", "model"), ("teacher", "config"), ("teacher", "tokenizer"), ("teacher", "tls_ca_file"),
+    ("teacher", "cache_dir"), ("data", "train"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"),
+    ("run", "output_dir"),
+}
+
+
+def _tables() -> dict[str, type]:
+    return {f.name: _hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "source"}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"did you mean {match[0]!r}?" if match else f"known keys: {', '.join(sorted(choices))}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, value converted to `tp`): ints are accepted for floats, lists become tuples."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):  # a single string where a list is expected: accept it as a one-item list
+            value = [value]
+        if not isinstance(value, list):
+            return False, value
+        inner = typing.get_args(tp)[0]
+        items = []
+        for item in value:
+            ok, item = _coerce(item, inner)
+            if not ok:
+                return False, value
+            items.append(item)
+        return True, tuple(items)
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([ConfigProblem(str(path), "file not found", "pass the path of a dskd TOML file")], source=str(path))
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem(str(path), f"not valid TOML ({exc})", "fix the syntax at that line")], source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigProblem(str(path), f"cannot be read ({exc})", "check the path and its permissions")], source=str(path)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[ConfigProblem]:
+    """Apply `table.key=value` overrides (TOML values; bare words are strings) to the raw tables."""
+    problems = []
+    tables = _tables()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        table, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            problems.append(ConfigProblem(f"--set {item}", "expected table.key=value", "for example --set train.lr=3e-4"))
+            continue
+        if table not in tables:
+            problems.append(ConfigProblem(f"--set {key}", f"unknown table {table!r}", _closest(table, list(tables))))
+            continue
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        raw.setdefault(table, {})[name] = value
+    return problems
+
+
+def parse_config(raw: dict[str, Any], *, source: str = "config", base_dir: str | Path | None = None, registry: Any = None) -> Config:
+    """Build a `Config` from raw TOML tables, or raise one `ConfigError` listing every problem.
+
+    With a `registry`, plugin names and their options are checked too (unknown names list the known ones).
+    """
+    problems: list[ConfigProblem] = []
+    tables = _tables()
+    built: dict[str, Any] = {}
+    for table_name in raw:
+        if table_name not in tables:
+            problems.append(ConfigProblem(table_name, "unknown table", _closest(table_name, list(tables))))
+    for table_name, cls in tables.items():
+        values = raw.get(table_name, {})
+        if not isinstance(values, dict):
+            problems.append(ConfigProblem(table_name, f"must be a table, got {type(values).__name__}", f"write [{table_name}] with keys under it"))
+            continue
+        built[table_name] = _build_table(table_name, cls, values, problems, base_dir)
+    if problems:
+        raise ConfigError(problems, source=source)
+    config = Config(**built, source=source)
+    problems.extend(check_values(config))
+    if registry is not None:
+        problems.extend(check_plugins(config, registry))
+    if problems:
+        raise ConfigError(problems, source=source)
+    return config
+
+
+def _build_table(table_name: str, cls: type, values: dict[str, Any], problems: list[ConfigProblem], base_dir: str | Path | None) -> Any:
+    hints = _hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.name != "options"]
+    takes_options = "options" in hints
+    kwargs: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{table_name}.{key}"
+        if key not in known:
+            if takes_options:
+                options[key] = value  # checked against the plugin's signature once the registry is known
+            else:
+                problems.append(ConfigProblem(dotted, "unknown key", _closest(key, known)))
+            continue
+        ok, converted = _coerce(value, hints[key])
+        if not ok:
+            problems.append(ConfigProblem(dotted, f"expected {_type_name(hints[key])}, got {value!r}", f"write {key} = <{_type_name(hints[key])}>"))
+            continue
+        if (table_name, key) in PATH_FIELDS and converted and base_dir is not None:
+            converted = _resolve_path(converted, base_dir)
+        kwargs[key] = converted
+    if takes_options:
+        kwargs["options"] = options
+    return cls(**kwargs)
+
+
+def _resolve_path(value: str, base_dir: str | Path) -> str:
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    candidate = Path(base_dir) / path
+    # A hub id ("org/name") that is not a local path stays as it is; local paths are made absolute.
+    if candidate.exists() or value.startswith(".") or "/" not in value or value.count("/") > 1:
+        return str(candidate.resolve())
+    return value
+
+
+def check_values(config: Config) -> list[ConfigProblem]:
+    """Ranges and choices of the fixed fields (plugin options are checked by `check_plugins`)."""
+    p: list[ConfigProblem] = []
+
+    def need(cond: bool, key: str, problem: str, fix: str) -> None:
+        if not cond:
+            p.append(ConfigProblem(key, problem, fix))
+
+    r, t, d, tr, o, e = config.run, config.teacher, config.data, config.train, config.objective, config.eval
+    for stage in r.stages:
+        need(stage in STAGES, "run.stages", f"unknown stage {stage!r}", f"use any of {', '.join(STAGES)}")
+    need(bool(r.output_dir), "run.output_dir", "is empty", "set a run directory, e.g. runs/my-job")
+    need(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}", "use e.g. 10")
+    for table, m in (("student", config.student), ("teacher", t)):
+        need(m.dtype in ("float32", "bfloat16"), f"{table}.dtype", f"unknown dtype {m.dtype!r}", 'use "float32" or "bfloat16"')
+    need(bool(config.student.model or config.student.config), "student", "neither model nor config is set", "set student.model (pretrained) or student.config (random init)")
+    if not t.address:
+        need(bool(t.model or t.config) or o.name == "sft", "teacher", "no teacher: neither model, config nor address is set", "set teacher.model, teacher.config or teacher.address (or use objective sft)")
+    need(t.wire_dtype in ("bfloat16", "float32"), "teacher.wire_dtype", f"unknown dtype {t.wire_dtype!r}", 'use "bfloat16" or "float32"')
+    need(t.timeout_s > 0, "teacher.timeout_s", f"must be > 0, got {t.timeout_s}", "use e.g. 120")
+    for address in t.address:
+        host, sep, port = address.rpartition(":")
+        need(bool(sep and host and port.isdigit()), "teacher.address", f"{address!r} is not host:port", 'write e.g. "127.0.0.1:50051"')
+    if "teacher_sft" in r.stages:
+        need(config.teacher_sft.steps > 0, "teacher_sft.steps", "must be > 0 when the teacher_sft stage runs", "set steps or drop the stage")
+        need(not t.address, "run.stages", "teacher_sft needs an in-process teacher", "remove teacher.address or the teacher_sft stage")
+    need(bool(d.train) or "distill" not in r.stages, "data.train", "is empty", "point it at a JSONL file")
+    need(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}", "use e.g. 512")
+    need(0 < d.max_prompt_length < d.max_length, "data.max_prompt_length", f"must be in (0, max_length), got {d.max_prompt_length}", "use e.g. half of max_length")
+    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 or more")
+    need(tr.max_steps >= 1, "train.max_steps", f"must be >= 1, got {tr.max_steps}", "use e.g. 1000")
+    need(tr.batch_size >= 1, "train.batch_size", f"must be >= 1, got {tr.batch_size}", "use e.g. 8")
+    need(tr.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {tr.grad_accum}", "use e.g. 1")
+    need(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}", "use e.g. 5e-4")
+    need(tr.projector_lr > 0, "train.projector_lr", f"must be > 0, got {tr.projector_lr}", "use e.g. 1e-3")
+    need(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}", "use e.g. 0.01")
+    need(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}", "use 0 or more")
+    need(tr.schedule in ("cosine", "linear", "constant"), "train.schedule", f"unknown schedule {tr.schedule!r}", 'use "cosine", "linear" or "constant"')
+    need(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {tr.min_lr_ratio}", "use e.g. 0.1")
+    need(tr.clip_grad >= 0, "train.clip_grad", f"must be >= 0, got {tr.clip_grad}", "use 1.0, or 0 to disable")
+    need(tr.precision in ("fp32", "bf16"), "train.precision", f"unknown precision {tr.precision!r}", 'use "fp32" or "bf16"')
+    need(tr.save_every >= 0, "train.save_every", f"must be >= 0, got {tr.save_every}", "use 0 (end only) or a step interval")
+    need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {tr.keep_checkpoints}", "use e.g. 2")
+    need(tr.chunk_size >= 1, "train.chunk_size", f"must be >= 1, got {tr.chunk_size}", "use e.g. 1024")
+    need(0 <= o.kd_rate <= 1, "objective.kd_rate", f"must be in [0, 1], got {o.kd_rate}", "use e.g. 0.5")
+    need(o.temperature > 0, "objective.temperature", f"must be > 0, got {o.temperature}", "use e.g. 1.0 or 2.0")
+    need(e.split in ("test", "valid"), "eval.split", f"unknown split {e.split!r}", 'use "test" or "valid"')
+    need(e.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {e.max_new_tokens}", "use e.g. 64")
+    need(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}", "use e.g. 32")
+    need(e.temperature >= 0, "eval.temperature", f"must be >= 0, got {e.temperature}", "use 0 for greedy")
+    need(0 < e.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {e.top_p}", "use e.g. 1.0")
+    need(len(e.seeds) >= 1, "eval.seeds", "is empty", "use e.g. [0]")
+    need(e.max_samples >= 0, "eval.max_samples", f"must be >= 0, got {e.max_samples}", "use 0 for all")
+    if "eval" in r.stages:
+        split_file = d.test if e.split == "test" else d.valid
+        need(bool(split_file), f"data.{e.split}", "is empty but the eval stage needs it", f"set data.{e.split} or drop the eval stage")
+    for table, key in sorted(PATH_FIELDS):
+        value = getattr(getattr(config, table), key)
+        if key in ("train", "valid", "test", "tls_ca_file", "config") and value:
+            need(Path(value).exists(), f"{table}.{key}", f"file not found: {value}", "check the path (relative paths start at the config file's folder)")
+    return p
+
+
+def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
+    """Plugin names exist and their options are ones the plugin declares, with the right types."""
+    from dskd.registry import option_defaults  # local: the registry is optional for plain parsing
+
+    problems: list[ConfigProblem] = []
+    for table, family in PLUGIN_TABLES.items():
+        section = getattr(config, table)
+        if not section.name:
+            continue  # an empty aligner name means "choose for the vocabularies"
+        known = registry.family(family)
+        if section.name not in known:
+            problems.append(ConfigProblem(f"{table}.name", f"unknown {table} {section.name!r}", f"known: {', '.join(sorted(known)) or 'none'}"))
+            continue
+        skip = ("temperature",) if table == "divergence" else ()
+        defaults = option_defaults(known[section.name], skip=skip)
+        for key, value in section.options.items():
+            if key not in defaults:
+                hint = _closest(key, list(defaults)) if defaults else f"{section.name!r} takes no options"
+                problems.append(ConfigProblem(f"{table}.{key}", f"unknown option of {table} {section.name!r}", hint))
+                continue
+            default = defaults[key]
+            if default is not None:
+                tp = type(default)
+                ok, _ = _coerce(value, tuple[str, ...] if isinstance(default, tuple) else tp)
+                if not ok:
+                    problems.append(ConfigProblem(f"{table}.{key}", f"expected {_type_name(tp)}, got {value!r}", f"the default is {default!r}"))
+    return problems
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, *, registry: Any = None) -> Config:
+    """Read, override and validate a config file; raise one `ConfigError` with every problem found."""
+    path = Path(path)
+    raw = read_toml(path)
+    problems = apply_overrides(raw, list(overrides or []))
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return parse_config(raw, source=str(path), base_dir=path.resolve().parent, registry=registry)
+
+
+def plugin_options(section: PluginConfig | ObjectiveConfig, factory: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The options to call a plugin with: its defaults overridden by the config, converted to their types."""
+    from dskd.registry import option_defaults
+
+    merged = option_defaults(factory, skip=skip)
+    for key, value in section.options.items():
+        default = merged.get(key)
+        if isinstance(default, float) and isinstance(value, int):
+            value = float(value)
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        merged[key] = value
+    return merged
