@@ -11,7 +11,7 @@ describe is refused at setup with a sentence instead of training on wrong logits
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,14 @@ class LMHead:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The head's tensors by name, to pass to `dskd.chunked.chunked_loss` as shared inputs (so a trainable
+        head receives its gradient there); `with_tensors` rebuilds the head from them inside the chunk."""
+        return {"weight": self.weight} if self.bias is None else {"weight": self.weight, "bias": self.bias}
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "LMHead":
+        return replace(self, weight=tensors["weight"], bias=tensors.get("bias"))
+
     def detached(self) -> "LMHead":
         return LMHead(self.weight.detach(), None if self.bias is None else self.bias.detach(), self.scale, self.softcap)
 
@@ -68,21 +76,18 @@ class LMHead:
         return digest.hexdigest()
 
 
-def body(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformer body of an HF causal LM (everything before the LM head)."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise ModelError(
-            f"{type(model).__name__} has no separate transformer body (`base_model`); dskd needs an HF "
-            f"*ForCausalLM model whose last hidden state feeds its LM head"
-        )
-    return base
-
-
 def last_hidden_state(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`(B, T, d)` hidden states after the final norm: exactly the LM head's input for supported models."""
-    out = body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+    """`(B, T, d)` hidden states after the final norm: exactly the LM head's input for supported models.
+
+    Goes through the model's own forward (not its body) so that wrappers such as DDP see the call, and asks
+    for the logits of the last position only, so the full `(B, T, V)` logits are never built here.
+    """
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    try:
+        out = model(**kwargs, logits_to_keep=1)
+    except TypeError:  # architectures without `logits_to_keep` compute all logits; still correct
+        out = model(**kwargs)
+    return out.hidden_states[-1]
 
 
 def head_from_model(model: torch.nn.Module, vocab_size: int, *, verify: bool = True, name: str = "model") -> LMHead:

@@ -172,6 +172,12 @@ class LocalTeacher:
             self.model, self.head, input_ids.to(self.device), attention_mask.to(self.device), rows.to(self.device), request
         )
         signal.fingerprint = self.fingerprint
+        # Tensors made under inference_mode cannot enter autograd graphs (the student's loss uses them as
+        # constants); one clone of the requested rows, outside inference mode, makes them ordinary tensors.
+        for name in ("hidden_states", "topk_ids", "topk_logprobs", "tail_logmass", "logits"):
+            value = getattr(signal, name)
+            if value is not None:
+                setattr(signal, name, value.clone())
         return signal
 
     @torch.inference_mode()

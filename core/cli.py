@@ -1,0 +1,151 @@
+"""The `dskd` command: run, validate, plugins, eval, report, doctor.
+
+A `DskdError` (bad config, missing file, unusable model, unreachable teacher, ...) prints one line on stderr
+and exits with status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dskd.console import Console, error_line
+from dskd.errors import ConfigError, DskdError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dskd", description="Dual-Space Knowledge Distillation for language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the job described by a TOML file")
+    run.add_argument("config", help="path of the job's TOML file (e.g. dskd.toml)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                     help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    run.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in run.output_dir")
+    run.add_argument("--force-resume", action="store_true", help="resume even if the teacher or tokenizers changed")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    validate = sub.add_parser("validate", help="check a TOML file and list every problem")
+    validate.add_argument("config")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE")
+    validate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    plugins = sub.add_parser("plugins", help="list the loaded plugins and what they register")
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plugins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    evaluate = sub.add_parser("eval", help="evaluate a saved model on the job's evaluation split")
+    evaluate.add_argument("--config", required=True, help="the job's TOML file (data, template, eval settings)")
+    evaluate.add_argument("--model", required=True, help="a model folder saved in Hugging Face format")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE")
+    evaluate.add_argument("--output", help="write the metrics as JSON to this file")
+    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    report = sub.add_parser("report", help="plots and a summary of a finished run directory")
+    report.add_argument("run_dir")
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    doctor = sub.add_parser("doctor", help="check a teacher/student pair before training")
+    doctor.add_argument("--teacher", required=True, help="teacher model or tokenizer folder")
+    doctor.add_argument("--student", required=True, help="student model or tokenizer folder")
+    doctor.add_argument("--data", help="a JSONL file to measure alignment on")
+    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dskd.config import load_config
+    from dskd.job import run_job
+    from dskd.registry import load_registry
+
+    registry = load_registry()
+    config = load_config(args.config, args.overrides, registry=registry)
+    run_job(config, registry=registry, resume=args.resume, force_resume=args.force_resume)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from dskd.config import load_config
+    from dskd.registry import load_registry
+
+    try:
+        load_config(args.config, args.overrides, registry=load_registry())
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from dskd.registry import FAMILIES, load_registry
+
+    registry = load_registry()
+    if args.json:
+        print(json.dumps(registry.describe(), indent=2))
+        return 0
+    console = Console()
+    rows = []
+    for plugin in registry.plugins:
+        registered = "; ".join(f"{family}: {', '.join(names)}" for family, names in plugin.registered.items())
+        rows.append([plugin.name, f"{plugin.package} {plugin.version}".strip(), registered])
+    console.table("dskd plugins", ["plugin", "package", "registers"], rows)
+    for family in FAMILIES:
+        console.print(f"[bold]{family}[/bold]: {', '.join(sorted(registry.family(family))) or '-'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dskd.config import load_config
+    from dskd.job import evaluate_model
+    from dskd.registry import load_registry
+
+    config = load_config(args.config, args.overrides, registry=load_registry())
+    metrics = evaluate_model(config, args.model)
+    text = json.dumps(metrics, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dskd.report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from dskd.doctor import run_doctor
+
+    return run_doctor(args.teacher, args.student, data=args.data, as_json=args.json)
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "eval": cmd_eval, "report": cmd_report, "doctor": cmd_doctor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DskdError as exc:
+        if args.debug:
+            raise
+        error_line(str(exc))
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        error_line("interrupted; the last intact checkpoint is kept (resume with --resume)")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Building a run's parts from the config and the registry, in the order of ARCHITECTURE §2's setup.
+
+Each builder turns one config table into a ready object and turns every way it can fail into a sentence.
+The engine itself never looks at plugin names: it receives the built objects.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dskd.config import Config, plugin_options
+from dskd.errors import ModelError, PluginError
+from dskd.lm_head import head_from_model
+from dskd.models import check_vocabulary, load_model, load_tokenizer
+from dskd.objective import ObjectiveContext, same_vocabulary
+from dskd.policy import PolicyContext
+from dskd.teacher import LocalTeacher
+
+
+def build_teacher(config: Config, device: torch.device, *, model_path: str | None = None, cache_dir: Path | None = None):
+    """The configured teacher: a gRPC `RemoteTeacher` when `teacher.address` is set, else a `LocalTeacher`."""
+    t = config.teacher
+    if t.address:
+        from dskd.servers.client import RemoteTeacher  # grpc is only imported for remote teachers
+
+        token = None
+        if t.auth_token_env:
+            token = os.environ.get(t.auth_token_env)
+            if not token:
+                raise PluginError(f"teacher.auth_token_env names {t.auth_token_env!r} but that environment variable is not set; export it with the servers' token")
+        return RemoteTeacher(
+            list(t.address), auth_token=token, tls_ca_file=t.tls_ca_file or None, timeout_s=t.timeout_s,
+            wire_dtype=t.wire_dtype, cache_dir=t.cache_dir or (str(cache_dir) if cache_dir else None), device=device,
+        )
+    tokenizer = load_tokenizer(_with_tokenizer_fallback(t, model_path), "teacher")
+    model = load_model(t, "teacher", seed=config.run.seed + 1, path=model_path)
+    check_vocabulary(model, tokenizer, "teacher")
+    return LocalTeacher(model.to(device), tokenizer, model_id=model_path or t.model or t.config)
+
+
+def _with_tokenizer_fallback(cfg, model_path: str | None):
+    """A teacher trained by the teacher_sft stage saves its tokenizer beside it; use it when none is set."""
+    from dataclasses import replace
+
+    if model_path and not cfg.tokenizer:
+        return replace(cfg, tokenizer=model_path)
+    return cfg
+
+
+def bind_divergence(config: Config, registry: Any):
+    """The configured divergence with its options bound; capability attributes are carried over."""
+    fn = registry.get("divergences", config.divergence.name)
+    options = plugin_options(config.divergence, fn, skip=("temperature",))
+    bound = functools.partial(fn, **options)
+    bound.accepts_sparse_teacher = getattr(fn, "accepts_sparse_teacher", False)
+    return bound
+
+
+def build_aligner(config: Config, registry: Any, teacher_tokenizer: Any, student_tokenizer: Any, same_vocab: bool):
+    """The aligner: none for identical vocabularies unless one is configured, else the configured one or eta."""
+    name = config.aligner.name or ("" if same_vocab else "eta")
+    if not name:
+        return None
+    factory = registry.get("aligners", name)
+    options = plugin_options(config.aligner, factory)
+    try:
+        return factory(teacher_tokenizer, student_tokenizer, **options)
+    except PluginError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise PluginError(f"aligner {name!r} cannot be built with options {options}: {exc}") from None
+
+
+@dataclass
+class Student:
+    model: torch.nn.Module
+    tokenizer: Any
+
+
+def build_student(config: Config, device: torch.device, *, fresh: bool = False) -> Student:
+    """The student (pretrained, or random-init from its config with the run's seed)."""
+    tokenizer = load_tokenizer(config.student, "student")
+    model = load_model(config.student, "student", seed=config.run.seed)
+    check_vocabulary(model, tokenizer, "student")
+    if config.student.gradient_checkpointing and not fresh:
+        model.gradient_checkpointing_enable()
+    return Student(model.to(device), tokenizer)
+
+
+def build_objective(config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, name: str | None = None):
+    name = name or config.objective.name
+    factory = registry.get("objectives", name)
+    head = head_from_model(student.model, len(student.tokenizer), name="student")
+    same_vocab = teacher is None or same_vocabulary(teacher.tokenizer, student.tokenizer)
+    context = ObjectiveContext(
+        student=student.model,
+        student_tokenizer=student.tokenizer,
+        student_head=head,
+        teacher=teacher,
+        divergence=bind_divergence(config, registry),
+        divergence_name=config.divergence.name,
+        kd_rate=config.objective.kd_rate,
+        temperature=config.objective.temperature,
+        chunk_size=config.train.chunk_size,
+        aligner=aligner,
+        same_vocab=same_vocab,
+    )
+    options = plugin_options(config.objective, factory) if name == config.objective.name else {}
+    objective = factory(context, **options)
+    if teacher is not None and not objective.request.empty:
+        missing = _missing_capabilities(objective.request, teacher)
+        if missing:
+            raise PluginError(f"objective {name!r} needs {missing} from the teacher, which it does not offer")
+    return objective
+
+
+def _missing_capabilities(request, teacher) -> str:
+    needs = []
+    if request.hidden_states and "hidden_states" not in teacher.capabilities:
+        needs.append("hidden states")
+    if request.top_k and "top_k" not in teacher.capabilities:
+        needs.append("top-k log-probabilities")
+    if request.logits and "logits" not in teacher.capabilities:
+        needs.append("dense logits")
+    return ", ".join(needs)
+
+
+def build_policy(config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, cache_dir: Path):
+    factory = registry.get("policies", config.policy.name)
+    context = PolicyContext(
+        student=student.model, student_tokenizer=student.tokenizer, teacher=teacher, aligner=aligner,
+        max_length=config.data.max_length, seed=config.run.seed, objective_name=config.objective.name,
+        cache_dir=str(cache_dir),
+    )
+    return factory(context, **plugin_options(config.policy, factory))
+

@@ -1,0 +1,333 @@
+"""The training loop: one stage of optimisation (teacher SFT or distillation) on `accelerate`.
+
+Read `Trainer.train_step` top to bottom: it is the whole algorithm. Everything else here is setup,
+logging and checkpointing around it.
+
+Loss normalisation (spec §0). Before an optimizer step the trainer takes its `G` micro-batches, counts their
+valid student tokens, and sums that count over all processes once: `N_glob`. Each micro-batch loss is
+`sum(token losses) / D` with `D = N_glob / W` (W processes); gradients add up over the G micro-batches and DDP
+averages over the W processes, so the step's gradient is exactly that of `sum over the global batch / N_glob`,
+a true token mean, whatever the sequence lengths and however they fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dskd import checkpoint
+from dskd.config import TrainConfig
+from dskd.console import Console
+from dskd.errors import CheckpointError
+from dskd.lm_head import last_hidden_state
+from dskd.types import Batch, LossTerms, TeacherSignal
+
+
+@dataclass
+class StageSpec:
+    """What one training stage needs; built by `dskd.job` from the config."""
+
+    name: str  # "teacher_sft" or "distill": names the checkpoint folder and the metrics lines
+    model: torch.nn.Module
+    objective: Any  # a `dskd.objective.Objective`
+    policy: Any  # a `dskd.policy.Policy`
+    teacher: Any  # a `dskd.teacher.Teacher`, or None
+    make_batches: Callable[[int], Iterator[Batch]]  # consumed-batch count -> this process's batches from there on
+    train: TrainConfig
+    run_dir: Path
+    log_every: int
+    fingerprints: dict[str, str] = field(default_factory=dict)  # teacher/tokenizers, checked on resume
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    consumed: int = 0  # micro-batches taken from this process's data stream
+    tokens: int = 0  # student input tokens processed (this process)
+
+
+class Meter:
+    """Per-term sums and counts kept on the device; reduced across processes once per log interval."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.loss = None
+        self.host: dict[str, float] = {}
+
+    def add(self, terms: LossTerms) -> None:
+        self.loss = terms.loss.detach() if self.loss is None else self.loss + terms.loss.detach()
+        for name, value in terms.sums.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.detach().clone()
+        for name, value in terms.counts.items():
+            value = torch.as_tensor(value, dtype=torch.float32, device=terms.loss.device)
+            self.counts[name] = self.counts[name] + value if name in self.counts else value.clone()
+
+    def add_host(self, name: str, value: float) -> None:
+        self.host[name] = self.host.get(name, 0.0) + value
+
+    def reduce(self, accelerator, steps: int) -> dict[str, float]:
+        """Means over the interval: one collective and one device->host copy for all metrics."""
+        names = sorted(self.sums)
+        host_names = sorted(self.host)
+        device = accelerator.device
+        loss = self.loss if self.loss is not None else torch.zeros((), device=device)
+        parts = [loss.reshape(1).float()]
+        parts += [self.sums[n].reshape(1).float() for n in names]
+        parts += [self.counts.get(n, torch.zeros((), device=device)).reshape(1).float() for n in names]
+        parts.append(torch.tensor([self.host[n] for n in host_names], dtype=torch.float32, device=device))
+        flat = torch.cat([p.to(device) for p in parts])
+        if accelerator.num_processes > 1:
+            flat = accelerator.reduce(flat, reduction="sum")
+        values = flat.tolist()
+        k = len(names)
+        out = {"train/loss": values[0] / max(steps, 1) / accelerator.num_processes}
+        for i, name in enumerate(names):
+            count = values[1 + k + i]
+            if count:  # a term with no tokens in the interval (e.g. nothing agreed) is left out, not NaN
+                out[f"train/{name}"] = values[1 + i] / count
+        host_values = values[1 + 2 * k :]
+        for name, value in zip(host_names, host_values):
+            out[name] = value
+        self.__init__()
+        return out
+
+
+class SignalFetcher:
+    """Asks the teacher for the signal of micro-batch i+1 while the student computes i, when the teacher
+    can answer asynchronously (`score_async`); otherwise the call is simply made when the signal is needed."""
+
+    def __init__(self, teacher: Any, request: Any) -> None:
+        self.teacher = teacher
+        self.request = request
+        self.active = teacher is not None and not request.empty
+
+    def submit(self, batch: Batch):
+        if not self.active:
+            return None
+        args = (batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, self.request)
+        if hasattr(self.teacher, "score_async"):
+            return self.teacher.score_async(*args)
+        return lambda: self.teacher.score(*args)
+
+    @staticmethod
+    def result(handle) -> TeacherSignal | None:
+        if handle is None:
+            return None
+        return handle() if callable(handle) else handle.result()
+
+
+def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of every group's peak learning rate at a step: linear warm-up, then the configured decay."""
+
+    def factor(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        decay_steps = max(train.max_steps - train.warmup_steps, 1)
+        progress = min(max(step - train.warmup_steps, 0) / decay_steps, 1.0)
+        floor = train.min_lr_ratio
+        if train.schedule == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if train.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return 1.0
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, extra: torch.nn.Module | None, train: TrainConfig) -> list[dict]:
+    """AdamW groups: decayed matrices, undecayed biases and norm weights (any 1-D parameter, which covers
+    every architecture's norms, not only GPT-2's names), and the objective's projectors at their own lr."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay, "lr": train.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": train.lr},
+    ]
+    if extra is not None:
+        params = [p for p in extra.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "weight_decay": train.weight_decay, "lr": train.projector_lr})
+    return [g for g in groups if g["params"]]
+
+
+class Trainer:
+    def __init__(self, spec: StageSpec, accelerator, console: Console) -> None:
+        self.spec = spec
+        self.accelerator = accelerator
+        self.console = console
+        self.train_cfg = spec.train
+        self.projectors = spec.objective.trainable_modules()
+        if self.projectors is not None:
+            self.projectors.to(accelerator.device)
+        self.optimizer = torch.optim.AdamW(param_groups(spec.model, self.projectors, spec.train), betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec.train))
+        # The scheduler is stepped by us, once per optimizer step: accelerate's prepared scheduler would step it
+        # once per process, which shortens the schedule under data parallelism.
+        self.model, self.optimizer = accelerator.prepare(spec.model, self.optimizer)
+        self.fetcher = SignalFetcher(spec.teacher, spec.objective.request)
+        self.state = TrainState()
+        self.ckpt_root = spec.run_dir / "checkpoints" / spec.name
+        self.metrics_path = spec.run_dir / "metrics.jsonl"
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def train_step(self, window: list[Batch], meter: Meter) -> None:
+        acc, objective, model = self.accelerator, self.spec.objective, self.model
+        window = [self.spec.policy.prepare(batch, self.state.step).to(acc.device) for batch in window]
+        # One collective per step: the global count of valid tokens, the loss denominator of spec §0.
+        local = torch.tensor(float(sum(b.num_student_tokens() for b in window)), device=acc.device)
+        n_glob = float(acc.reduce(local, reduction="sum")) if acc.num_processes > 1 else float(local)
+        denominator = max(n_glob, 1.0) / acc.num_processes
+        pending = self.fetcher.submit(window[0])
+        for i, batch in enumerate(window):
+            signal = self.fetcher.result(pending)
+            pending = self.fetcher.submit(window[i + 1]) if i + 1 < len(window) else None
+            last = i + 1 == len(window)
+            with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast():
+                hidden = last_hidden_state(model, batch.student_input_ids, batch.student_attention_mask)
+                terms = objective.compute(batch, hidden, signal, denominator)
+            acc.backward(terms.loss)
+            meter.add(terms)
+            if batch.aligned_rows is not None:
+                meter.add_host("train/align_ratio_num", float(batch.aligned_rows.shape[0]))
+                meter.add_host("train/align_ratio_den", float(batch.student_rows.shape[0]))
+            self.state.tokens += int(batch.student_attention_mask.sum())
+        if self.train_cfg.clip_grad > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            acc.clip_grad_norm_(params, self.train_cfg.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.on_optimizer_step()
+        self.state.step += 1
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def run(self, resume: bool = False, force: bool = False) -> torch.nn.Module:
+        if resume:
+            self._resume(force)
+        batches = self.spec.make_batches(self.state.consumed)
+        meter = Meter()
+        total = self.train_cfg.max_steps
+        start = time.perf_counter()
+        tokens_at_start = self.state.tokens
+        last_log_time, last_log_tokens = start, self.state.tokens
+        with self.console.progress(self.spec.name, total, self.state.step) as progress:
+            while self.state.step < total:
+                window = [next(batches) for _ in range(self.train_cfg.grad_accum)]
+                self.state.consumed += len(window)
+                self.train_step(window, meter)
+                step = self.state.step
+                if step % self.spec.log_every == 0 or step == total:
+                    now = time.perf_counter()
+                    metrics = meter.reduce(self.accelerator, self.spec.log_every if step % self.spec.log_every == 0 else step % self.spec.log_every)
+                    num, den = metrics.pop("train/align_ratio_num", None), metrics.pop("train/align_ratio_den", None)
+                    if num is not None and den:
+                        metrics["train/align_ratio"] = num / den
+                    metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+                    tokens = (self.state.tokens - last_log_tokens) * self.accelerator.num_processes
+                    metrics["perf/tokens_per_s"] = tokens / max(now - last_log_time, 1e-9)
+                    last_log_time, last_log_tokens = now, self.state.tokens
+                    self._log({"stage": self.spec.name, "step": step, **metrics})
+                    progress.update(step, metrics)
+                if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < total:
+                    self._save()
+        self._save()
+        elapsed = time.perf_counter() - start
+        self.console.print(
+            f"{self.spec.name}: {total} steps, {(self.state.tokens - tokens_at_start) / max(elapsed, 1e-9):.0f} tokens/s per process"
+        )
+        return self.accelerator.unwrap_model(self.model)
+
+    # -- checkpoints and metrics ----------------------------------------------------------------------------------
+    def _objects(self) -> dict[str, Any]:
+        objects = {
+            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "policy": self.spec.policy.state_dict(),
+            "rng": checkpoint.rng_state(),
+        }
+        if self.projectors is not None:
+            objects["objective"] = self.projectors.state_dict()
+        return objects
+
+    def _save(self) -> None:
+        self.accelerator.wait_for_everyone()
+        # Every process keeps its own RNG and data position; the main process also writes the shared state.
+        rank = self.accelerator.process_index
+        manifest = {"stage": self.spec.name, "state": vars(self.state).copy(), "fingerprints": self.spec.fingerprints,
+                    "world_size": self.accelerator.num_processes}
+        root = self.ckpt_root if rank == 0 else self.ckpt_root / f"rank-{rank}"
+        objects = self._objects() if rank == 0 else {"rng": checkpoint.rng_state(), "policy": self.spec.policy.state_dict()}
+        checkpoint.save(root, self.state.step, objects, manifest, keep=self.train_cfg.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self, force: bool) -> None:
+        found = checkpoint.latest(self.ckpt_root, warn=self.console.warn)
+        if found is None:
+            self.console.print(f"{self.spec.name}: no checkpoint to resume from; starting at step 0")
+            return
+        manifest = found.manifest
+        if manifest.get("world_size", 1) != self.accelerator.num_processes:
+            raise CheckpointError(
+                f"{found.path} was written by {manifest.get('world_size')} processes but this run has "
+                f"{self.accelerator.num_processes}; resume with the same number of processes"
+            )
+        for key, value in self.spec.fingerprints.items():
+            saved = manifest.get("fingerprints", {}).get(key)
+            if saved is not None and saved != value and not force:
+                raise CheckpointError(
+                    f"{found.path} was trained with a different {key} ({saved[:12]} vs now {value[:12]}); "
+                    f"resuming would mix two setups; pass --force-resume to resume anyway"
+                )
+        self.accelerator.unwrap_model(self.model).load_state_dict(found.load("model"))
+        self.optimizer.load_state_dict(found.load("optimizer"))
+        self.scheduler.load_state_dict(found.load("scheduler"))
+        if self.projectors is not None:
+            self.projectors.load_state_dict(found.load("objective"))
+            self.spec.objective.on_optimizer_step()  # closed-form maps follow the restored student head
+        rank = self.accelerator.process_index
+        if rank == 0:
+            rng, policy = found.load("rng"), found.load("policy")
+        else:
+            own = checkpoint.require_latest(self.ckpt_root / f"rank-{rank}", warn=self.console.warn)
+            rng, policy = own.load("rng"), own.load("policy")
+        self.spec.policy.load_state_dict(policy)
+        checkpoint.set_rng_state(rng)
+        self.state = TrainState(**manifest["state"])
+        self._truncate_metrics(self.state.step)
+        self.console.print(f"{self.spec.name}: resumed from {found.path.name} (step {self.state.step})")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop this stage's lines logged after the checkpoint we resume from, so steps are never doubled."""
+        if not self.accelerator.is_main_process or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the crash
+            if record.get("stage") == self.spec.name and record.get("step", 0) > step:
+                continue
+            kept.append(line)
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.metrics_path)

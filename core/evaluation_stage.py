@@ -1,0 +1,75 @@
+"""The eval stage of a job: the teacher, the untrained student and the distilled student, side by side.
+
+Generation metrics (exact match and ROUGE-L on the configured split) for all three, and the teacher-forced
+distillation metrics (top-1 agreement with the teacher, per-token KL to it) for the two students.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from dskd.batching import ResumableBatchSampler, collate
+from dskd.components import build_aligner, build_student, build_teacher
+from dskd.config import Config
+from dskd.data import load_examples
+from dskd.evaluate import generate_and_score, teacher_agreement
+from dskd.models import load_model, load_tokenizer
+from dskd.objective import same_vocabulary
+
+GENERATION_KEYS = ("exact_match", "rougeL", "avg_new_tokens", "num_examples")
+
+
+def generation_metrics(config: Config, model, tokenizer) -> dict[str, Any]:
+    e = config.eval
+    path = config.data.test if e.split == "test" else config.data.valid
+    examples = load_examples(path, config.data, e.split)
+    if e.max_samples:
+        examples = examples[: e.max_samples]
+    scored = generate_and_score(
+        model, tokenizer, [x.prompt for x in examples], [x.references for x in examples],
+        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, temperature=e.temperature, top_p=e.top_p,
+        seeds=list(e.seeds), max_prompt_length=config.data.max_prompt_length,
+    )
+    return {key: scored[key] for key in GENERATION_KEYS if key in scored}
+
+
+def _held_out_batches(job, teacher, student_tokenizer, aligner, same_vocab: bool):
+    config = job.config
+    split = "valid" if config.data.valid else config.eval.split
+    dataset = job.tokenized(split, student_tokenizer, teacher.tokenizer, None if same_vocab else aligner)
+    size = min(config.eval.batch_size, len(dataset))
+    sampler = ResumableBatchSampler(len(dataset), size, shuffle=False, drop_last=False, infinite=False)
+    make = functools.partial(collate, student_pad_id=student_tokenizer.pad_token_id, teacher_pad_id=teacher.tokenizer.pad_token_id)
+    for indices in sampler:
+        yield make([dataset[i] for i in indices])
+
+
+def evaluate_stage(job, teacher_path: Path | None, final: Path | None) -> dict[str, Any]:
+    config, device, console = job.config, job.device, job.console
+    results: dict[str, Any] = {}
+    teacher = build_teacher(config, device, model_path=str(teacher_path) if teacher_path else None, cache_dir=job.cache_dir)
+    if hasattr(teacher, "model"):
+        results["teacher"] = generation_metrics(config, teacher.model, teacher.tokenizer)
+    else:
+        console.print("eval: the teacher is remote; its generation metrics are not measured here")
+    init = build_student(config, device, fresh=True)
+    same_vocab = same_vocabulary(teacher.tokenizer, init.tokenizer)
+    aligner = build_aligner(config, job.registry, teacher.tokenizer, init.tokenizer, same_vocab)
+    token_map = None if same_vocab else aligner.vocab_map()
+    students = {"student_init": (init.model, init.tokenizer)}
+    if final is not None:
+        tokenizer = load_tokenizer(config.student.__class__(tokenizer=str(final), model=str(final)), "student")
+        model = load_model(config.student.__class__(model=str(final), dtype=config.student.dtype), "student").to(device)
+        students["student"] = (model, tokenizer)
+    for name, (model, tokenizer) in students.items():
+        metrics = generation_metrics(config, model, tokenizer)
+        metrics.update(teacher_agreement(model, teacher, _held_out_batches(job, teacher, tokenizer, aligner, same_vocab),
+                                         token_map=token_map, student_vocab_size=len(tokenizer)))
+        results[name] = metrics
+    teacher.close()
+    rows = [[name] + [results[name].get(k, float("nan")) for k in ("exact_match", "rougeL", "teacher_agreement", "teacher_kl")]
+            for name in ("teacher", "student_init", "student") if name in results]
+    console.table(f"results ({config.eval.split} split)", ["model", "exact match", "ROUGE-L", "agreement %", "KL to teacher"], rows)
+    return results

@@ -1,0 +1,103 @@
+"""Loading students and teachers: pretrained weights, or a random initialisation from an HF config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from dskd.config import ModelConfig
+from dskd.errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_tokenizer(cfg: ModelConfig, role: str):
+    """The fast tokenizer of a student or teacher, with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.model
+    if not source:
+        raise ModelError(f"{role}.tokenizer is empty and there is no {role}.model to take it from; set {role}.tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # transformers raises OSError/ValueError with long multi-line texts
+        raise ModelError(
+            f"cannot load the {role} tokenizer from {source!r} ({_first_line(exc)}); point {role}.tokenizer at a local "
+            f"folder with tokenizer.json (no model hub is reachable without network)"
+        ) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"the {role} tokenizer at {source!r} has no fast backend; dskd needs tokenizer.json (a fast tokenizer) for offsets and alignment")
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the {role} tokenizer at {source!r} has no EOS token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels mark padding with -100, so the pad id itself is never trained
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, role: str, *, seed: int | None = None, path: str | None = None) -> torch.nn.Module:
+    """An HF causal LM from `cfg.model` (or `path`), or built from `cfg.config` with seeded random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    source = path or cfg.model
+    if source:
+        try:
+            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except Exception as exc:
+            raise ModelError(
+                f"cannot load the {role} model from {source!r} ({_first_line(exc)}); point {role}.model at a local folder "
+                f"saved with save_pretrained, or set {role}.config to build a random-init model"
+            ) from None
+    try:
+        config = AutoConfig.from_pretrained(cfg.config)
+    except Exception as exc:
+        raise ModelError(f"cannot read the {role} config {cfg.config!r} ({_first_line(exc)}); point {role}.config at an HF config.json") from None
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer, role: str) -> None:
+    """The model's embedding table must cover every id of its tokenizer."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise ModelError(
+            f"the {role} model has {rows} embedding rows but its tokenizer has {len(tokenizer)} tokens; "
+            f"use the tokenizer that belongs to this model or set vocab_size >= {len(tokenizer)} in its config"
+        )
+
+
+def save_pretrained_atomic(model: torch.nn.Module, tokenizer, directory: str | Path) -> Path:
+    """Save model and tokenizer in Hugging Face format without ever leaving a half-written folder in place.
+
+    Written to a sibling temporary folder, then swapped in with renames; an interrupted save leaves the
+    previous folder (if any) untouched.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    _remove(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    _remove(old)
+    return directory
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -1,0 +1,76 @@
+"""What an objective plugin receives at setup, and what the engine expects of it.
+
+An objective factory is called once, at setup, as `factory(context, **options)`. It checks what it needs
+(a teacher, hidden states, the same vocabulary, ...) and raises a `DskdError` with a sentence when the run
+cannot work, so a bad combination fails before the first step instead of deep inside torch. The object it
+returns declares `request` (what the teacher must send) and computes `LossTerms` for each micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from dskd.lm_head import LMHead
+from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
+
+
+@dataclass(frozen=True)
+class ObjectiveContext:
+    """Everything an objective factory may need, resolved by the engine before the objective is built."""
+
+    student: torch.nn.Module
+    student_tokenizer: Any
+    student_head: LMHead  # a live view of the trainable head (gradients flow into it)
+    teacher: Any  # a `dskd.teacher.Teacher`, or None for objectives that need none (sft)
+    divergence: Callable[..., torch.Tensor]  # the configured divergence, options bound; call with temperature=
+    divergence_name: str
+    kd_rate: float
+    temperature: float
+    chunk_size: int
+    aligner: Any = None  # the configured aligner (may expose vocab_map())
+    same_vocab: bool = True
+
+    @property
+    def teacher_tokenizer(self) -> Any:
+        return None if self.teacher is None else self.teacher.tokenizer
+
+
+@runtime_checkable
+class Objective(Protocol):
+    request: SignalRequest
+    """What the teacher must return for the valid teacher rows (empty: no teacher call)."""
+
+    def trainable_modules(self) -> torch.nn.Module | None:
+        """Parameters of the objective itself (projectors): trained with `train.projector_lr`, checkpointed."""
+        ...
+
+    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
+        """Loss of one micro-batch, weighted and divided by `denominator` (spec §0), plus per-term sums."""
+        ...
+
+    def on_optimizer_step(self) -> None:
+        """Called after each optimizer step (e.g. to refresh a closed-form map of the student head)."""
+        ...
+
+
+def gather_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Packed `(N, d)` rows of `(B, T, d)` hidden states at flat positions `rows` (no host sync)."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+
+
+def gather_labels(labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return labels.reshape(-1).index_select(0, rows)
+
+
+def same_vocabulary(tokenizer_a: Any, tokenizer_b: Any) -> bool:
+    """Identical token -> id maps (the condition for position-wise KD on a shared vocabulary)."""
+    if tokenizer_a is tokenizer_b:
+        return True
+    return len(tokenizer_a) == len(tokenizer_b) and tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
+
+
+CROSS_TOKENIZER_OBJECTIVES = "dskd_v2 (with aligner eta), dskd_cma, uld or mined_kd"

@@ -1,0 +1,98 @@
+"""`kd`: vanilla knowledge distillation on a shared vocabulary (spec §3).
+
+`L = [(1 - kd_rate) * sum CE(z_s, y) + kd_rate * sum d(z_s, z_t)] / D` over the valid tokens, with `d` the
+configured divergence at the configured temperature (no tau^2 factor, as in the reference, spec §1.3) and D
+the step's loss denominator (spec §0). Position t of the student is compared with position t of the
+teacher, which is only meaningful when both tokenise identically, so different vocabularies are refused at
+setup (use a cross-tokenizer objective). The teacher's distribution comes from its last hidden states
+through its LM head (exact, and 2*d_t bytes a token on the wire instead of 2*V_t), or from its top-k
+log-probabilities with tail mass when `teacher_signal = "top_k"` and the divergence accepts a sparse teacher.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import dskd
+from dskd.chunked import chunked_loss
+from dskd.errors import DskdError, ModelError, PluginError
+from dskd.objective import CROSS_TOKENIZER_OBJECTIVES, ObjectiveContext, gather_labels, gather_rows
+from dskd.types import Batch, LossTerms, SignalRequest, SparseTeacher, TeacherSignal
+
+
+class KD:
+    def __init__(self, context: ObjectiveContext, teacher_signal: str, top_k: int) -> None:
+        self.head = context.student_head
+        self.teacher_head = context.teacher.head
+        self.divergence = context.divergence
+        self.kd_rate = context.kd_rate
+        self.temperature = context.temperature
+        self.chunk_size = context.chunk_size
+        self.sparse = teacher_signal == "top_k"
+        self.request = SignalRequest(top_k=top_k) if self.sparse else SignalRequest(hidden_states=True)
+
+    def trainable_modules(self) -> None:
+        return None
+
+    def on_optimizer_step(self) -> None:
+        pass
+
+    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
+        hidden = gather_rows(student_hidden, batch.student_rows)
+        labels = gather_labels(batch.student_labels, batch.student_rows)
+        if signal is None or signal.num_rows != hidden.shape[0]:
+            raise DskdError(
+                "kd compares student and teacher position by position, but the two tokenisations of a batch differ "
+                f"({hidden.shape[0]} student vs {None if signal is None else signal.num_rows} teacher tokens); "
+                f"use {CROSS_TOKENIZER_OBJECTIVES}"
+            )
+        rows = {"hidden": hidden, "labels": labels}
+        if self.sparse:
+            rows.update(ids=signal.topk_ids, logprobs=signal.topk_logprobs, tail=signal.tail_logmass)
+        else:
+            rows["teacher_hidden"] = signal.hidden_states
+        head, teacher_head, divergence, alpha, tau = self.head, self.teacher_head, self.divergence, self.kd_rate, self.temperature
+
+        def chunk(r: dict, shared: dict):
+            z_s = head.with_tensors(shared).logits(r["hidden"])
+            ce = F.cross_entropy(z_s, r["labels"], reduction="sum")
+            if self.sparse:
+                teacher = SparseTeacher(r["ids"], r["logprobs"].float(), r["tail"].float())
+            else:
+                teacher = teacher_head.logits(r["teacher_hidden"])
+            kd = divergence(z_s, teacher, temperature=tau).sum()
+            return ((1 - alpha) * ce + alpha * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
+
+        loss, sums = chunked_loss(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
+        count = torch.tensor(float(labels.shape[0]), device=loss.device)
+        zero = torch.zeros((), device=loss.device)
+        return LossTerms(loss, sums={k: sums.get(k, zero) for k in ("ce", "kd")}, counts={"ce": count, "kd": count})
+
+
+def kd(context: ObjectiveContext, *, teacher_signal: str = "hidden", top_k: int = 64) -> KD:
+    """Options: `teacher_signal` = "hidden" (exact full distribution from hidden states and the LM head) or
+    "top_k" (the teacher's `top_k` log-probabilities plus tail mass; needs a divergence that accepts them)."""
+    if context.teacher is None:
+        raise PluginError("objective kd needs a teacher; set teacher.model, teacher.config or teacher.address")
+    if not context.same_vocab:
+        raise ModelError(
+            "objective kd compares the teacher's and the student's distributions over one shared vocabulary, but the "
+            f"two tokenizers differ; use a cross-tokenizer objective: {CROSS_TOKENIZER_OBJECTIVES}"
+        )
+    if teacher_signal not in ("hidden", "top_k"):
+        raise PluginError(f'objective.teacher_signal must be "hidden" or "top_k", got {teacher_signal!r}')
+    if teacher_signal == "top_k":
+        if top_k < 1:
+            raise PluginError(f"objective.top_k must be >= 1, got {top_k}")
+        if not getattr(context.divergence, "accepts_sparse_teacher", False):
+            raise PluginError(
+                f"divergence {context.divergence_name!r} needs dense teacher logits, but objective.teacher_signal is "
+                f'"top_k"; use teacher_signal = "hidden" or a divergence that accepts a sparse teacher (forward_kl, reverse_kl)'
+            )
+    return KD(context, teacher_signal, top_k)
+
+
+@dskd.hookimpl
+def dskd_register_objectives(register) -> None:
+    register("kd", kd)
