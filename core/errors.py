@@ -59,3 +59,8 @@ class TeacherError(DskdError):
 
 class CheckpointError(DskdError):
     """A checkpoint is missing, partial or was written for a different run."""
+
+
+class DivergenceError(PluginError, ValueError):
+    """A divergence got an out-of-range option or an input it cannot take (also a `ValueError`, so plain
+    Python callers of the public divergence functions can catch it the usual way)."""

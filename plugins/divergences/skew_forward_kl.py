@@ -1,0 +1,41 @@
+"""Skew forward KL divergence (DistiLLM, Ko et al., 2024).
+
+    SFKL = sum_v p_t,v (log p_t,v - log q_v),   q = lam p_t + (1 - lam) p_s,
+    p_s = softmax(z_s / tau),  p_t = softmax(z_t / tau)
+
+Mixing some teacher mass into the student side bounds the loss (by -log lam) and its gradients when the
+student puts almost no mass on a teacher token. `lam = 0` is forward KL; `lam = 1` is identically 0.
+`log q` is a log-space mixture (`logaddexp(log lam + log p_t, log(1 - lam) + log p_s)`), so the reference's
+0 * (-inf) = NaN on underflowed probabilities cannot happen (spec §14.13).
+
+Shapes: `student_logits (N, V)`, `teacher_logits (N, V)` -> `(N,)` float32 (float64 for float64 input).
+Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.probability`).
+
+Options: `lam` in [0, 1], default 0.1 (the reference's `--skew-lambda`).
+
+Reference: spec §2 (`skewed_forward_kl`); DistiLLM (arXiv 2402.03898).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import dskd
+from dskd.probability import check_unit_interval, kl_terms, log_mixture, paired_logprobs
+
+
+def skew_forward_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0, lam: float = 0.1
+) -> torch.Tensor:
+    """Skew forward KL per row; see the module docstring."""
+    check_unit_interval(lam, "lam", "skew_forward_kl")
+    pair = paired_logprobs(
+        student_logits, teacher_logits, temperature=temperature, divergence="skew_forward_kl"
+    )
+    student, teacher = pair.safe()
+    return pair.masked_sum(kl_terms(teacher, log_mixture(teacher, student, lam)))
+
+
+@dskd.hookimpl
+def dskd_register_divergences(register):
+    register("skew_forward_kl", skew_forward_kl)
