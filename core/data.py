@@ -1,0 +1,474 @@
+"""Examples from JSONL, the prompt template, and tokenisation of the same text for student and teacher.
+
+`load_examples` reads a split (Dolly/Alpaca-style records) into `Example`s; `encode_example` turns one prompt and
+response into ids and a prompt length for one tokenizer; `tokenize_split` does that for both tokenizers over a
+split, with the alignment of the two label sequences, in `datasets` worker processes, cached on disk.
+
+Two choices differ from the reference code on purpose (DSKD_SPEC §10.2, §14.14-15):
+- prompt and response are tokenised *jointly*, and the response is the tokens that start at or after the
+  prompt's last character, so a SentencePiece model never learns a spurious leading "▁" it would not see when
+  it continues the prompt at inference; BOS is kept when the tokenizer adds one;
+- a long prompt keeps its *last* tokens, so the "### Response:" cue survives.
+Text is always data: special-token strings inside it ("</s>", "<s>" as an HTML tag) are split into ordinary
+tokens, so the only special tokens are the BOS the tokenizer adds and the EOS appended here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, Features, Value, load_from_disk
+
+try:
+    from datasets import List
+except ImportError:  # datasets < 4 names the variable-length list feature Sequence
+    from datasets import Sequence as List
+
+from dskd.config import DataConfig
+from dskd.errors import DataError, PluginError
+from dskd.teacher import tokenizer_fingerprint
+
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_CONTEXT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{context}\n\n### Response:\n"
+)
+_PLACEHOLDER = re.compile(r"\{(instruction|context)\}")
+CACHE_VERSION = 1  # bump when the cached columns or their meaning change
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sample: the complete prompt text and its reference responses (the first is trained on)."""
+
+    prompt: str
+    references: tuple[str, ...]
+
+    @property
+    def response(self) -> str:
+        return self.references[0]
+
+
+def render_prompt(instruction: str, context: str, template: str) -> str:
+    """The prompt for one record: the Alpaca template (with an input section only when there is context) or a
+    custom template whose `{instruction}` and `{context}` are substituted (other braces are left alone)."""
+    if template == "alpaca":
+        template = ALPACA_WITH_CONTEXT if context.strip() else ALPACA
+    # One pass, so a "{context}" written inside the instruction text stays as it is.
+    values = {"instruction": instruction, "context": context}
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+def load_examples(path: str | Path, cfg: DataConfig, split: str) -> list[Example]:
+    """Read one JSONL split into `Example`s; every problem is a one-line `DataError` naming file, sample and fix."""
+    where = f"data.{split} ({path})"
+    key = "prompt_field" if cfg.prompt_field else "instruction_field"
+    needed = [(key, cfg.prompt_field or cfg.instruction_field), ("response_field", cfg.response_field)]
+    if not cfg.prompt_field:
+        _check_template(cfg.template)
+    columns, rows = _read_rows(Path(path), where, split, [cfg.context_field] + [name for _, name in needed])
+    for config_key, name in needed:
+        if name not in columns:
+            raise DataError(
+                f"{where} has no field {name!r} (fields: {', '.join(columns)}); "
+                f"set data.{config_key} to the field that holds it"
+            )
+    use_context = bool(cfg.context_field) and cfg.context_field in columns and not cfg.prompt_field
+    examples = []
+    for index, row in enumerate(rows):
+        text = _string(row, cfg.prompt_field or cfg.instruction_field, where, index)
+        references = _references(row, cfg.response_field, where, index)
+        if not cfg.prompt_field:
+            context = _string(row, cfg.context_field, where, index, optional=True) if use_context else ""
+            if context.strip() and cfg.template != "alpaca" and "{context}" not in cfg.template:
+                raise DataError(
+                    f"{where}, sample {index}: has a {cfg.context_field!r} but data.template has no {{context}}; "
+                    'add {context} to the template, or set data.context_field = "" to ignore context'
+                )
+            text = render_prompt(text, context, cfg.template)
+        examples.append(Example(prompt=text, references=references))
+    return examples
+
+
+def _read_rows(
+    path: Path, where: str, split: str, fields: list[str]
+) -> tuple[list[str], Iterable[dict[str, Any]]]:
+    """The file's field names and its records (read by `datasets`)."""
+    if not str(path) or str(path) == ".":
+        raise DataError(f"data.{split} is not set; point it at a JSONL file (one JSON object per line)")
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "not found"
+        raise DataError(f"{where}: file {what}; set data.{split} to a JSONL file (one JSON object per line)")
+    try:
+        with path.open("rb") as handle:
+            empty = not handle.read(1 << 16).strip()
+    except OSError as exc:
+        raise DataError(
+            f"{where}: cannot be read ({exc.strerror}); check the path and its permissions"
+        ) from None
+    if empty:
+        raise DataError(f"{where}: split is empty; add samples or point data.{split} at another file")
+    try:
+        rows = Dataset.from_json(str(path), split="train")
+    except Exception as exc:  # datasets wraps pyarrow's parse errors; find the offending line ourselves
+        _diagnose_jsonl(path, where)
+        raise DataError(
+            f"{where}: not readable as JSONL ({str(exc).splitlines()[0]}); write one JSON object per line"
+        ) from None
+    if len(rows) == 0:
+        raise DataError(f"{where}: split is empty; add samples or point data.{split} at another file")
+    if any(type(rows.features.get(name)).__name__ == "Json" for name in fields):
+        # A field holding different JSON types (a string in some records, a list in others, as Dolly-style
+        # reference lists do) gets datasets' `Json` type, which stores strings that look like JSON unquoted:
+        # the response "5" comes back as the integer 5. Such files are read with the json module instead.
+        return rows.column_names, _read_json_lines(path)
+    return rows.column_names, rows
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _diagnose_jsonl(path: Path, where: str) -> None:
+    """Raise a `DataError` for the first line that is not a JSON object (returns if none is found)."""
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{where}: line {number} is not JSON ({exc.msg}); write one JSON object per line (JSONL)"
+                ) from None
+            if not isinstance(value, dict):
+                raise DataError(
+                    f"{where}: line {number} is a {type(value).__name__}, not a JSON object; write one object per line (JSONL)"
+                )
+
+
+def _string(row: dict[str, Any], name: str, where: str, index: int, optional: bool = False) -> str:
+    value = row.get(name)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        got = "missing" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+        raise DataError(
+            f"{where}, sample {index}: field {name!r} is {got}, not a string; store text in it or fix that sample"
+        )
+    return value
+
+
+def _references(row: dict[str, Any], name: str, where: str, index: int) -> tuple[str, ...]:
+    value = row.get(name)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    if isinstance(value, list):
+        raise DataError(
+            f"{where}, sample {index}: field {name!r} must be a string or a non-empty list of strings; fix that sample"
+        )
+    return (_string(row, name, where, index),)
+
+
+def _check_template(template: str) -> None:
+    if template != "alpaca" and "{instruction}" not in template:
+        raise DataError(
+            f'data.template {template[:40]!r} has no {{instruction}}; use "alpaca" or a string with {{instruction}} (and {{context}})'
+        )
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def _encode_text(tokenizer: Any, texts: list[str]) -> dict[str, list]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"tokenizer {_tokenizer_name(tokenizer)!r} has no fast backend; character offsets are needed to split "
+            "prompt from response: use a tokenizer folder with tokenizer.json (AutoTokenizer(..., use_fast=True))"
+        )
+    return tokenizer(
+        texts,
+        add_special_tokens=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        split_special_tokens=True,
+    )
+
+
+def _split_specials(ids: list[int], special: list[int]) -> tuple[int, int]:
+    """(number of leading, index after the last non-special) for the specials the tokenizer added (BOS, EOS)."""
+    start = 0
+    while start < len(ids) and special[start]:
+        start += 1
+    end = len(ids)
+    while end > start and special[end - 1]:
+        end -= 1
+    return start, end
+
+
+def _keep_prompt(prefix: list[int], body: list[int], max_prompt_length: int) -> list[int]:
+    room = max(max_prompt_length - len(prefix), 0)
+    return prefix + body[max(len(body) - room, 0) :] if room else list(prefix)
+
+
+def _encode_many(
+    tokenizer: Any, prompts: list[str], responses: list[str], cfg: DataConfig, split: str, indices: list[int]
+) -> list[tuple[list[int], int]]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(
+            f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token; set tokenizer.eos_token before tokenising data"
+        )
+    encoded = _encode_text(tokenizer, [p + r for p, r in zip(prompts, responses)])
+    out = []
+    for k, (prompt, index) in enumerate(zip(prompts, indices)):
+        ids, offsets = encoded["input_ids"][k], encoded["offset_mapping"][k]
+        start, end = _split_specials(ids, encoded["special_tokens_mask"][k])
+        boundary = len(prompt)
+        cut = start
+        while cut < end and offsets[cut][0] < boundary:
+            if offsets[cut][1] > boundary:
+                raise DataError(
+                    f"data.{split}, sample {index}: token {tokenizer.convert_ids_to_tokens(ids[cut])!r} of "
+                    f"{_tokenizer_name(tokenizer)!r} spans the end of the prompt and the start of the response; "
+                    "end the prompt or template without trailing whitespace (start the response with it instead)"
+                )
+            cut += 1
+        prompt_ids = _keep_prompt(ids[:start], ids[start:cut], cfg.max_prompt_length)
+        if not prompt_ids:
+            raise DataError(
+                f"data.{split}, sample {index}: the prompt is empty for {_tokenizer_name(tokenizer)!r}; give every sample a prompt"
+            )
+        full = prompt_ids + ids[cut:end] + [eos]
+        if len(full) > cfg.max_length:
+            raise DataError(
+                f"data.{split}, sample {index}: {len(full)} tokens with {_tokenizer_name(tokenizer)!r} exceed "
+                f"data.max_length = {cfg.max_length}; raise data.max_length or drop that sample"
+            )
+        out.append((full, len(prompt_ids)))
+    return out
+
+
+def encode_example(
+    tokenizer: Any, prompt: str, response: str, cfg: DataConfig, *, split: str = "train", index: int = 0
+) -> tuple[list[int], int]:
+    """`(ids, prompt_len)`: BOS (if the tokenizer adds one) + prompt + response + EOS, tokenised jointly.
+
+    `ids[prompt_len:]` (the label sequence) is the response's tokens and EOS. The prompt keeps its last tokens
+    (and BOS) so that `prompt_len <= cfg.max_prompt_length`; more than `cfg.max_length` ids is a `DataError`.
+    `split` and `index` only name the sample in error messages.
+    """
+    return _encode_many(tokenizer, [prompt], [response], cfg, split, [index])[0]
+
+
+def encode_prompt(tokenizer: Any, prompt: str, cfg: DataConfig) -> list[int]:
+    """The prompt alone, as a model continues it at inference: BOS if added, text, last `max_prompt_length` ids."""
+    encoded = _encode_text(tokenizer, [prompt])
+    ids = encoded["input_ids"][0]
+    start, end = _split_specials(ids, encoded["special_tokens_mask"][0])
+    return _keep_prompt(ids[:start], ids[start:end], cfg.max_prompt_length)
+
+
+class _PairEncoder:
+    """The `Dataset.map` function of `tokenize_split` (a picklable object, so it runs in worker processes)."""
+
+    def __init__(
+        self,
+        student_tokenizer: Any,
+        teacher_tokenizer: Any | None,
+        cfg: DataConfig,
+        aligner: Any | None,
+        split: str,
+    ) -> None:
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer  # None: the teacher shares the student's tokenizer
+        self.cfg = cfg
+        self.aligner = aligner
+        self.split = split
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        prompts, responses, indices = batch["prompt"], batch["response"], batch["sample_id"]
+        student = _encode_many(self.student_tokenizer, prompts, responses, self.cfg, self.split, indices)
+        teacher = (
+            student
+            if self.teacher_tokenizer is None
+            else _encode_many(self.teacher_tokenizer, prompts, responses, self.cfg, self.split, indices)
+        )
+        out: dict[str, list] = {
+            "sample_id": indices,
+            "student_ids": [ids for ids, _ in student],
+            "student_prompt_len": [n for _, n in student],
+            "teacher_ids": [ids for ids, _ in teacher],
+            "teacher_prompt_len": [n for _, n in teacher],
+        }
+        if self.aligner is not None:
+            out["alignment"] = [self._align(t, s, i) for t, s, i in zip(teacher, student, indices)]
+        return out
+
+    def _align(self, teacher: tuple[list[int], int], student: tuple[list[int], int], index: int) -> list[int]:
+        """Flattened `(teacher_label_index, student_label_index)` pairs over the two label sequences."""
+        t_labels, s_labels = teacher[0][teacher[1] :], student[0][student[1] :]
+        pairs = np.asarray(self.aligner.align(t_labels, s_labels).pairs, dtype=np.int64).reshape(-1, 2)
+        in_range = pairs.size == 0 or (
+            pairs.min() >= 0 and pairs[:, 0].max() < len(t_labels) and pairs[:, 1].max() < len(s_labels)
+        )
+        increasing = len(pairs) < 2 or bool(np.all(np.diff(pairs, axis=0) > 0))
+        if not (in_range and increasing):
+            raise PluginError(
+                f"aligner {type(self.aligner).__name__} returned pairs that are out of range or not strictly "
+                f"increasing for data.{self.split} sample {index}; an aligner must return (teacher, student) label "
+                "positions increasing down the rows"
+            )
+        return pairs.reshape(-1).tolist()
+
+
+def data_fingerprint(examples: list[Example]) -> str:
+    """Content hash of a split's prompts and references (order included)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.prompt, list(example.references)], ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]
+
+
+def aligner_fingerprint(aligner: Any | None) -> str:
+    """An aligner's own `fingerprint` if it has one, else a hash of its class and attributes, taken by
+    content all the way down (tokenizers by definition, arrays by bytes, objects by their fields), so a
+    changed vocabulary table invalidates the cache as surely as a changed option."""
+    if aligner is None:
+        return "none"
+    own = getattr(aligner, "fingerprint", None)
+    if isinstance(own, str) and own:
+        return own
+    digest = hashlib.sha256()
+    _digest_value(digest, aligner, depth=0)
+    return digest.hexdigest()[:32]
+
+
+def _digest_value(digest: Any, value: Any, depth: int) -> None:
+    if hasattr(value, "backend_tokenizer") or hasattr(value, "get_vocab"):
+        digest.update(tokenizer_fingerprint(value).encode())
+    elif isinstance(value, np.ndarray) or (hasattr(value, "detach") and hasattr(value, "numpy")):
+        array = np.ascontiguousarray(value if isinstance(value, np.ndarray) else value.detach().cpu().numpy())
+        digest.update(f"{array.dtype}{array.shape}".encode() + array.tobytes())
+    elif isinstance(value, (list, tuple)) and depth < 8:
+        digest.update(f"{type(value).__name__}[{len(value)}]".encode())
+        for item in value:
+            _digest_value(digest, item, depth + 1)
+    elif isinstance(value, dict) and depth < 8:
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _digest_value(digest, value[key], depth + 1)
+    elif hasattr(value, "__dict__") and not isinstance(value, type) and depth < 8:
+        cls = type(value)
+        digest.update(f"<{cls.__module__}.{cls.__qualname__}>".encode())
+        _digest_value(digest, vars(value), depth + 1)
+    else:
+        digest.update(repr(value).encode())
+    digest.update(b"\0")
+
+
+FEATURES = {
+    "sample_id": Value("int64"),
+    "student_ids": List(Value("int32")),
+    "student_prompt_len": Value("int32"),
+    "teacher_ids": List(Value("int32")),
+    "teacher_prompt_len": Value("int32"),
+}
+
+
+def tokenize_split(
+    examples: list[Example],
+    student_tokenizer: Any,
+    teacher_tokenizer: Any | None,
+    cfg: DataConfig,
+    *,
+    aligner: Any | None = None,
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    split: str = "train",
+) -> Dataset:
+    """Student and teacher ids of every example, and the alignment of their label sequences when `aligner`
+    is given, as a `datasets.Dataset` (columns `sample_id`, `student_ids`, `student_prompt_len`, `teacher_ids`,
+    `teacher_prompt_len`, `alignment`).
+
+    Tokenisation and alignment run in `num_workers` processes (0: this one). With `cache_dir`, the result is
+    stored there under a key of the data's content, both tokenizers, the aligner and the length limits, and
+    reused while none of them changes.
+    """
+    if not examples:
+        raise DataError(f"data.{split}: split is empty; add samples or point data.{split} at another file")
+    student_fp = tokenizer_fingerprint(student_tokenizer)
+    teacher_fp = student_fp if teacher_tokenizer is None else tokenizer_fingerprint(teacher_tokenizer)
+    if teacher_fp == student_fp:
+        teacher_tokenizer = None  # same tokenizer: the teacher columns repeat the student's, tokenised once
+    key = hashlib.sha256(
+        "\0".join(
+            [
+                str(CACHE_VERSION),
+                split,
+                data_fingerprint(examples),
+                student_fp,
+                teacher_fp,
+                aligner_fingerprint(aligner),
+                str(cfg.max_length),
+                str(cfg.max_prompt_length),
+            ]
+        ).encode()
+    ).hexdigest()[:24]
+    target = Path(cache_dir) / f"{split}-{key}" if cache_dir else None
+    if target is not None and target.is_dir():
+        try:
+            return load_from_disk(str(target))
+        except Exception:  # a partial or foreign folder: rebuild it below
+            shutil.rmtree(target, ignore_errors=True)
+    features = dict(FEATURES, **({"alignment": List(Value("int32"))} if aligner is not None else {}))
+    raw = Dataset.from_dict(
+        {
+            "sample_id": list(range(len(examples))),
+            "prompt": [e.prompt for e in examples],
+            "response": [e.response for e in examples],
+        }
+    )
+    encoded = raw.map(
+        _PairEncoder(student_tokenizer, teacher_tokenizer, cfg, aligner, split),
+        batched=True,
+        batch_size=256,
+        num_proc=num_workers or None,
+        remove_columns=["prompt", "response"],
+        features=Features(features),
+        new_fingerprint=key,  # skips hashing the tokenizers through dill: the key already says what changed
+        desc=f"tokenising data.{split}",
+    )
+    if target is None:
+        return encoded
+    return _save(encoded, target)
+
+
+def _save(dataset: Dataset, target: Path) -> Dataset:
+    """Write atomically (a temporary folder renamed into place), so a crash or a concurrent rank that writes
+    the same key never leaves a half-written cache behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    dataset.save_to_disk(str(tmp))
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_from_disk(str(target))
