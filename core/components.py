@@ -62,9 +62,16 @@ def bind_divergence(config: Config, registry: Any):
     return bound
 
 
-def build_aligner(config: Config, registry: Any, teacher_tokenizer: Any, student_tokenizer: Any, same_vocab: bool):
-    """The aligner: none for identical vocabularies unless one is configured, else the configured one or eta."""
-    name = config.aligner.name or ("" if same_vocab else "eta")
+def build_aligner(config: Config, registry: Any, teacher_tokenizer: Any, student_tokenizer: Any, same_vocab: bool,
+                  *, objective: str | None = None):
+    """The aligner: the configured one; else the default the objective `objective` declares on its factory
+    (`default_aligner`, e.g. uld -> index, mined_kd -> mined); else none for identical vocabularies and eta
+    for different ones. `objective=None` skips the objective's default (the evaluation stage measures
+    teacher agreement with the same alignment whatever objective trained the student)."""
+    default = ""
+    if objective:
+        default = getattr(registry.get("objectives", objective), "default_aligner", "") or ""
+    name = config.aligner.name or default or ("" if same_vocab else "eta")
     if not name:
         return None
     factory = registry.get("aligners", name)
@@ -131,12 +138,15 @@ def _missing_capabilities(request, teacher) -> str:
     return ", ".join(needs)
 
 
-def build_policy(config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, cache_dir: Path):
+def build_policy(config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, cache_dir: Path, prompts: tuple[str, ...] = ()):
     factory = registry.get("policies", config.policy.name)
     context = PolicyContext(
         student=student.model, student_tokenizer=student.tokenizer, teacher=teacher, aligner=aligner,
-        max_length=config.data.max_length, seed=config.run.seed, objective_name=config.objective.name,
+        data=config.data, seed=config.run.seed, prompts=prompts, objective_name=config.objective.name,
         cache_dir=str(cache_dir),
     )
-    return factory(context, **plugin_options(config.policy, factory))
+    try:
+        return factory(context, **plugin_options(config.policy, factory))
+    except (TypeError, ValueError) as exc:
+        raise PluginError(f"policy {config.policy.name!r}: {exc}") from None
 

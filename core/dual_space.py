@@ -6,7 +6,8 @@ vocabulary V', the map `Y = argmin ||Y S - T||_F` is `Y = T S^T (S S^T)^-1` when
 (d_s <= V', the usual case). We solve it through the Gram matrix with a Cholesky factorisation in float64
 (`d x d` work after one `d x V'` product) rather than an SVD pseudo-inverse of the `d x V'` matrix; when the
 Gram matrix is singular (a rank-deficient head) we fall back to `torch.linalg.pinv`, which is the exact
-minimum-norm least-squares solution either way.
+minimum-norm least-squares solution either way. A head whose Gram matrix has a rounding-level pivot takes
+the pinv path, where singular values below `SINGULAR_RTOL` of the largest count as zero (`_gram_cholesky`).
 """
 
 from __future__ import annotations
@@ -19,18 +20,38 @@ from dskd.errors import ModelError
 from dskd.types import Batch, TeacherSignal
 
 
+# Singular values below this fraction of the largest count as zero. Heads hold float32 or fewer digits, so a
+# weaker direction is rounding, not signal; inverting it would put huge, meaningless components into the map.
+SINGULAR_RTOL = 1e-5
+
+
+def _gram_cholesky(x: torch.Tensor) -> torch.Tensor | None:
+    """Cholesky factor of the float64 Gram matrix `x x^T`, or None when `x` is rank-deficient.
+
+    An exactly singular Gram matrix (a dead or duplicated hidden unit) often survives the factorisation with
+    a pivot at rounding level, and solving with that pivot adds large arbitrary components along the null
+    directions instead of giving the minimum-norm solution. Every pivot is at least the smallest eigenvalue,
+    so a tiny pivot is a reliable sign of a (numerically) singular matrix.
+    """
+    gram = x @ x.T
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return None
+    if float(factor.diagonal().square().min()) <= SINGULAR_RTOL**2 * float(gram.diagonal().max()):
+        return None
+    return factor
+
+
 def least_squares_map(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`M (d_b x d_a)` minimising `||M @ source - target||_F` for `source (d_a x V')`, `target (d_b x V')`."""
     s = source.double()
     t = target.double()
-    gram = s @ s.T
-    try:
-        factor = torch.linalg.cholesky(gram)
+    factor = _gram_cholesky(s)
+    if factor is not None:
         # M = t s^T gram^-1  <=>  gram M^T = s t^T (gram is symmetric)
-        m_t = torch.cholesky_solve(s @ t.T, factor)
-        m = m_t.T
-    except torch.linalg.LinAlgError:
-        m = t @ torch.linalg.pinv(s)
+        m = torch.cholesky_solve(s @ t.T, factor).T
+    else:
+        m = t @ torch.linalg.pinv(s, rtol=SINGULAR_RTOL)
     return m.float()
 
 
@@ -41,12 +62,11 @@ def right_inverse_factor(target: torch.Tensor) -> torch.Tensor:
     during training) be refreshed with one matrix product per optimizer step.
     """
     t = target.double()
-    gram = t @ t.T
-    try:
-        factor = torch.linalg.cholesky(gram)
+    factor = _gram_cholesky(t)
+    if factor is not None:
         q = torch.cholesky_solve(t, factor).T  # t^T (t t^T)^-1
-    except torch.linalg.LinAlgError:
-        q = torch.linalg.pinv(t)
+    else:
+        q = torch.linalg.pinv(t, rtol=SINGULAR_RTOL)
     return q.float()
 
 
@@ -150,6 +170,7 @@ def dual_space_terms(
     kd_rate: float,
     denominator: float,
     chunk_size: int,
+    scales: tuple[float, float] = (1.0, 1.0),
 ):
     """Loss terms of DSKD (spec §4.3, §5.2, §6.4) over packed rows, chunked, with one global normaliser.
 
@@ -181,7 +202,8 @@ def dual_space_terms(
     shared = {f"s_{k}": v for k, v in student_head.tensors().items()}
     shared.update({f"t2s_{k}": v for k, v in t2s.items()})
     shared.update({f"s2t_{k}": v for k, v in s2t.items()})
-    alpha = kd_rate
+    # (1 - a) and a of spec §1.3, times the engine's CE/KD scales (`dskd.objective.mixing`).
+    ce_weight, kd_weight = (1.0 - kd_rate) * scales[0], kd_rate * scales[1]
     head_tensor_names = list(student_head.tensors())
 
     def chunk(r: dict, sh: dict):
@@ -200,7 +222,7 @@ def dual_space_terms(
         total = z_s.new_zeros(())
         if same_rows:
             ce = F.cross_entropy(z_s, r["labels"], reduction="sum")
-            total = total + (1 - alpha) * ce
+            total = total + ce_weight * ce
             stats["ce"] = ce.detach()
         kd = z_s.new_zeros(())
         if spec.student_space:
@@ -221,7 +243,7 @@ def dual_space_terms(
             s2t_top = s2t_top if vocab_map is None else vocab_map.index_select(0, s2t_top)
             stats.update(kd_teacher_space=s2t_kd.detach(), s2t_agreement=((s2t_top == z_s.argmax(-1)) & valid).sum().float())
         stats["n_valid"] = valid.sum().float()
-        total = total + alpha * kd
+        total = total + kd_weight * kd
         return total / denominator, stats
 
     loss, sums = chunked_loss(chunk, kd_rows, shared, chunk_size=chunk_size)
@@ -230,7 +252,7 @@ def dual_space_terms(
         # Different vocabularies: the gold CE covers every student token, aligned or not.
         def ce_chunk(r: dict, sh: dict):
             ce = F.cross_entropy(student_head.with_tensors({k: sh[f"s_{k}"] for k in head_tensor_names}).logits(r["h_s"]), r["labels"], reduction="sum")
-            return (1 - alpha) * ce / denominator, {"ce": ce.detach()}
+            return ce_weight * ce / denominator, {"ce": ce.detach()}
 
         ce_loss, ce_sums = chunked_loss(ce_chunk, {"h_s": rows.student_hidden, "labels": rows.student_labels},
                                         {f"s_{k}": v for k, v in student_head.tensors().items()}, chunk_size=chunk_size)

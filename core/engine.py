@@ -183,11 +183,8 @@ class Trainer:
     # -- the step ---------------------------------------------------------------------------------------------
     def train_step(self, window: list[Batch], meter: Meter) -> None:
         acc, objective, model = self.accelerator, self.spec.objective, self.model
-        window = [self.spec.policy.prepare(batch, self.state.step).to(acc.device) for batch in window]
-        # One collective per step: the global count of valid tokens, the loss denominator of spec §0.
-        local = torch.tensor(float(sum(b.num_student_tokens() for b in window)), device=acc.device)
-        n_glob = float(acc.reduce(local, reduction="sum")) if acc.num_processes > 1 else float(local)
-        denominator = max(n_glob, 1.0) / acc.num_processes
+        window = [b.to(acc.device) for b in self._prepare(window)]
+        denominator = self._normalise(window)
         pending = self.fetcher.submit(window[0])
         for i, batch in enumerate(window):
             signal = self.fetcher.result(pending)
@@ -210,6 +207,33 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         objective.on_optimizer_step()
         self.state.step += 1
+
+    def _prepare(self, window: list[Batch]) -> list[Batch]:
+        """The policy's micro-batches for this step (a policy may turn one batch into a CE and a KD batch)."""
+        out: list[Batch] = []
+        for batch in window:
+            prepared = self.spec.policy.prepare(batch, self.state.step)
+            out.extend(prepared if isinstance(prepared, list) else [prepared])
+        return out
+
+    def _normalise(self, window: list[Batch]) -> float:
+        """The step's loss denominator D (spec §0), with one collective for the global token counts.
+
+        Batches that train both parts share D. When a policy split the step into CE-only and KD-only batches,
+        each part is rescaled so that it is a mean over its own tokens across all processes.
+        """
+        acc = self.accelerator
+        counts = [(b.num_student_tokens(), b.ce, b.kd) for b in window]
+        local = torch.tensor(
+            [float(sum(n for n, _, _ in counts)), float(sum(n for n, ce, _ in counts if ce)), float(sum(n for n, _, kd in counts if kd))],
+            device=acc.device,
+        )
+        total, ce_total, kd_total = (acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local).tolist()
+        denominator = max(total, 1.0) / acc.num_processes
+        for batch in window:
+            batch.ce_scale = total / ce_total if batch.ce and ce_total else 0.0
+            batch.kd_scale = total / kd_total if batch.kd and kd_total else 0.0
+        return denominator
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self, resume: bool = False, force: bool = False) -> torch.nn.Module:
@@ -238,6 +262,9 @@ class Trainer:
                     metrics["perf/tokens_per_s"] = tokens / max(now - last_log_time, 1e-9)
                     last_log_time, last_log_tokens = now, self.state.tokens
                     self._log({"stage": self.spec.name, "step": step, **metrics})
+                    observe = getattr(self.spec.policy, "observe", None)
+                    if observe is not None:  # adaptive policies react to the training curve
+                        observe(step, metrics)
                     progress.update(step, metrics)
                 if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < total:
                     self._save()

@@ -69,9 +69,11 @@ class Job:
             _write_json(self.run_dir / "config.json", self.config.to_dict())
 
     # -- data ------------------------------------------------------------------------------------------------------
-    def tokenized(self, split: str, student_tokenizer: Any, teacher_tokenizer: Any, aligner: Any = None):
-        path = getattr(self.config.data, split)
-        examples = load_examples(path, self.config.data, split)
+    def examples(self, split: str):
+        return load_examples(getattr(self.config.data, split), self.config.data, split)
+
+    def tokenized(self, split: str, student_tokenizer: Any, teacher_tokenizer: Any, aligner: Any = None, examples=None):
+        examples = self.examples(split) if examples is None else examples
         # Tokenise (and align) once on the main process; the others then read the cache it wrote.
         with self.accelerator.main_process_first():
             return tokenize_split(examples, student_tokenizer, teacher_tokenizer, self.config.data, aligner=aligner,
@@ -119,10 +121,12 @@ class Job:
         student = build_student(cfg, self.device)
         teacher = build_teacher(cfg, self.device, model_path=str(teacher_path) if teacher_path else None, cache_dir=self.cache_dir)
         same_vocab = same_vocabulary(teacher.tokenizer, student.tokenizer)
-        aligner = build_aligner(cfg, self.registry, teacher.tokenizer, student.tokenizer, same_vocab)
+        aligner = build_aligner(cfg, self.registry, teacher.tokenizer, student.tokenizer, same_vocab, objective=cfg.objective.name)
         objective = build_objective(cfg, self.registry, student, teacher, aligner)
-        policy = build_policy(cfg, self.registry, student, teacher, aligner, cache_dir=self.cache_dir)
-        dataset = self.tokenized("train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner)
+        examples = self.examples("train")
+        policy = build_policy(cfg, self.registry, student, teacher, aligner, cache_dir=self.cache_dir,
+                              prompts=tuple(e.prompt for e in examples))
+        dataset = self.tokenized("train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples)
         self.console.print(
             f"distill: objective {cfg.objective.name}, divergence {cfg.divergence.name}, policy {cfg.policy.name}, "
             f"{'same vocabulary' if same_vocab else f'aligner {type(aligner).__name__}'}, teacher {teacher.fingerprint[:12]}"

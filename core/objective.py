@@ -73,4 +73,14 @@ def same_vocabulary(tokenizer_a: Any, tokenizer_b: Any) -> bool:
     return len(tokenizer_a) == len(tokenizer_b) and tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
 
 
+def mixing(batch: Batch, kd_rate: float) -> tuple[float, float]:
+    """Weights of the summed CE and KD terms of a micro-batch, before division by the step's denominator D.
+
+    `(1 - kd_rate, kd_rate)` (spec §1.3) times the engine's per-batch scales, which are 1 unless the policy split
+    the step into CE-only and KD-only batches; then each part is renormalised over its own token population
+    (e.g. on-policy: CE over the dataset responses, KD over the student's samples).
+    """
+    return (1.0 - kd_rate) * batch.ce_scale, kd_rate * batch.kd_scale
+
+
 CROSS_TOKENIZER_OBJECTIVES = "dskd_v2 (with aligner eta), dskd_cma, uld or mined_kd"

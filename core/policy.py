@@ -21,10 +21,15 @@ class PolicyContext:
     student_tokenizer: Any
     teacher: Any  # a `dskd.teacher.Teacher` or None
     aligner: Any  # the configured aligner, or None for the same vocabulary
-    max_length: int
+    data: Any  # the `DataConfig` (lengths; used to tokenise new responses exactly like the dataset's)
     seed: int
+    prompts: tuple[str, ...] = ()  # the training split's prompt texts, indexed by `Batch.sample_ids`
     objective_name: str = ""
     cache_dir: str = ""
+
+    @property
+    def max_length(self) -> int:
+        return self.data.max_length
 
 
 @runtime_checkable
@@ -38,3 +43,5 @@ class Policy(Protocol):
         ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    # Optional: `observe(step, metrics)` is called after each log interval with the reduced metrics.

@@ -70,6 +70,13 @@ class Batch:
     student_rows: torch.Tensor | None = None  # (N_s,) flat positions b * T_s + s where the student label is valid
     teacher_rows: torch.Tensor | None = None  # (N_t,) flat positions b * T_t + t where the teacher label is valid
     aligned_rows: torch.Tensor | None = None  # (K, 2) (teacher row, student row) indices into the packed rows
+    # Which loss parts this batch trains (set by policies): an on-policy step trains the CE on the dataset's
+    # response and the KD on the student's own sample, each normalised over its own tokens (spec §7.1).
+    ce: bool = True
+    kd: bool = True
+    # Multipliers of the CE and KD weights, set by the engine from the step's token counts (see `mixing`).
+    ce_scale: float = 1.0
+    kd_scale: float = 1.0
     meta: dict = field(default_factory=dict)  # small host-side facts (e.g. which policy produced it)
 
     def to(self, device: torch.device | str) -> "Batch":

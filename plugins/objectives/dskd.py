@@ -57,7 +57,7 @@ class DSKD:
             self.spec, rows, student_head=self.student_head, teacher_head=self.teacher_head,
             t2s={"weight": p.t2s.weight, "bias": p.t2s.bias}, s2t={"weight": p.s2t.weight, "bias": p.s2t.bias},
             vocab_map=None, divergence=self.divergence, temperature=self.temperature, kd_rate=self.kd_rate,
-            denominator=denominator, chunk_size=self.chunk_size,
+            denominator=denominator, chunk_size=self.chunk_size, scales=(batch.ce_scale, batch.kd_scale),
         )
         return LossTerms(loss, sums, counts)
 

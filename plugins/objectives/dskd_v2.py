@@ -86,7 +86,7 @@ class DSKDv2:
             self.spec, rows, student_head=self.student_head, teacher_head=self.teacher_head,
             t2s={"weight": self.projectors.t2s.weight}, s2t={"weight": self.s2t_weight}, vocab_map=self.vocab_map,
             divergence=self.divergence, temperature=self.temperature, kd_rate=self.kd_rate,
-            denominator=denominator, chunk_size=self.chunk_size,
+            denominator=denominator, chunk_size=self.chunk_size, scales=(batch.ce_scale, batch.kd_scale),
         )
         return LossTerms(loss, sums, counts)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import dskd
 from dskd.chunked import chunked_loss
 from dskd.errors import DskdError, ModelError, PluginError
-from dskd.objective import CROSS_TOKENIZER_OBJECTIVES, ObjectiveContext, gather_labels, gather_rows
+from dskd.objective import CROSS_TOKENIZER_OBJECTIVES, ObjectiveContext, gather_labels, gather_rows, mixing
 from dskd.types import Batch, LossTerms, SignalRequest, SparseTeacher, TeacherSignal
 
 
@@ -52,7 +52,8 @@ class KD:
             rows.update(ids=signal.topk_ids, logprobs=signal.topk_logprobs, tail=signal.tail_logmass)
         else:
             rows["teacher_hidden"] = signal.hidden_states
-        head, teacher_head, divergence, alpha, tau = self.head, self.teacher_head, self.divergence, self.kd_rate, self.temperature
+        head, teacher_head, divergence, tau = self.head, self.teacher_head, self.divergence, self.temperature
+        ce_weight, kd_weight = mixing(batch, self.kd_rate)
 
         def chunk(r: dict, shared: dict):
             z_s = head.with_tensors(shared).logits(r["hidden"])
@@ -62,7 +63,7 @@ class KD:
             else:
                 teacher = teacher_head.logits(r["teacher_hidden"])
             kd = divergence(z_s, teacher, temperature=tau).sum()
-            return ((1 - alpha) * ce + alpha * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
+            return (ce_weight * ce + kd_weight * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
 
         loss, sums = chunked_loss(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
         count = torch.tensor(float(labels.shape[0]), device=loss.device)

@@ -33,10 +33,12 @@ class SFT:
         hidden = gather_rows(student_hidden, batch.student_rows)
         labels = gather_labels(batch.student_labels, batch.student_rows)
         head = self.head
+        # SFT has no KD part: the CE carries full weight, scaled only when a policy split the step.
+        weight = batch.ce_scale
 
         def chunk(rows: dict, shared: dict):
             ce = F.cross_entropy(head.with_tensors(shared).logits(rows["hidden"]), rows["labels"], reduction="sum")
-            return ce / denominator, {"ce": ce.detach()}
+            return weight * ce / denominator, {"ce": ce.detach()}
 
         loss, sums = chunked_loss(chunk, {"hidden": hidden, "labels": labels}, head.tensors(), chunk_size=self.chunk_size)
         count = torch.tensor(float(labels.shape[0]), device=loss.device)
