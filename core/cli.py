@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         error_line(str(exc))
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `dskd plugins --json | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         error_line("interrupted; the last intact checkpoint is kept (resume with --resume)")
         return 130

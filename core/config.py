@@ -232,6 +232,8 @@ PATH_FIELDS = {
     ("teacher", "cache_dir"), ("data", "train"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"),
     ("run", "output_dir"),
 }
+# Only these may name a Hugging Face hub id ("org/name"); every other path field is always a local path.
+HUB_FIELDS = {("student", "model"), ("student", "tokenizer"), ("teacher", "model"), ("teacher", "tokenizer")}
 
 
 def _tables() -> dict[str, type]:
@@ -247,10 +249,14 @@ def _closest(word: str, choices: list[str]) -> str:
     return f"did you mean {match[0]!r}?" if match else f"known keys: {', '.join(sorted(choices))}"
 
 
+_PLURAL = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        inner = typing.get_args(tp)[0]
+        return f"a list of {_PLURAL.get(inner, _type_name(inner))}"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}.get(tp, str(tp))
 
 
@@ -288,7 +294,7 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
-        raise ConfigError([ConfigProblem(str(path), "file not found", "pass the path of a dskd TOML file")], source=str(path))
+        raise ConfigError([ConfigProblem("", "file not found", "pass the path of a dskd TOML file")], source=str(path))
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -315,7 +321,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[ConfigPro
             value = tomllib.loads(f"v = {text.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = text.strip()
-        raw.setdefault(table, {})[name] = value
+        section = raw.setdefault(table, {})
+        if not isinstance(section, dict):  # `train = 3` in the file: report it instead of crashing on assignment
+            problems.append(ConfigProblem(table, f"must be a table, got {type(section).__name__}", f"write [{table}] with keys under it"))
+            continue
+        section[name] = value
     return problems
 
 
@@ -366,22 +376,23 @@ def _build_table(table_name: str, cls: type, values: dict[str, Any], problems: l
             problems.append(ConfigProblem(dotted, f"expected {_type_name(hints[key])}, got {value!r}", f"write {key} = <{_type_name(hints[key])}>"))
             continue
         if (table_name, key) in PATH_FIELDS and converted and base_dir is not None:
-            converted = _resolve_path(converted, base_dir)
+            converted = _resolve_path(converted, base_dir, hub_id_ok=(table_name, key) in HUB_FIELDS)
         kwargs[key] = converted
     if takes_options:
         kwargs["options"] = options
     return cls(**kwargs)
 
 
-def _resolve_path(value: str, base_dir: str | Path) -> str:
+def _resolve_path(value: str, base_dir: str | Path, *, hub_id_ok: bool) -> str:
     path = Path(value).expanduser()
     if path.is_absolute():
         return str(path)
     candidate = Path(base_dir) / path
-    # A hub id ("org/name") that is not a local path stays as it is; local paths are made absolute.
-    if candidate.exists() or value.startswith(".") or "/" not in value or value.count("/") > 1:
+    # A hub id ("org/name") that is not a local path stays as it is; local paths are made absolute. Paths that
+    # cannot be hub ids (run.output_dir = "runs/x", not created yet) must never stay relative to the cwd.
+    if not hub_id_ok or candidate.exists() or value.startswith(".") or value.count("/") > 1:
         return str(candidate.resolve())
-    return value
+    return value  # "gpt2" or "org/name" with no such local folder: a hub id, resolved by transformers
 
 
 def check_values(config: Config) -> list[ConfigProblem]:
@@ -437,7 +448,7 @@ def check_values(config: Config) -> list[ConfigProblem]:
     need(0 < e.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {e.top_p}", "use e.g. 1.0")
     need(len(e.seeds) >= 1, "eval.seeds", "is empty", "use e.g. [0]")
     need(e.max_samples >= 0, "eval.max_samples", f"must be >= 0, got {e.max_samples}", "use 0 for all")
-    if "eval" in r.stages:
+    if "eval" in r.stages and e.split in ("test", "valid"):  # an unknown split is reported once, above
         split_file = d.test if e.split == "test" else d.valid
         need(bool(split_file), f"data.{e.split}", "is empty but the eval stage needs it", f"set data.{e.split} or drop the eval stage")
     for table, key in sorted(PATH_FIELDS):
@@ -465,12 +476,16 @@ def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
         for key, value in section.options.items():
             if key not in defaults:
                 hint = _closest(key, list(defaults)) if defaults else f"{section.name!r} takes no options"
+                if table == "divergence" and key == "temperature":
+                    hint = "the temperature is set once for the objective: write it as objective.temperature"
                 problems.append(ConfigProblem(f"{table}.{key}", f"unknown option of {table} {section.name!r}", hint))
                 continue
             default = defaults[key]
             if default is not None:
-                tp = type(default)
-                ok, _ = _coerce(value, tuple[str, ...] if isinstance(default, tuple) else tp)
+                tp: Any = type(default)
+                if isinstance(default, tuple):  # a list option: its items must have the type of the default's
+                    tp = tuple[type(default[0]), ...] if default else tuple[str, ...]
+                ok, _ = _coerce(value, tp)
                 if not ok:
                     problems.append(ConfigProblem(f"{table}.{key}", f"expected {_type_name(tp)}, got {value!r}", f"the default is {default!r}"))
     return problems

@@ -22,7 +22,7 @@ class ConfigProblem:
     fix: str = ""
 
     def __str__(self) -> str:
-        text = f"{self.key}: {self.problem}"
+        text = f"{self.key}: {self.problem}" if self.key else self.problem
         return f"{text}; {self.fix}" if self.fix else text
 
 

@@ -150,7 +150,8 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {name!r} is invalid: {exc}") from exc
+        # pluggy's message spans several lines; user errors are printed as one line
+        raise PluginError(f"plugin {name!r} is invalid: {' '.join(str(exc).split())}") from exc
     except ValueError as exc:
         raise PluginError(f"plugin {name!r} could not be registered: {exc}") from exc
 
