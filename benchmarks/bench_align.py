@@ -1,0 +1,229 @@
+"""Alignment benchmark: ETA recall against the exact-span upper bound, ETA throughput, MinED cost.
+
+Corpus: the paragraphs of `pydoc_data.topics.topics` (the Python reference manual's help topics,
+shipped with every Python), each a label sequence (its tokens followed by EOS) for both tokenizers
+of every ordered pair of the GPT-2, TinyLlama and Mistral tokenizers under `examples/tokenizers/`.
+
+Per pair: - `exact_span_pairs`: token pairs whose space-stripped byte spans coincide, counted
+independently of dskd from the fast tokenizers' character `offset_mapping` (plus the EOS pair of
+every sample): the upper bound;
+- `eta_pairs`, `eta_recall = eta_pairs / exact_span_pairs` (target 1.0); - `greedy_recall`: the same
+  for the reference's greedy string matching (spec §6.2), re-implemented below, the baseline ETA is
+  compared against in this run;
+- `eta_samples_per_s`: `align()` calls per second over the corpus, one process; -
+  `mined_ms_per_sample`: MinED `align()` on 256 x 256-token samples (target <= 5 ms); the top-level
+  `baseline` times the reference's cell-by-cell DTW on the same samples.
+
+Run: `python benchmarks/bench_align.py` (prints one JSON object). The MinED vocabulary maps are
+built once per pair and cached in `--cache-dir`; building them is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import time
+from pathlib import Path
+from pydoc_data.topics import topics
+
+from rapidfuzz.distance import Levenshtein
+from transformers import AutoTokenizer
+
+from dskd.plugins.aligners.eta import eta
+from dskd.plugins.aligners.mined import mined
+
+TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"
+NAMES = ("gpt2", "tinyllama", "mistral")
+MINED_LENGTH = 256
+
+
+def corpus() -> list[str]:
+    """Every non-blank paragraph of the help topics, in a fixed order."""
+    paragraphs = []
+    for key in sorted(topics):
+        paragraphs += [p.strip("\n") for p in re.split(r"\n\s*\n", topics[key]) if p.strip()]
+    return paragraphs
+
+
+def stripped_byte_count(byte_level: bool, piece: str) -> int:
+    if byte_level:
+        return len(piece) - piece.count("Ġ")
+    if m := re.fullmatch(r"<0x([0-9A-F]{2})>", piece):
+        return 0 if m.group(1) == "20" else 1
+    return len(piece.replace("▁", "").encode())
+
+
+def offset_spans(tok, text: str) -> list[tuple[int, int]]:
+    """Space-stripped byte span of each token, from character offsets.
+
+    A run of tokens sharing one character (byte pieces) splits its bytes in order.
+    """
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    pieces, offsets = tok.convert_ids_to_tokens(enc.input_ids), enc.offset_mapping
+    byte_level = type(tok.backend_tokenizer.pre_tokenizer).__name__ == "ByteLevel"
+    before = [0]
+    for ch in text:
+        before.append(before[-1] + (0 if ch == " " else len(ch.encode())))
+    spans, k = [], 0
+    while k < len(pieces):
+        stop, end = k + 1, offsets[k][1]
+        while stop < len(pieces) and offsets[stop][0] < end:
+            end, stop = max(end, offsets[stop][1]), stop + 1
+        start, total = before[offsets[k][0]], before[end] - before[offsets[k][0]]
+        counts = (
+            [stripped_byte_count(byte_level, p) for p in pieces[k:stop]]
+            if stop - k > 1
+            else [total]
+        )
+        assert sum(counts) == total, f"offsets and pieces disagree on {pieces[k:stop]!r}"
+        for n in counts:
+            spans.append((start, start + n))
+            start += n
+        k = stop
+    return spans
+
+
+def exact_span_count(t_tok, s_tok, text: str) -> int:
+    t_spans = [s for s in offset_spans(t_tok, text) if s[1] > s[0]]
+    s_spans = {s for s in offset_spans(s_tok, text) if s[1] > s[0]}
+    return sum(span in s_spans for span in t_spans) + 1  # + the EOS pair
+
+
+def greedy_pairs(
+    t_raw: list[str], s_raw: list[str], t_eos: str, s_eos: str
+) -> list[tuple[int, int]]:
+    """The reference's greedy matching on raw token strings with `▁`/`Ġ` deleted (spec §6.2)."""
+    t_norm = [p.replace("▁", "").replace("Ġ", "") for p in t_raw]
+    s_norm = [p.replace("▁", "").replace("Ġ", "") for p in s_raw]
+    i = j = 0
+    t_hist = s_hist = ""
+    found = []
+    while i < len(t_norm) and j < len(s_norm):
+        if t_hist == s_hist and (
+            t_norm[i] == s_norm[j] or (t_raw[i] == t_eos and s_raw[j] == s_eos)
+        ):
+            found.append((i, j))
+            t_hist, s_hist, i, j = t_hist + t_norm[i], s_hist + s_norm[j], i + 1, j + 1
+        elif len(t_hist) > len(s_hist):
+            s_hist, j = s_hist + s_norm[j], j + 1
+        elif len(t_hist) < len(s_hist):
+            t_hist, i = t_hist + t_norm[i], i + 1
+        else:
+            t_hist, s_hist, i, j = t_hist + t_norm[i], s_hist + s_norm[j], i + 1, j + 1
+    return found
+
+
+def reference_dtw_ms(aligner, t_ids: list[int], s_ids: list[int]) -> float:
+    """Milliseconds of the reference's cell-by-cell DTW, one C edit-distance call a cell (§15.2)."""
+    start = time.perf_counter()
+    t_str = [aligner.teacher_strings[i] for i in t_ids]
+    s_str = [aligner.student_strings[i] for i in s_ids]
+    acc = [[math.inf] * (len(s_str) + 1) for _ in range(len(t_str) + 1)]
+    acc[0][0] = 0.0
+    for i, a in enumerate(t_str):
+        for j, b in enumerate(s_str):
+            acc[i + 1][j + 1] = Levenshtein.distance(a, b) + min(
+                acc[i][j + 1], acc[i + 1][j], acc[i][j]
+            )
+    return (time.perf_counter() - start) * 1000
+
+
+def timed(fn, repeats: int) -> float:
+    """Best wall time of `repeats` runs of `fn()` in seconds (the least disturbed by other work)."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def long_samples(tok, texts: list[str], count: int) -> list[list[int]]:
+    """`count` samples of exactly MINED_LENGTH tokens, from consecutive paragraphs."""
+    ids = tok("\n\n".join(texts), add_special_tokens=False).input_ids
+    return [ids[k * MINED_LENGTH : (k + 1) * MINED_LENGTH] for k in range(count)]
+
+
+def bench_pair(t_tok, s_tok, texts, args) -> tuple[dict, float]:
+    t_ids = [t_tok(x, add_special_tokens=False).input_ids + [t_tok.eos_token_id] for x in texts]
+    s_ids = [s_tok(x, add_special_tokens=False).input_ids + [s_tok.eos_token_id] for x in texts]
+    exact = sum(exact_span_count(t_tok, s_tok, x) for x in texts)
+    aligner = eta(t_tok, s_tok)
+    eta_count = sum(len(aligner.align(a, b)) for a, b in zip(t_ids, s_ids))
+    greedy = 0
+    for a, b in zip(t_ids, s_ids):
+        found = greedy_pairs(
+            t_tok.convert_ids_to_tokens(a),
+            s_tok.convert_ids_to_tokens(b),
+            t_tok.eos_token,
+            s_tok.eos_token,
+        )
+        # Count only pairs with a real span match: the reference also pairs pure-space tokens ("" ==
+        # "").
+        exact_set = {tuple(p) for p in aligner.align(a, b).pairs.tolist()}
+        greedy += sum(p in exact_set for p in found)
+    eta_seconds = timed(lambda: [aligner.align(a, b) for a, b in zip(t_ids, s_ids)], args.repeats)
+    minimum = mined(t_tok, s_tok, cache_dir=args.cache_dir)
+    t_long, s_long = (
+        long_samples(t_tok, texts, args.mined_samples),
+        long_samples(s_tok, texts, args.mined_samples),
+    )
+    mined_seconds = timed(
+        lambda: [minimum.align(a, b) for a, b in zip(t_long, s_long)], args.repeats
+    )
+    reference_ms = min(reference_dtw_ms(minimum, t_long[k], s_long[k]) for k in range(2))
+    return {
+        "exact_span_pairs": exact,
+        "eta_pairs": eta_count,
+        "eta_recall": round(eta_count / exact, 6),
+        "greedy_recall": round(greedy / exact, 6),
+        "eta_samples_per_s": round(len(texts) / eta_seconds, 1),
+        "mined_ms_per_sample": round(mined_seconds * 1000 / len(t_long), 3),
+    }, reference_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--cache-dir", default="~/.cache/dskd", help="where MinED vocabulary maps are cached"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timing repeats (the best is reported)"
+    )
+    parser.add_argument(
+        "--mined-samples", type=int, default=20, help="256 x 256-token samples timed for MinED"
+    )
+    args = parser.parse_args()
+    texts = corpus()
+    toks = {name: AutoTokenizer.from_pretrained(TOKENIZERS / name) for name in NAMES}
+    rows, reference = [], []
+    for teacher in NAMES:
+        for student in NAMES:
+            if teacher != student:
+                row, reference_ms = bench_pair(toks[teacher], toks[student], texts, args)
+                rows.append({"teacher": teacher, "student": student, **row})
+                reference.append(reference_ms)
+    print(
+        json.dumps(
+            {
+                "benchmark": "align",
+                "corpus": f"pydoc_data.topics paragraphs (Python {platform.python_version()})",
+                "samples": len(texts),
+                "pairs": rows,
+                "baseline": {
+                    "greedy_recall": "reference greedy string matching (spec §6.2), same corpus",
+                    "mined_reference_ms_per_sample": round(sum(reference) / len(reference), 1),
+                },
+                "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
