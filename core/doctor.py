@@ -1,0 +1,143 @@
+"""`dskd doctor`: check a teacher/student pair before training.
+
+Reports, for the two tokenizers (and models, when the folders hold a config): vocabulary sizes and padded
+LM-head rows, whether the vocabularies are identical, how many tokens have an exact counterpart (the
+vocabulary overlap DSKDv2's projector initialisation uses), special tokens and BOS/EOS asymmetry, and the
+ETA alignment on sample text against the exact-span upper bound (with the reference's greedy matching
+beside it), then recommends an objective.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from pydoc_data.topics import topics
+from typing import Any
+
+from dskd.alignment_bounds import exact_span_count, greedy_pairs
+from dskd.config import DataConfig, ModelConfig
+from dskd.console import Console
+from dskd.errors import DskdError
+from dskd.models import load_tokenizer
+from dskd.token_bytes import exact_byte_map, vocab_bytes
+
+SAMPLE_LIMIT = 200
+
+
+def _sample_texts(data: str | None) -> list[str]:
+    if data:
+        from dskd.data import load_examples
+
+        examples = load_examples(data, DataConfig(), "doctor")
+        return [e.response for e in examples[:SAMPLE_LIMIT] if e.response]
+    # Real prose with newlines, digits and punctuation that ships with every Python.
+    paragraphs = [p.strip("\n") for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key]) if p.strip()]
+    return paragraphs[:SAMPLE_LIMIT] + ["Café crème: 3½ €, naïve façade 😀 — 東京\n\tdone."]
+
+
+def _model_rows(folder: str) -> int | None:
+    config = Path(folder) / "config.json"
+    if not config.exists():
+        return None
+    try:
+        return int(json.loads(config.read_text()).get("vocab_size"))
+    except (ValueError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def _adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
+def _side(tokenizer, folder: str) -> dict[str, Any]:
+    vb = vocab_bytes(tokenizer)
+    rows = _model_rows(folder)
+    return {
+        "path": folder,
+        "family": vb.family,
+        "vocab_size": len(tokenizer),
+        "lm_head_rows": rows,
+        "padded_head_rows": None if rows is None else max(rows - len(tokenizer), 0),
+        "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "unk": tokenizer.unk_token,
+        "pad": tokenizer.pad_token, "adds_bos": _adds_bos(tokenizer),
+    }
+
+
+def diagnose(teacher_path: str, student_path: str, data: str | None = None) -> dict[str, Any]:
+    from dskd.objective import same_vocabulary
+    from dskd.registry import load_registry
+
+    teacher = load_tokenizer(ModelConfig(tokenizer=teacher_path), "teacher")
+    student = load_tokenizer(ModelConfig(tokenizer=student_path), "student")
+    report: dict[str, Any] = {"teacher": _side(teacher, teacher_path), "student": _side(student, student_path)}
+    same = same_vocabulary(teacher, student)
+    mapping = exact_byte_map(vocab_bytes(teacher), vocab_bytes(student))
+    overlap = int((mapping >= 0).sum())
+    report["vocabulary"] = {
+        "identical": same,
+        "exact_overlap": overlap,
+        "overlap_of_teacher": overlap / max(len(teacher), 1),
+        "overlap_of_student": len(set(mapping[mapping >= 0].tolist())) / max(len(student), 1),
+    }
+    warnings = []
+    if report["teacher"]["adds_bos"] != report["student"]["adds_bos"]:
+        warnings.append("only one tokenizer adds BOS: the sequences differ by one position; align with eta, never by index")
+    for side in ("teacher", "student"):
+        if report[side]["padded_head_rows"]:
+            warnings.append(f"the {side} LM head has {report[side]['padded_head_rows']} rows past its tokenizer (padding); dskd ignores them")
+    aligner = load_registry().get("aligners", "eta")(teacher, student)
+    texts = _sample_texts(data)
+    eta_pairs = bound = greedy = student_tokens = 0
+    for text in texts:
+        t_ids = teacher(text, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]
+        s_ids = student(text, add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+        eta_pairs += len(aligner.align(t_ids, s_ids))
+        bound += exact_span_count(teacher, student, text)
+        greedy += len(greedy_pairs(teacher.convert_ids_to_tokens(t_ids), student.convert_ids_to_tokens(s_ids), teacher.eos_token, student.eos_token))
+        student_tokens += len(s_ids)
+    report["alignment"] = {
+        "samples": len(texts), "source": data or "pydoc_data.topics paragraphs", "student_tokens": student_tokens,
+        "eta_pairs": eta_pairs, "exact_span_pairs": bound, "eta_recall": eta_pairs / max(bound, 1),
+        "eta_ratio": eta_pairs / max(student_tokens, 1), "reference_greedy_ratio": greedy / max(student_tokens, 1),
+    }
+    report["warnings"] = warnings
+    report["recommended"] = _recommend(same, report)
+    return report
+
+
+def _recommend(same: bool, report: dict[str, Any]) -> dict[str, str]:
+    if same:
+        return {"objective": "dskd_v2", "aligner": "", "why": "identical vocabularies: positions pair one to one"}
+    ratio = report["alignment"]["eta_ratio"]
+    if ratio >= 0.3 and report["vocabulary"]["exact_overlap"] >= 1000:
+        return {"objective": "dskd_v2", "aligner": "eta",
+                "why": f"{ratio:.0%} of student tokens have an exact teacher counterpart; DSKDv2 with ETA distils on those"}
+    return {"objective": "dskd_cma", "aligner": "",
+            "why": f"only {ratio:.0%} of student tokens align exactly; cross-model attention needs no exact alignment"}
+
+
+def run_doctor(teacher: str, student: str, *, data: str | None = None, as_json: bool = False) -> int:
+    for role, path in (("teacher", teacher), ("student", student)):
+        if not Path(path).exists():
+            raise DskdError(f"--{role} {path}: no such folder; pass a model or tokenizer folder")
+    report = diagnose(teacher, student, data)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    console = Console()
+    rows = [[key, str(report["teacher"][key]), str(report["student"][key])]
+            for key in ("family", "vocab_size", "lm_head_rows", "padded_head_rows", "bos", "eos", "unk", "pad", "adds_bos")]
+    console.table("tokenizers", ["", "teacher", "student"], rows)
+    v, a, r = report["vocabulary"], report["alignment"], report["recommended"]
+    console.print(f"vocabularies identical: {v['identical']}; exact overlap {v['exact_overlap']} tokens "
+                  f"({v['overlap_of_teacher']:.1%} of the teacher's, {v['overlap_of_student']:.1%} of the student's)")
+    console.print(f"ETA on {a['samples']} samples ({a['source']}): {a['eta_pairs']} pairs of {a['exact_span_pairs']} exact spans "
+                  f"(recall {a['eta_recall']:.3f}); {a['eta_ratio']:.1%} of student tokens aligned; "
+                  f"the reference's greedy matching: {a['reference_greedy_ratio']:.1%}")
+    for warning in report["warnings"]:
+        console.warn(warning)
+    aligner = f" with aligner {r['aligner']}" if r["aligner"] else ""
+    console.print(f"[bold]recommended:[/bold] objective {r['objective']}{aligner} — {r['why']}")
+    return 0
