@@ -168,7 +168,7 @@ class DivergenceConfig(PluginConfig):
 @dataclass(frozen=True)
 class AlignerConfig(PluginConfig):
     name: str = ""
-    """Aligner plugin. Empty: identity for the same vocabulary, otherwise eta."""
+    """Aligner plugin. Empty: none for the same vocabulary, otherwise the objective's own default (uld: index, mined_kd: mined) or eta."""
 
 
 @dataclass(frozen=True)

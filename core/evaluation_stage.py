@@ -56,7 +56,10 @@ def evaluate_stage(job, teacher_path: Path | None, final: Path | None) -> dict[s
         console.print("eval: the teacher is remote; its generation metrics are not measured here")
     init = build_student(config, device, fresh=True)
     same_vocab = same_vocabulary(teacher.tokenizer, init.tokenizer)
-    aligner = build_aligner(config, job.registry, teacher.tokenizer, init.tokenizer, same_vocab)
+    # objective=None: teacher agreement is measured with the configured (else the exact, eta) alignment, not
+    # the objective's own default, so the metric means the same thing for every objective (uld's index
+    # alignment would pair unrelated tokens).
+    aligner = build_aligner(config, job.registry, teacher.tokenizer, init.tokenizer, same_vocab, objective=None)
     token_map = None if same_vocab else aligner.vocab_map()
     students = {"student_init": (init.model, init.tokenizer)}
     if final is not None:

@@ -136,6 +136,6 @@ def verify_head(model: torch.nn.Module, head: LMHead, *, name: str = "model") ->
     if not err <= tolerance:
         raise ModelError(
             f"{name}: the last hidden state of {type(model).__name__} is not the input of its LM head "
-            f"(relative difference {err:.2e}); hidden-state objectives (dskd, dskd_v2, ...) cannot use this model, "
-            f"use an objective that needs only logits (kd, uld, mined_kd)"
+            f"(relative difference {err:.2e}), and its head does not declare a bias, logit scale or soft-cap that would "
+            f"explain it; dskd computes every loss from last hidden states and the LM head, so it cannot distil this model"
         )

@@ -24,7 +24,13 @@ CAPABILITIES = frozenset({"hidden_states", "top_k", "logits", "generate"})
 
 @runtime_checkable
 class Teacher(Protocol):
-    """What the engine and the objectives need from a teacher, local or remote."""
+    """What the engine and the objectives need from a teacher, local or remote.
+
+    Optional attribute (not part of the protocol, so teachers without it still conform): `embeddings`, the
+    teacher's input-embedding weight `(V_t, d_t)`, detached, on the student's device, or None. Objectives that
+    attend over token embeddings (`dskd_cma`) read it with `getattr(teacher, "embeddings", None)` and refuse
+    at setup when it is missing.
+    """
 
     tokenizer: object  # a transformers tokenizer (fast)
     head: LMHead  # the teacher's LM head over its tokenizer's vocabulary, on the student's device
@@ -152,6 +158,10 @@ class LocalTeacher:
         self.tokenizer = tokenizer
         self.head = head_from_model(model, len(tokenizer), verify=verify_head, name=f"teacher {model_id}".strip())
         self.head = self.head.detached()
+        # The input-embedding table, for objectives that attend over token embeddings (dskd_cma). The teacher
+        # is frozen, so a detached view shares the weight's memory instead of copying it.
+        embedding = model.get_input_embeddings()
+        self.embeddings = None if embedding is None else embedding.weight.detach()
         dtype = next(model.parameters()).dtype
         self.fingerprint = model_fingerprint(model, tokenizer, dtype, model_id)
 

@@ -31,10 +31,9 @@ sends only hidden states and its head, and is refused at setup (use `dskd_v2` wi
 
 from __future__ import annotations
 
+import dskd
 import torch
 import torch.nn.functional as F
-
-import dskd
 from dskd.chunked import chunked_loss
 from dskd.cross_model_attention import attention_weights, packed, padded, sequence_has
 from dskd.errors import ModelError, PluginError
@@ -54,7 +53,9 @@ class Projectors(torch.nn.Module):
 class DSKDCMA:
     request = SignalRequest(hidden_states=True)
 
-    def __init__(self, context: ObjectiveContext, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor) -> None:
+    def __init__(
+        self, context: ObjectiveContext, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor
+    ) -> None:
         self.student_head = context.student_head
         self.teacher_head = context.teacher.head
         self.student_embeddings = student_embeddings  # the live parameter; read detached at every step
@@ -63,7 +64,9 @@ class DSKDCMA:
         self.temperature = context.temperature
         self.kd_rate = context.kd_rate
         self.chunk_size = context.chunk_size
-        self.projectors = Projectors(student_embeddings.shape[1], self.student_head.hidden_size, self.teacher_head.hidden_size)
+        self.projectors = Projectors(
+            student_embeddings.shape[1], self.student_head.hidden_size, self.teacher_head.hidden_size
+        )
         self.projectors.to(self.student_head.weight.device)
 
     def trainable_modules(self) -> torch.nn.Module:
@@ -72,27 +75,40 @@ class DSKDCMA:
     def on_optimizer_step(self) -> None:
         pass
 
-    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
+    def compute(
+        self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float
+    ) -> LossTerms:
         h_t = teacher_hidden(signal, self.teacher_head.hidden_size, "dskd_cma").float()
-        s_rows, t_rows = batch.student_rows, batch.teacher_rows
-        h_s = gather_rows(student_hidden, s_rows)
-        labels = gather_labels(batch.student_labels, s_rows)
-        student_space = {"h_s": h_s, "labels": labels}
-        if h_t.shape[0] and h_s.shape[0]:  # shapes, known on the host: a batch with a side empty has only CE
-            student_space["h_t2s"], student_space["valid"], h_s2t, t_valid = self._attend(batch, h_s, h_t)
-        loss, sums = chunked_loss(self._student_chunk(denominator), student_space, self.student_head.tensors(), chunk_size=self.chunk_size)
-        zero = loss.new_zeros(())
+        h_s = gather_rows(student_hidden, batch.student_rows)
+        student_rows = {"h_s": h_s, "labels": gather_labels(batch.student_labels, batch.student_rows)}
+        # Row counts are shapes, known on the host: a micro-batch with no label on one side has only the CE
+        # (the std normalisers of an empty side would be NaN, and NaN * 0 weight is still NaN).
+        cross = bool(h_t.shape[0] and h_s.shape[0])
+        if cross:
+            student_rows["h_t2s"], student_rows["valid"], h_s2t, t_valid = self._attend(batch, h_s, h_t)
+        loss, sums = chunked_loss(
+            self._student_chunk(denominator),
+            student_rows,
+            self.student_head.tensors(),
+            chunk_size=self.chunk_size,
+        )
         counts = {"ce": torch.tensor(float(h_s.shape[0]), device=loss.device)}
-        if "h_t2s" in student_space:
-            teacher_loss, teacher_sums = chunked_loss(self._teacher_chunk(denominator), {"h_s2t": h_s2t, "h_t": h_t, "valid": t_valid}, {}, chunk_size=self.chunk_size)
+        if cross:
+            teacher_rows = {"h_s2t": h_s2t, "h_t": h_t, "valid": t_valid}
+            teacher_loss, teacher_sums = chunked_loss(
+                self._teacher_chunk(denominator), teacher_rows, {}, chunk_size=self.chunk_size
+            )
             loss = loss + teacher_loss
             sums.update(teacher_sums)
-            n_valid = student_space["valid"].sum().float()
-            counts.update(projector_ce=n_valid, t2s_agreement=n_valid, kd_teacher_space=t_valid.sum().float())
-            counts["kd_student_space"] = sums.pop("n_agree")
-            sums["t2s_agreement"] = counts["kd_student_space"]
-        names = ("ce", "projector_ce", "kd_student_space", "kd_teacher_space", "t2s_agreement")
-        return LossTerms(loss, {k: sums.get(k, zero) for k in names if k in counts}, counts)
+            n_valid, n_agree = student_rows["valid"].sum().float(), sums["t2s_agreement"]
+            counts.update(
+                projector_ce=n_valid,
+                kd_student_space=n_agree,
+                t2s_agreement=n_valid,
+                kd_teacher_space=t_valid.sum().float(),
+            )
+        zero = loss.new_zeros(())
+        return LossTerms(loss, {name: sums.get(name, zero) for name in counts}, counts)
 
     def _attend(self, batch: Batch, h_s: torch.Tensor, h_t: torch.Tensor):
         """Projected values of each side, mixed by the cross-model attention, at the packed label rows."""
@@ -101,7 +117,10 @@ class DSKDCMA:
         e_s = self.student_embeddings.detach()
         x_s, y_s = gather_labels(batch.student_input_ids, s_rows), gather_labels(batch.student_labels, s_rows)
         x_t, y_t = gather_labels(batch.teacher_input_ids, t_rows), gather_labels(batch.teacher_labels, t_rows)
-        e_t_x, e_t_y = F.embedding(x_t, self.teacher_embeddings).float(), F.embedding(y_t, self.teacher_embeddings).float()
+        e_t_x, e_t_y = (
+            F.embedding(x_t, self.teacher_embeddings).float(),
+            F.embedding(y_t, self.teacher_embeddings).float(),
+        )
         key = torch.cat([e_t_x, e_t_y], dim=-1)
         key = key / key.std()
         p = self.projectors
@@ -109,7 +128,9 @@ class DSKDCMA:
         t2s_values = p.t2s(h_t / h_t.std() + e_t_y / e_t_y.std())
         s2t_values = p.s2t(h_s.float())
         s_mask, t_mask = batch.student_labels != IGNORE_INDEX, batch.teacher_labels != IGNORE_INDEX
-        t2s_weights, s2t_weights = attention_weights(padded(query, s_rows, b, t_s), padded(key, t_rows, b, t_t), s_mask, t_mask)
+        t2s_weights, s2t_weights = attention_weights(
+            padded(query, s_rows, b, t_s), padded(key, t_rows, b, t_t), s_mask, t_mask
+        )
         h_t2s = packed(torch.bmm(t2s_weights, padded(t2s_values, t_rows, b, t_t)), s_rows)
         h_s2t = packed(torch.bmm(s2t_weights, padded(s2t_values, s_rows, b, t_s)), t_rows)
         return h_t2s, sequence_has(t_mask, s_rows, t_s), h_s2t, sequence_has(s_mask, t_rows, t_t)
@@ -129,16 +150,28 @@ class DSKDCMA:
             projector_ce = (F.cross_entropy(z_t2s, r["labels"], reduction="none") * r["valid"]).sum()
             agree = (z_t2s.argmax(-1) == r["labels"]) & r["valid"]
             kd = (divergence(z_s, z_t2s.detach(), temperature=tau) * agree).sum()
-            stats.update(projector_ce=projector_ce.detach(), kd_student_space=kd.detach(), n_agree=agree.sum().float())
+            stats.update(
+                projector_ce=projector_ce.detach(),
+                kd_student_space=kd.detach(),
+                t2s_agreement=agree.sum().float(),
+            )
             return ((1 - alpha) * ce + alpha * (projector_ce + kd)) / denominator, stats
 
         return chunk
 
     def _teacher_chunk(self, denominator: float):
-        teacher_head, divergence, tau, alpha = self.teacher_head, self.divergence, self.temperature, self.kd_rate
+        teacher_head, divergence, tau, alpha = (
+            self.teacher_head,
+            self.divergence,
+            self.temperature,
+            self.kd_rate,
+        )
 
         def chunk(r: dict, shared: dict):
-            kd = (divergence(teacher_head.logits(r["h_s2t"]), teacher_head.logits(r["h_t"]), temperature=tau) * r["valid"]).sum()
+            kd = (
+                divergence(teacher_head.logits(r["h_s2t"]), teacher_head.logits(r["h_t"]), temperature=tau)
+                * r["valid"]
+            ).sum()
             return alpha * kd / denominator, {"kd_teacher_space": kd.detach()}
 
         return chunk
@@ -148,17 +181,25 @@ def dskd_cma(context: ObjectiveContext) -> DSKDCMA:
     """DSKD with cross-model attention (see the module docstring); no options."""
     teacher = context.teacher
     if teacher is None:
-        raise PluginError("objective dskd_cma needs a teacher; set teacher.model, teacher.config or teacher.address")
+        raise PluginError(
+            "objective dskd_cma needs a teacher; set teacher.model, teacher.config or teacher.address"
+        )
     if "hidden_states" not in teacher.capabilities:
-        raise PluginError("objective dskd_cma needs the teacher's hidden states, which this teacher cannot send")
+        raise PluginError(
+            "objective dskd_cma needs the teacher's hidden states, which this teacher cannot send"
+        )
     teacher_embeddings = getattr(teacher, "embeddings", None)
     if teacher_embeddings is None:
         raise ModelError(
             "objective dskd_cma attends over the teacher's input embeddings, which this teacher does not offer "
-            '(a gRPC teacher sends only hidden states and its LM head); use a local teacher (teacher.model), or '
+            "(a gRPC teacher sends only hidden states and its LM head); use a local teacher (teacher.model), or "
             'objective "dskd_v2" with aligner "eta"'
         )
-    if teacher_embeddings.ndim != 2 or teacher_embeddings.shape[1] != teacher.head.hidden_size or teacher_embeddings.shape[0] < len(teacher.tokenizer):
+    if (
+        teacher_embeddings.ndim != 2
+        or teacher_embeddings.shape[1] != teacher.head.hidden_size
+        or teacher_embeddings.shape[0] < len(teacher.tokenizer)
+    ):
         raise ModelError(
             f"objective dskd_cma: the teacher's input embeddings have shape {tuple(teacher_embeddings.shape)}, but it "
             f"needs ({len(teacher.tokenizer)} or more, {teacher.head.hidden_size}) to add them to its hidden states; "

@@ -23,10 +23,9 @@ is accepted and ignored rather than refused.
 
 from __future__ import annotations
 
+import dskd
 import torch
 import torch.nn.functional as F
-
-import dskd
 from dskd.chunked import chunked_loss
 from dskd.errors import PluginError
 from dskd.objective import ObjectiveContext, gather_labels, gather_rows
@@ -34,14 +33,20 @@ from dskd.row_partners import row_partners, teacher_hidden
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
 
-def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """Per-row `sum_r |sort(p_s)_r - sort(p_t)_r|` for `(N, V_s)` and `(N, V_t)` logits; `(N,)` float32.
+def uld_distance(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-row `sum_r |sort(p_s)_r - sort(p_t)_r|` for `(N, V_s)` and `(N, V_t)` logits; `(N,)` float32
+    (float64 for float64 input, so `torch.autograd.gradcheck` can check it).
 
     The zero padding of the shorter vocabulary is never materialised: past the shorter length the
     difference is the longer side's own sorted mass.
     """
-    p_s = torch.softmax(student_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
-    p_t = torch.softmax(teacher_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    dtype = torch.promote_types(
+        torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
+    )
+    p_s = torch.softmax(student_logits.to(dtype) / temperature, dim=-1).sort(dim=-1, descending=True).values
+    p_t = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1).sort(dim=-1, descending=True).values
     common = min(p_s.shape[-1], p_t.shape[-1])
     head = (p_s[:, :common] - p_t[:, :common]).abs().sum(-1)
     return head + p_s[:, common:].sum(-1) + p_t[:, common:].sum(-1)
@@ -64,9 +69,13 @@ class ULD:
     def on_optimizer_step(self) -> None:
         pass
 
-    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
+    def compute(
+        self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float
+    ) -> LossTerms:
         h_t = teacher_hidden(signal, self.teacher_head.hidden_size, "uld")
-        partners = row_partners(batch, h_t.shape[0], same_vocab=self.same_vocab, name="uld", aligner_hint="index")
+        partners = row_partners(
+            batch, h_t.shape[0], same_vocab=self.same_vocab, name="uld", aligner_hint="index"
+        )
         rows = {
             "hidden": gather_rows(student_hidden, batch.student_rows),
             "labels": gather_labels(batch.student_labels, batch.student_rows),
@@ -80,19 +89,26 @@ class ULD:
             ce = F.cross_entropy(z_s, r["labels"], reduction="sum")
             # Unpaired rows (the longer response's tail) are computed and zeroed: a masked multiply keeps
             # every shape static, and with index alignment they are a handful of rows per sequence.
-            kd = (uld_distance(z_s, teacher_head.logits(r["teacher_hidden"]), temperature=tau) * r["paired"]).sum()
+            kd = (
+                uld_distance(z_s, teacher_head.logits(r["teacher_hidden"]), temperature=tau) * r["paired"]
+            ).sum()
             return ((1 - alpha) * ce + alpha * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
 
         loss, sums = chunked_loss(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
         zero = loss.new_zeros(())
-        counts = {"ce": torch.tensor(float(rows["labels"].shape[0]), device=loss.device), "kd": partners.paired.sum().float()}
+        counts = {
+            "ce": torch.tensor(float(rows["labels"].shape[0]), device=loss.device),
+            "kd": partners.paired.sum().float(),
+        }
         return LossTerms(loss, sums={k: sums.get(k, zero) for k in ("ce", "kd")}, counts=counts)
 
 
 def uld(context: ObjectiveContext) -> ULD:
     """ULD over index-aligned response tokens (see the module docstring); no options."""
     if context.teacher is None:
-        raise PluginError("objective uld needs a teacher; set teacher.model, teacher.config or teacher.address")
+        raise PluginError(
+            "objective uld needs a teacher; set teacher.model, teacher.config or teacher.address"
+        )
     if "hidden_states" not in context.teacher.capabilities:
         raise PluginError(
             "objective uld takes the teacher's distribution from its hidden states and LM head, but this teacher "
