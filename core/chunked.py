@@ -70,7 +70,7 @@ class _ChunkedLoss(torch.autograd.Function):
         # Shared inputs become leaves once; their per-chunk gradients are summed in float32 (a bf16 running
         # sum over many chunks would drift).
         shared_leaves = [t.detach().requires_grad_(need) for t, need in zip(shared_inputs, needs[len(row_names) :])]
-        shared_grads = [torch.zeros_like(t, dtype=torch.float32) if need else None for t, need in zip(shared_inputs, needs[len(row_names) :])]
+        shared_grads: list[torch.Tensor | None] = [None] * len(shared_inputs)
         row_grads = [torch.zeros_like(t) if need else None for t, need in zip(row_inputs, needs[: len(row_names)])]
         total = torch.zeros((), dtype=torch.float32, device=row_inputs[0].device)
         for start in range(0, max(n, 1), chunk_size):
@@ -88,7 +88,8 @@ class _ChunkedLoss(torch.autograd.Function):
                 for i, need in enumerate(needs[len(row_names) :]):
                     g = next(grads) if need else None
                     if g is not None:
-                        shared_grads[i] += g.float()
+                        # The first chunk's gradient becomes the float32 accumulator (no zero-filled copy).
+                        shared_grads[i] = g.float() if shared_grads[i] is None else shared_grads[i].add_(g)
             total += loss.detach().float()
             for key, value in chunk_stats.items():
                 value = value.detach()
@@ -100,6 +101,8 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads]
+        # In place: the stored gradients are not used again, and a second weight-sized buffer would count
+        # against the loss's peak memory.
+        grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None  # free the stored gradients as soon as they are handed on
         return (None, None, None, None, None, *grads)

@@ -17,7 +17,7 @@ import torch
 from dskd.config import Config, plugin_options
 from dskd.errors import ModelError, PluginError
 from dskd.lm_head import head_from_model
-from dskd.models import check_vocabulary, load_model, load_tokenizer
+from dskd.models import check_vocabulary, ensure_pad_token, load_model, load_tokenizer
 from dskd.objective import ObjectiveContext, same_vocabulary
 from dskd.policy import PolicyContext
 from dskd.teacher import LocalTeacher
@@ -34,10 +34,12 @@ def build_teacher(config: Config, device: torch.device, *, model_path: str | Non
             token = os.environ.get(t.auth_token_env)
             if not token:
                 raise PluginError(f"teacher.auth_token_env names {t.auth_token_env!r} but that environment variable is not set; export it with the servers' token")
-        return RemoteTeacher(
+        teacher = RemoteTeacher(
             list(t.address), auth_token=token, tls_ca_file=t.tls_ca_file or None, timeout_s=t.timeout_s,
             wire_dtype=t.wire_dtype, cache_dir=t.cache_dir or (str(cache_dir) if cache_dir else None), device=device,
         )
+        ensure_pad_token(teacher.tokenizer)
+        return teacher
     tokenizer = load_tokenizer(_with_tokenizer_fallback(t, model_path), "teacher")
     model = load_model(t, "teacher", seed=config.run.seed + 1, path=model_path)
     check_vocabulary(model, tokenizer, "teacher")
@@ -114,7 +116,7 @@ def build_objective(config: Config, registry: Any, student: Student, teacher: An
         divergence_name=config.divergence.name,
         kd_rate=config.objective.kd_rate,
         temperature=config.objective.temperature,
-        chunk_size=config.train.chunk_size,
+        chunk_size=config.train.chunk_size or auto_chunk_size(len(student.tokenizer), None if teacher is None else teacher.vocab_size),
         aligner=aligner,
         same_vocab=same_vocab,
     )
@@ -125,6 +127,16 @@ def build_objective(config: Config, registry: Any, student: Student, teacher: An
         if missing:
             raise PluginError(f"objective {name!r} needs {missing} from the teacher, which it does not offer")
     return objective
+
+
+CHUNK_ELEMENTS = 1 << 24
+
+
+def auto_chunk_size(*vocab_sizes: int | None) -> int:
+    """Rows per loss chunk so that one float32 `(rows, V)` buffer is 64 MiB for the larger vocabulary: a dual-space
+    loss keeps about ten such buffers live, which stays far below the dense computation's peak at any vocabulary."""
+    largest = max(v for v in vocab_sizes if v) if any(vocab_sizes) else 32000
+    return int(min(max(CHUNK_ELEMENTS // largest, 32), 4096))
 
 
 def _missing_capabilities(request, teacher) -> str:

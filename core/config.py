@@ -135,8 +135,8 @@ class TrainConfig:
     """Optimizer steps between resumable checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
     """Resumable checkpoints kept on disk (the newest)."""
-    chunk_size: int = 1024
-    """Token rows per chunk of the loss (bounds the memory of full-vocabulary logits)."""
+    chunk_size: int = 0
+    """Token rows per chunk of the loss (bounds the memory of full-vocabulary logits). 0: 2**24 / vocabulary rows."""
 
 
 @dataclass(frozen=True)
@@ -438,7 +438,7 @@ def check_values(config: Config) -> list[ConfigProblem]:
     need(tr.precision in ("fp32", "bf16"), "train.precision", f"unknown precision {tr.precision!r}", 'use "fp32" or "bf16"')
     need(tr.save_every >= 0, "train.save_every", f"must be >= 0, got {tr.save_every}", "use 0 (end only) or a step interval")
     need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {tr.keep_checkpoints}", "use e.g. 2")
-    need(tr.chunk_size >= 1, "train.chunk_size", f"must be >= 1, got {tr.chunk_size}", "use e.g. 1024")
+    need(tr.chunk_size >= 0, "train.chunk_size", f"must be >= 0, got {tr.chunk_size}", "use 0 (automatic) or e.g. 256")
     need(0 <= o.kd_rate <= 1, "objective.kd_rate", f"must be in [0, 1], got {o.kd_rate}", "use e.g. 0.5")
     need(o.temperature > 0, "objective.temperature", f"must be > 0, got {o.temperature}", "use e.g. 1.0 or 2.0")
     need(e.split in ("test", "valid"), "eval.split", f"unknown split {e.split!r}", 'use "test" or "valid"')

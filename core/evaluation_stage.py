@@ -46,11 +46,17 @@ def _held_out_batches(job, teacher, student_tokenizer, aligner, same_vocab: bool
         yield make([dataset[i] for i in indices])
 
 
-def evaluate_stage(job, teacher_path: Path | None, final: Path | None) -> dict[str, Any]:
+MODELS = ("teacher", "student_init", "student")
+
+
+def evaluate_stage(job, teacher_path: Path | None, final: Path | None, *, include: tuple[str, ...] = MODELS) -> dict[str, Any]:
+    """Metrics of the models named in `include` (default: all three)."""
     config, device, console = job.config, job.device, job.console
     results: dict[str, Any] = {}
     teacher = build_teacher(config, device, model_path=str(teacher_path) if teacher_path else None, cache_dir=job.cache_dir)
-    if hasattr(teacher, "model"):
+    if "teacher" not in include:
+        pass
+    elif hasattr(teacher, "model"):
         results["teacher"] = generation_metrics(config, teacher.model, teacher.tokenizer)
     else:
         console.print("eval: the teacher is remote; its generation metrics are not measured here")
@@ -61,8 +67,8 @@ def evaluate_stage(job, teacher_path: Path | None, final: Path | None) -> dict[s
     # alignment would pair unrelated tokens).
     aligner = build_aligner(config, job.registry, teacher.tokenizer, init.tokenizer, same_vocab, objective=None)
     token_map = None if same_vocab else aligner.vocab_map()
-    students = {"student_init": (init.model, init.tokenizer)}
-    if final is not None:
+    students = {"student_init": (init.model, init.tokenizer)} if "student_init" in include else {}
+    if final is not None and "student" in include:
         tokenizer = load_tokenizer(config.student.__class__(tokenizer=str(final), model=str(final)), "student")
         model = load_model(config.student.__class__(model=str(final), dtype=config.student.dtype), "student").to(device)
         students["student"] = (model, tokenizer)
@@ -73,6 +79,6 @@ def evaluate_stage(job, teacher_path: Path | None, final: Path | None) -> dict[s
         results[name] = metrics
     teacher.close()
     rows = [[name] + [results[name].get(k, float("nan")) for k in ("exact_match", "rougeL", "teacher_agreement", "teacher_kl")]
-            for name in ("teacher", "student_init", "student") if name in results]
+            for name in MODELS if name in results]
     console.table(f"results ({config.eval.split} split)", ["model", "exact match", "ROUGE-L", "agreement %", "KL to teacher"], rows)
     return results

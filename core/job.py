@@ -27,6 +27,7 @@ from dskd.console import Console
 from dskd.data import load_examples, tokenize_split
 from dskd.engine import StageSpec, Trainer
 from dskd.errors import DskdError
+from dskd.launch import make_accelerator
 from dskd.models import load_model, load_tokenizer, save_pretrained_atomic
 from dskd.objective import same_vocabulary
 from dskd.teacher import tokenizer_fingerprint
@@ -36,14 +37,13 @@ OUTPUTS = ("checkpoints", "final", "teacher", "results.json", "metrics.jsonl")
 
 class Job:
     def __init__(self, config: Config, registry: Any, *, resume: bool = False, force_resume: bool = False) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.config = config
         self.registry = registry
         self.resume = resume
         self.force_resume = force_resume
-        self.accelerator = Accelerator(mixed_precision="bf16" if config.train.precision == "bf16" else "no")
+        self.accelerator = make_accelerator("bf16" if config.train.precision == "bf16" else "no")
         self.console = Console(enabled=self.accelerator.is_main_process)
         self.run_dir = Path(config.run.output_dir)
         self.cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else self.run_dir / "cache"
@@ -152,7 +152,16 @@ class Job:
         results = evaluate_stage(self, teacher_path, final)
         if self.accelerator.is_main_process:
             _write_json(self.run_dir / "results.json", results)
+            if "student" in results:  # the report plots evaluation over steps from metrics.jsonl
+                self._append_eval_line(results["student"])
         return results
+
+    def _append_eval_line(self, metrics: dict[str, Any]) -> None:
+        step = self.config.train.max_steps if "distill" in self.config.run.stages else 0
+        record = {"stage": "eval", "step": step}
+        record.update({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        with (self.run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def run(self) -> dict[str, Any]:
         self.prepare_run_dir()

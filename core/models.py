@@ -31,8 +31,14 @@ def load_tokenizer(cfg: ModelConfig, role: str):
         raise ModelError(f"the {role} tokenizer at {source!r} has no fast backend; dskd needs tokenizer.json (a fast tokenizer) for offsets and alignment")
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the {role} tokenizer at {source!r} has no EOS token; set eos_token in its tokenizer_config.json")
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token its EOS as pad: labels mark padding with -100, so the pad id
+    itself is never trained (also applied to tokenizers fetched from a teacher server)."""
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # labels mark padding with -100, so the pad id itself is never trained
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

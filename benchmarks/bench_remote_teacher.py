@@ -1,0 +1,135 @@
+"""What a remote teacher costs the student: training throughput with the teacher behind a gRPC server on
+loopback against the same teacher in process, the bytes each signal puts on the wire per token, and what
+request batching gains the server.
+
+Both runs train the same student (the default job's GPT-2-tokenizer student) against the same random teacher
+(the default job's Llama teacher with the Mistral tokenizer, saved to a temporary folder) with objective
+`dskd_v2` + `eta`, for the same steps and seed, measured in this run. The remote teacher's server runs in its
+own process with `--server-threads` torch threads and the trainer keeps the rest of the cores, which is how a
+teacher server shares a machine; the local run gets all the cores. Throughput is the student's tokens/s over
+the log intervals after the first (which includes warm-up).
+
+    python benchmarks/bench_remote_teacher.py [--steps 40] [--server-threads 1]
+
+Prints one JSON object: local_tokens_per_s, remote_tokens_per_s, throughput_ratio (remote/local; target >= 0.9),
+bytes_per_token_hidden and bytes_per_token_full_logits (measured protobuf bytes of Score answers per token), and
+batching_speedup (server tokens/s with 8 concurrent clients, batching on vs off; target >= 2 on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the server harness the tests use
+sys.path.insert(0, str(REPO / "benchmarks"))  # the batching driver of bench_server_batching
+
+import grpc  # noqa: E402
+
+from bench_server_batching import drive  # noqa: E402
+from dskd.config import load_config  # noqa: E402
+from dskd.job import Job  # noqa: E402
+from dskd.protos import teacher_pb2_grpc  # noqa: E402
+from dskd.registry import load_registry  # noqa: E402
+from dskd.servers.client import RemoteTeacher  # noqa: E402
+from dskd.types import SignalRequest  # noqa: E402
+from teacher_server_harness import save_tiny_teacher, start_servers  # noqa: E402
+
+
+def save_default_teacher(folder: Path) -> Path:
+    """The default job's teacher architecture, random weights, with the Mistral tokenizer, saved like any HF model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "examples/models/teacher-llama"))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(REPO / "examples/tokenizers/mistral").save_pretrained(folder)
+    return folder
+
+
+def train_tokens_per_s(root: Path, name: str, overrides: list[str], steps: int) -> float:
+    registry = load_registry()
+    base = [f"run.output_dir={root / name}", 'run.stages=["distill"]', f"train.max_steps={steps}",
+            f"run.log_every={max(steps // 4, 1)}", f"data.cache_dir={root / 'cache'}"]
+    job = Job(load_config(REPO / "dskd.toml", base + overrides, registry=registry), registry)
+    job.prepare_run_dir()
+    job.distill(None)
+    lines = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    rates = [line["perf/tokens_per_s"] for line in lines[1:]]  # the first interval holds the warm-up
+    return sum(rates) / len(rates)
+
+
+def wire_bytes_per_token(address: str, cache: Path, request: SignalRequest, seq_len: int = 64, sequences: int = 4) -> float:
+    """Serialized size of a Score answer (all streamed messages) per requested row."""
+    teacher = RemoteTeacher(address, cache_dir=cache, self_check=False)
+    ids = torch.randint(3, teacher.vocab_size, (sequences, seq_len), generator=torch.Generator().manual_seed(0))
+    mask, rows = torch.ones_like(ids), torch.arange(ids.numel())
+    plan = teacher._plan(ids, mask, rows, request)
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+    stub = teacher_pb2_grpc.TeacherStub(channel)
+    total = 0
+    for message in plan.messages:
+        message.expected_fingerprint = teacher.fingerprint
+        total += sum(part.ByteSize() for part in stub.Score(message, timeout=120))
+    channel.close()
+    teacher.close()
+    return total / rows.numel()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--server-threads", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=40)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="dskd-bench-remote-") as tmp:
+        root = Path(tmp)
+        teacher_dir = save_default_teacher(root / "teacher")
+        local = train_tokens_per_s(root, "local", [f"teacher.model={teacher_dir}", 'teacher.config=""'], args.steps)
+        [server] = start_servers([(teacher_dir, (), "teacher")], root / "servers", threads=args.server_threads)
+        try:
+            torch.set_num_threads(max(cores - args.server_threads, 1))
+            remote = train_tokens_per_s(root, "remote", [f'teacher.address=["{server.address}"]', 'teacher.config=""',
+                                                         f"teacher.cache_dir={root / 'client-cache'}"], args.steps)
+            torch.set_num_threads(cores)
+            hidden = wire_bytes_per_token(server.address, root / "client-cache", SignalRequest(hidden_states=True))
+            logits = wire_bytes_per_token(server.address, root / "client-cache", SignalRequest(logits=True))
+        finally:
+            server.stop()
+        # Batching: many small requests from concurrent clients, on the tiny teacher of bench_server_batching.
+        tiny = save_tiny_teacher(root / "tiny", hidden_size=64, layers=4)
+        batching = argparse.Namespace(clients=args.clients, requests=args.requests, warmup=3, sequences=1, seq_len=16)
+        rates = {}
+        for mode, extra in (("batched", ()), ("unbatched", ("--no-batching",))):
+            [server] = start_servers([(tiny, extra, mode)], root / "servers", threads=cores)
+            try:
+                rates[mode] = drive(server.address, batching, root / "cache-tiny", SignalRequest(hidden_states=True))["tokens_per_s"]
+            finally:
+                server.stop()
+        shutil.rmtree(root / "cache", ignore_errors=True)
+    print(json.dumps({
+        "benchmark": "remote_teacher",
+        "objective": "dskd_v2+eta", "steps": args.steps, "server_threads": args.server_threads,
+        "local_tokens_per_s": round(local, 1), "remote_tokens_per_s": round(remote, 1),
+        "throughput_ratio": round(remote / local, 3),
+        "bytes_per_token_hidden": round(hidden, 1), "bytes_per_token_full_logits": round(logits, 1),
+        "batching_speedup": round(rates["batched"] / rates["unbatched"], 2),
+        "batched_tokens_per_s": round(rates["batched"], 1), "unbatched_tokens_per_s": round(rates["unbatched"], 1),
+        "machine": {"cpus": cores, "python": platform.python_version(), "torch": torch.__version__},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
