@@ -100,8 +100,6 @@ def shared_vocabulary(teacher_size: int, student_size: int, vocab_map: torch.Ten
         shared = SharedVocabulary(teacher[first], student[first])
     if limit and limit < len(shared):
         shared = SharedVocabulary(shared.teacher_ids[:limit], shared.student_ids[:limit])
-    if len(shared) == 0:
-        raise ModelError("the teacher and student vocabularies share no token; dual-space initialisation needs a shared vocabulary")
     return shared
 
 
@@ -259,8 +257,12 @@ def dual_space_terms(
         loss = loss + ce_loss
         sums["ce"] = ce_sums.get("ce", zero)
     n_valid = sums.pop("n_valid", zero)
+    # The share of paired rows whose teacher top-1 has a student token ("accepted", spec §6.3): with tokenizers
+    # that share little, KD runs on few tokens, and this metric says so.
+    sums["accepted_pairs"] = n_valid
+    counts_pairs = torch.tensor(float(kd_rows["h_s"].shape[0]), device=loss.device)
     n_gate = sums.pop("n_gate", zero)
-    counts = {"ce": torch.tensor(float(rows.student_labels.shape[0]), device=loss.device)}
+    counts = {"ce": torch.tensor(float(rows.student_labels.shape[0]), device=loss.device), "accepted_pairs": counts_pairs}
     if spec.student_space:
         counts.update(kd_student_space=n_gate, projector_ce=n_valid, t2s_agreement=n_valid)
     if spec.teacher_space:

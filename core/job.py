@@ -123,6 +123,9 @@ class Job:
         same_vocab = same_vocabulary(teacher.tokenizer, student.tokenizer)
         aligner = build_aligner(cfg, self.registry, teacher.tokenizer, student.tokenizer, same_vocab, objective=cfg.objective.name)
         objective = build_objective(cfg, self.registry, student, teacher, aligner)
+        describe = getattr(objective, "describe", None)
+        if describe is not None:
+            self.console.print(f"distill: {cfg.objective.name}: {describe()}")
         examples = self.examples("train")
         policy = build_policy(cfg, self.registry, student, teacher, aligner, cache_dir=self.cache_dir,
                               prompts=tuple(e.prompt for e in examples))

@@ -61,11 +61,14 @@ class DSKDv2:
         self.student_ids = self.shared.student_ids.to(device)
         teacher_rows = self.teacher_head.weight.detach().index_select(0, self.shared.teacher_ids.to(self.teacher_head.weight.device))
         self.projectors = Projectors(self.teacher_head.hidden_size, self.student_head.hidden_size).to(device)
-        if init_projector:
+        # Tokenizers with nothing in common: no least-squares init and a zero s2t map; every teacher top-1 then
+        # maps to -1, so the KD terms carry no tokens and the step trains the CE alone (metrics show
+        # train/accepted_pairs = 0) instead of refusing to run.
+        if init_projector and len(self.shared):
             with torch.no_grad():
                 y = least_squares_map(self._student_rows().T, teacher_rows.to(device).float().T)  # (d_t, d_s)
                 self.projectors.t2s.weight.copy_(y.T)
-        self.pinv_teacher = right_inverse_factor(teacher_rows.to(device).float().T)  # (V', d_t)
+        self.pinv_teacher = right_inverse_factor(teacher_rows.to(device).float().T) if len(self.shared) else None  # (V', d_t)
         self.on_optimizer_step()
 
     def _student_rows(self) -> torch.Tensor:
@@ -77,7 +80,13 @@ class DSKDv2:
     def on_optimizer_step(self) -> None:
         # A = sg(S') pinv(T'): (d_s, V') @ (V', d_t); stored as a linear weight (d_t, d_s).
         with torch.no_grad():
-            self.s2t_weight = (self._student_rows().T @ self.pinv_teacher).T.contiguous()
+            if self.pinv_teacher is None:
+                self.s2t_weight = torch.zeros(self.teacher_head.hidden_size, self.student_head.hidden_size, device=self.student_ids.device)
+            else:
+                self.s2t_weight = (self._student_rows().T @ self.pinv_teacher).T.contiguous()
+
+    def describe(self) -> str:
+        return f"shared vocabulary {len(self.shared)} tokens (least-squares init and s2t map)"
 
     def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
         rows = paired_rows(batch, student_hidden, signal, same_vocab=self.same_vocab,
