@@ -68,3 +68,18 @@ def test_a_failed_run_leaves_an_earlier_final_model_untouched(tmp_path):
     line = one_line_error(run(path, "train.max_steps=2"))  # the run directory holds a run: refused, nothing touched
     assert "--resume" in line
     assert {p.name: p.stat().st_mtime_ns for p in final.iterdir()} == before
+
+
+@pytest.mark.integration
+def test_dskd_eval_scores_a_saved_model_and_writes_json(tmp_path):
+    path = write_job(tmp_path, steps=1)
+    assert run(path).returncode == 0
+    out = tmp_path / "metrics.json"
+    result = subprocess.run([sys.executable, "-m", "dskd", "eval", "--config", str(path), "--model", str(tmp_path / "run" / "final"),
+                             "--output", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["num_examples"] == 4 and 0 <= metrics["rougeL"] <= 100 and 0 <= metrics["exact_match"] <= 100
+    missing = subprocess.run([sys.executable, "-m", "dskd", "eval", "--config", str(path), "--model", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=600)
+    assert "model" in one_line_error(missing)
