@@ -19,6 +19,15 @@ IGNORE_INDEX = -100
 """Label value of positions that carry no loss: prompt tokens and padding."""
 
 
+def _moved(value, device: torch.device | str):
+    """A copy of a dataclass with every tensor field on `device`."""
+    moved = {}
+    for f in fields(value):
+        item = getattr(value, f.name)
+        moved[f.name] = item.to(device, non_blocking=True) if isinstance(item, torch.Tensor) else item
+    return replace(value, **moved)
+
+
 @dataclass(frozen=True)
 class Alignment:
     """Aligned token pairs of two tokenizations of the same text.
@@ -80,11 +89,7 @@ class Batch:
     meta: dict = field(default_factory=dict)  # small host-side facts (e.g. which policy produced it)
 
     def to(self, device: torch.device | str) -> "Batch":
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-        return replace(self, **moved)
+        return _moved(self, device)
 
     @property
     def size(self) -> int:
@@ -155,11 +160,7 @@ class TeacherSignal:
         return int(self.rows_per_sequence.sum())
 
     def to(self, device: torch.device | str) -> "TeacherSignal":
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-        return replace(self, **moved)
+        return _moved(self, device)
 
 
 @dataclass
