@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,10 @@ def save(root: Path, step: int, objects: dict[str, Any], manifest: dict[str, Any
         shutil.rmtree(final)
     tmp.rename(final)
     _fsync_dir(root)
-    for old in checkpoints(root)[:-keep]:
+    # Prune the oldest, counting back from the one just written: a folder with a later step (left broken by
+    # an earlier attempt) must never push the new checkpoint out.
+    older = [p for p in checkpoints(root) if p.name < final.name]
+    for old in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -127,10 +131,26 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def latest(root: Path, warn=print) -> Loaded | None:
-    """The newest intact checkpoint under `root`; each broken newer one is named in one line and skipped."""
+def unfinished(root: Path) -> list[Path]:
+    """Temporary folders of checkpoint writes that never completed (the writer died before the rename)."""
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(".step-") and ".tmp-" in p.name)
+
+
+def latest(root: Path, warn=print, companions: Sequence[Path] = ()) -> Loaded | None:
+    """The newest intact checkpoint under `root`; each broken newer one is named in one line and skipped.
+
+    `companions` are the roots of the other processes' parts (`rank-N/`): a step counts as intact only when
+    every part of it is, so all processes resume from the same step.
+    """
+    for path in unfinished(root):
+        warn(f"checkpoint {path} is unusable: an unfinished write (the run stopped while saving); ignored")
     for path in reversed(checkpoints(root)):
         reason = verify(path)
+        for part in companions:
+            if reason is None and (part_reason := verify(part / path.name)) is not None:
+                path, reason = part / path.name, part_reason
         if reason is None:
             return Loaded(path, json.loads((path / MANIFEST).read_text()))
         warn(f"checkpoint {path} is unusable: {reason}; falling back to the previous one")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,8 +65,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dskd.job import run_job
     from dskd.registry import load_registry
 
+    from dskd.launch import requested_cpu_processes, spawn_processes
+
     registry = load_registry()
-    config = load_config(args.config, args.overrides, registry=registry)
+    config = load_config(args.config, args.overrides, registry=registry)  # bad input is reported once, here
+    count = requested_cpu_processes()
+    if count > 1:  # `accelerate launch --cpu --num_processes N` started only this process: start the N
+        return spawn_processes(count, sys.argv[1:])
     run_job(config, registry=registry, resume=args.resume, force_resume=args.force_resume)
     return 0
 
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     except DskdError as exc:
         if args.debug:
             raise
-        error_line(str(exc))
+        if os.environ.get("RANK", "0") == "0":  # data-parallel processes fail alike: one line, from rank 0
+            error_line(str(exc))
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `dskd plugins --json | head`: the reader left; nothing to report
         sys.stderr.close()

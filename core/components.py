@@ -43,7 +43,10 @@ def build_teacher(config: Config, device: torch.device, *, model_path: str | Non
     tokenizer = load_tokenizer(_with_tokenizer_fallback(t, model_path), "teacher")
     model = load_model(t, "teacher", seed=config.run.seed + 1, path=model_path)
     check_vocabulary(model, tokenizer, "teacher")
-    return LocalTeacher(model.to(device), tokenizer, model_id=model_path or t.model or t.config)
+    # As on a teacher server: a local folder says nothing about the model (a moved run or model folder is the
+    # same teacher), so only a hub id enters the fingerprint by name; weights, config and tokenizer always do.
+    source = model_path or t.model or t.config
+    return LocalTeacher(model.to(device), tokenizer, model_id="" if os.path.exists(source) else source)
 
 
 def _with_tokenizer_fallback(cfg, model_path: str | None):
@@ -150,12 +153,13 @@ def _missing_capabilities(request, teacher) -> str:
     return ", ".join(needs)
 
 
-def build_policy(config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, cache_dir: Path, prompts: tuple[str, ...] = ()):
+def build_policy(config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, cache_dir: Path, prompts: tuple[str, ...] = (),
+                 objective: Any = None):
     factory = registry.get("policies", config.policy.name)
     context = PolicyContext(
         student=student.model, student_tokenizer=student.tokenizer, teacher=teacher, aligner=aligner,
         data=config.data, seed=config.run.seed, prompts=prompts, objective_name=config.objective.name,
-        cache_dir=str(cache_dir),
+        cache_dir=str(cache_dir), objective=objective,
     )
     try:
         return factory(context, **plugin_options(config.policy, factory))

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from rich.console import Console as RichConsole
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -22,8 +23,9 @@ class Console:
             self.rich.print(*args, **kwargs)
 
     def warn(self, message: str) -> None:
+        # One line whatever the width (a log reader greps for it), and literal: paths may hold `[...]`.
         if self.enabled:
-            self.err.print(f"[yellow]warning:[/yellow] {message}")
+            self.err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
         table = Table(title=title)

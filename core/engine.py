@@ -27,6 +27,7 @@ from dskd import checkpoint
 from dskd.config import TrainConfig
 from dskd.console import Console
 from dskd.errors import CheckpointError
+from dskd.launch import LaunchError
 from dskd.lm_head import last_hidden_state
 from dskd.types import Batch, LossTerms, TeacherSignal
 
@@ -62,17 +63,30 @@ class Meter:
         self.counts: dict[str, torch.Tensor] = {}
         self.loss = None
         self.host: dict[str, float] = {}
+        self.local: dict[str, float] = {}
 
-    def add(self, terms: LossTerms) -> None:
+    def add(self, terms: LossTerms, *, ce: bool = True, kd: bool = True) -> None:
+        """Add a micro-batch's terms. Of a batch that trains only the CE (or only the KD) of a split step, only
+        that part's terms are kept, so that `train/ce` stays the mean over the dataset's responses and the KD
+        terms the means over the samples, not means over both."""
         self.loss = terms.loss.detach() if self.loss is None else self.loss + terms.loss.detach()
         for name, value in terms.sums.items():
+            if not (ce if name == "ce" else kd):
+                continue
             self.sums[name] = self.sums[name] + value if name in self.sums else value.detach().clone()
         for name, value in terms.counts.items():
+            if not (ce if name == "ce" else kd):
+                continue
             value = torch.as_tensor(value, dtype=torch.float32, device=terms.loss.device)
             self.counts[name] = self.counts[name] + value if name in self.counts else value.clone()
 
     def add_host(self, name: str, value: float) -> None:
         self.host[name] = self.host.get(name, 0.0) + value
+
+    def add_local(self, name: str, value: float) -> None:
+        """A count logged as this process saw it, not reduced: processes may see different names (e.g. which
+        policy made their batches), and one collective needs the same names everywhere."""
+        self.local[name] = self.local.get(name, 0.0) + value
 
     def reduce(self, accelerator, steps: int) -> dict[str, float]:
         """Means over the interval: one collective and one device->host copy for all metrics."""
@@ -97,6 +111,7 @@ class Meter:
         host_values = values[1 + 2 * k :]
         for name, value in zip(host_names, host_values):
             out[name] = value
+        out.update(self.local)
         self.__init__()
         return out
 
@@ -143,6 +158,10 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def _parameter_storage(model: torch.nn.Module) -> list[tuple[int, tuple[int, ...]]]:
+    return [(p.data_ptr(), tuple(p.shape)) for p in model.parameters()]
+
+
 def param_groups(model: torch.nn.Module, extra: torch.nn.Module | None, train: TrainConfig) -> list[dict]:
     """AdamW groups: decayed matrices, undecayed biases and norm weights (any 1-D parameter, which covers
     every architecture's norms, not only GPT-2's names), and the objective's projectors at their own lr."""
@@ -174,7 +193,17 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec.train))
         # The scheduler is stepped by us, once per optimizer step: accelerate's prepared scheduler would step it
         # once per process, which shortens the schedule under data parallelism.
-        self.model, self.optimizer = accelerator.prepare(spec.model, self.optimizer)
+        # The objective reads the student's LM head through views taken at setup, so `prepare` must wrap the
+        # model without moving or re-sharding its weights: the model is already on `accelerator.device`, and
+        # accelerate's own placement would copy it (a CPU model "moves" to cpu:0 in a multi-process CPU run).
+        storage = _parameter_storage(spec.model)
+        self.model, self.optimizer = accelerator.prepare(spec.model, self.optimizer, device_placement=[False, True])
+        if _parameter_storage(accelerator.unwrap_model(self.model)) != storage:
+            raise LaunchError(
+                f"accelerate moved or sharded the weights of the {spec.name} model ({accelerator.distributed_type.value}), but "
+                f"the objectives read its LM head directly; run data parallel (DDP, `accelerate launch --multi_gpu`), "
+                f"not FSDP or DeepSpeed ZeRO-3"
+            )
         self.fetcher = SignalFetcher(spec.teacher, spec.objective.request)
         self.state = TrainState()
         self.ckpt_root = spec.run_dir / "checkpoints" / spec.name
@@ -184,6 +213,9 @@ class Trainer:
     def train_step(self, window: list[Batch], meter: Meter) -> None:
         acc, objective, model = self.accelerator, self.spec.objective, self.model
         window = [b.to(acc.device) for b in self._prepare(window)]
+        for batch in window:
+            if batch.kd and "policy" in batch.meta:  # once per data batch: a split step's CE batch is its twin
+                meter.add_local(f"policy/{batch.meta['policy']}", 1.0)
         denominator = self._normalise(window)
         pending = self.fetcher.submit(window[0])
         for i, batch in enumerate(window):
@@ -194,11 +226,12 @@ class Trainer:
                 hidden = last_hidden_state(model, batch.student_input_ids, batch.student_attention_mask)
                 terms = objective.compute(batch, hidden, signal, denominator)
             acc.backward(terms.loss)
-            meter.add(terms)
+            meter.add(terms, ce=batch.ce, kd=batch.kd)
             if batch.aligned_rows is not None:
                 meter.add_host("train/align_ratio_num", float(batch.aligned_rows.shape[0]))
                 meter.add_host("train/align_ratio_den", float(batch.student_rows.shape[0]))
             self.state.tokens += int(batch.student_attention_mask.sum())
+        self._average_projector_grads()
         if self.train_cfg.clip_grad > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             acc.clip_grad_norm_(params, self.train_cfg.clip_grad)
@@ -215,6 +248,31 @@ class Trainer:
             prepared = self.spec.policy.prepare(batch, self.state.step)
             out.extend(prepared if isinstance(prepared, list) else [prepared])
         return out
+
+    def _average_projector_grads(self) -> None:
+        """Average the objective's projector gradients over processes, as DDP does for the student's.
+
+        The projectors live outside the prepared (DDP-wrapped) model, so nothing else would synchronise them and
+        each process would train its own copy. One collective for all of them: the gradients flattened, plus
+        one presence flag per parameter, so a parameter no process gave a gradient keeps `None` (skipped by
+        the optimizer, as in one process) while one that only some processes reached gets their mean.
+        """
+        acc = self.accelerator
+        if self.projectors is None or acc.num_processes == 1:
+            return
+        params = [p for p in self.projectors.parameters() if p.requires_grad]
+        if not params:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                         + [torch.tensor([float(p.grad is not None) for p in params], device=acc.device)])
+        flat = acc.reduce(flat, reduction="sum")
+        present = flat[-len(params):].tolist()
+        offset = 0
+        for param, seen in zip(params, present):
+            n = param.numel()
+            if seen:
+                param.grad = (flat[offset : offset + n] / acc.num_processes).view_as(param).to(param.dtype)
+            offset += n
 
     def _normalise(self, window: list[Batch]) -> float:
         """The step's loss denominator D (spec §0), with one collective for the global token counts.
@@ -261,6 +319,9 @@ class Trainer:
                     tokens = (self.state.tokens - last_log_tokens) * self.accelerator.num_processes
                     metrics["perf/tokens_per_s"] = tokens / max(now - last_log_time, 1e-9)
                     last_log_time, last_log_tokens = now, self.state.tokens
+                    stats = getattr(self.spec.teacher, "stats", None)
+                    if stats is not None:  # a remote teacher's client counters (this process's client)
+                        metrics.update({f"teacher/{name}": value for name, value in stats().items()})
                     self._log({"stage": self.spec.name, "step": step, **metrics})
                     observe = getattr(self.spec.policy, "observe", None)
                     if observe is not None:  # adaptive policies react to the training curve
@@ -300,7 +361,9 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _resume(self, force: bool) -> None:
-        found = checkpoint.latest(self.ckpt_root, warn=self.console.warn)
+        # Every process picks the same step: the newest whose parts (rank 0's and each other rank's) are all intact.
+        parts = [self.ckpt_root / f"rank-{r}" for r in range(1, self.accelerator.num_processes)]
+        found = checkpoint.latest(self.ckpt_root, warn=self.console.warn, companions=[p for p in parts if p.is_dir()])
         if found is None:
             self.console.print(f"{self.spec.name}: no checkpoint to resume from; starting at step 0")
             return
@@ -327,7 +390,12 @@ class Trainer:
         if rank == 0:
             rng, policy = found.load("rng"), found.load("policy")
         else:
-            own = checkpoint.require_latest(self.ckpt_root / f"rank-{rank}", warn=self.console.warn)
+            own = checkpoint.Loaded(self.ckpt_root / f"rank-{rank}" / found.path.name, {})
+            if (reason := checkpoint.verify(own.path)) is not None:
+                raise CheckpointError(
+                    f"{own.path}, process {rank}'s part of {found.path.name}, is unusable: {reason}; "
+                    f"restore the run's rank-{rank} folder, or run without --resume to start afresh"
+                )
             rng, policy = own.load("rng"), own.load("policy")
         self.spec.policy.load_state_dict(policy)
         checkpoint.set_rng_state(rng)

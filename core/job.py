@@ -128,7 +128,7 @@ class Job:
             self.console.print(f"distill: {cfg.objective.name}: {describe()}")
         examples = self.examples("train")
         policy = build_policy(cfg, self.registry, student, teacher, aligner, cache_dir=self.cache_dir,
-                              prompts=tuple(e.prompt for e in examples))
+                              prompts=tuple(e.prompt for e in examples), objective=objective)
         dataset = self.tokenized("train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples)
         self.console.print(
             f"distill: objective {cfg.objective.name}, divergence {cfg.divergence.name}, policy {cfg.policy.name}, "

@@ -62,7 +62,11 @@ def model_fingerprint(model: torch.nn.Module, tokenizer, dtype: torch.dtype | st
     """
     digest = hashlib.sha256()
     digest.update(f"{model_id}\0{revision}\0{str(dtype)}\0".encode())
-    digest.update(model.config.to_json_string(use_diff=False).encode())
+    config = model.config.to_dict()
+    # Where the files were read from is not part of the model: a moved folder, or replicas keeping the model
+    # in different folders, are the same teacher.
+    config.pop("_name_or_path", None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, param in model.state_dict().items():
             if not torch.is_floating_point(param):

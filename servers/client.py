@@ -99,6 +99,7 @@ class RemoteTeacher:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid: int | None = None
+        self._retries = 0
         try:
             self.info = self._handshake()
             self.fingerprint: str = self.info.fingerprint
@@ -152,6 +153,26 @@ class RemoteTeacher:
             )
             reply = self._call(lambda replica, message=message: replica.stub().Generate(message, timeout=self.timeout_s), "Generate")
             out.extend(_unpack(reply.tokens))
+        return out
+
+    def stats(self) -> dict[str, float]:
+        """Counters of this client since it was made, logged by the engine as `teacher/<name>`.
+
+        `calls`: teacher calls answered; `retries`: calls sent again after an attempt failed (each retry is the
+        whole call, and only the answer of the attempt that succeeded is used); `failovers`: times a replica left
+        the rotation (its health stream said down or became unreachable, or a call to it failed), so that its
+        work went to the others; `healthy_replicas`: replicas in the rotation now; `calls/<address>`: answered
+        calls per replica.
+        """
+        now = time.monotonic()
+        replicas = self._replicas.replicas
+        out: dict[str, float] = {
+            "calls": sum(r.calls for r in replicas),
+            "retries": self._retries,
+            "failovers": sum(r.failures for r in replicas),
+            "healthy_replicas": sum(r.available(now) for r in replicas),
+        }
+        out.update({f"calls/{r.address}": r.calls for r in replicas})
         return out
 
     def close(self) -> None:
@@ -362,8 +383,13 @@ class RemoteTeacher:
         last: TeacherError | None = None
         for attempt in range(attempts):
             replica = self._replicas.pick(exclude=tried)
+            if attempt:
+                with self._lock:
+                    self._retries += 1
             try:
-                return fn(replica)
+                result = fn(replica)
+                replica.answered()
+                return result
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise teacher_error(error, replica.address, what) from None

@@ -23,6 +23,7 @@ from dskd.servers.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("dskd.remote_teacher")
 SERVICE_NAME = "dskd.teacher.v1.Teacher"
+RECONNECT_BACKOFF_MAX_MS = 2000
 
 _HINTS = {
     grpc.StatusCode.UNAVAILABLE: "is servers/serve_teacher.py running and reachable there? (for TLS servers pass tls_ca_file)",
@@ -85,6 +86,9 @@ class Replica:
         self._closed = False
         self.serving: bool | None = None  # None until the health watcher has heard from the server
         self.benched_until = 0.0
+        self._count_lock = threading.Lock()
+        self.calls = 0  # calls this replica answered
+        self.failures = 0  # times it left the rotation (health said down or unreachable, or a call failed)
 
     def stub(self) -> pb_grpc.TeacherStub:
         with self._lock:
@@ -94,7 +98,14 @@ class Replica:
 
     def _open(self) -> None:
         # A channel inherited through fork() must not be touched (not even closed); drop it and start over.
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # gRPC's reconnect backoff grows to 120 s by default; a replica restarted after a crash should be
+            # back in the rotation within seconds.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
+        ]
         if self._root_certificates is not None:
             channel = grpc.secure_channel(self.address, grpc.ssl_channel_credentials(root_certificates=self._root_certificates), options=options)
         else:
@@ -116,7 +127,7 @@ class Replica:
         while not self._closed and self._pid == pid:
             try:
                 for reply in stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME)):
-                    self.serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                    self._set_serving(reply.status == health_pb2.HealthCheckResponse.SERVING)
                     backoff = 0.2
             except grpc.RpcError:
                 pass
@@ -124,12 +135,26 @@ class Replica:
                 return
             if self._closed:
                 return
-            self.serving = False
+            self._set_serving(False)
             time.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
+    def _set_serving(self, serving: bool) -> None:
+        with self._count_lock:
+            if not serving and self.available(time.monotonic()):
+                self.failures += 1
+            self.serving = serving
+
     def bench(self, seconds: float) -> None:
-        self.benched_until = time.monotonic() + seconds
+        now = time.monotonic()
+        with self._count_lock:
+            if self.available(now):
+                self.failures += 1
+            self.benched_until = now + seconds
+
+    def answered(self) -> None:
+        with self._count_lock:
+            self.calls += 1
 
     def available(self, now: float) -> bool:
         return self.serving is not False and self.benched_until <= now

@@ -39,6 +39,7 @@ from dskd.lm_head import LMHead, head_from_model  # noqa: E402
 from dskd.protos import teacher_pb2_grpc as pb_grpc  # noqa: E402
 from dskd.servers.batcher import ModelWorker  # noqa: E402
 from dskd.servers.health_status import DrainableHealthServicer  # noqa: E402
+from dskd.servers.request_decoding import MalformedRequestInterceptor  # noqa: E402
 from dskd.servers.security import (  # noqa: E402
     BearerTokenInterceptor,
     ServerSetupError,
@@ -157,7 +158,9 @@ async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: Server
         teacher.model, teacher.head, teacher.tokenizer, max_batch_tokens=limits.max_batch_tokens, batching=not args.no_batching, max_queue=args.max_queue
     )
     options = [("grpc.max_send_message_length", limits.max_message_bytes), ("grpc.max_receive_message_length", limits.max_message_bytes)]
-    server = grpc.aio.server(options=options, interceptors=[BearerTokenInterceptor(token)] if token else [])
+    # The token is checked first (outermost): a caller without it learns nothing, not even that its bytes were bad.
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    server = grpc.aio.server(options=options, interceptors=[*interceptors, MalformedRequestInterceptor()])
     health_servicer = DrainableHealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
