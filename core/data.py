@@ -227,35 +227,53 @@ def _keep_prompt(prefix: list[int], body: list[int], max_prompt_length: int) -> 
     return prefix + body[max(len(body) - room, 0) :] if room else list(prefix)
 
 
+def _fragment(tokenizer: Any, text: str) -> list[int]:
+    """The ids of a piece of text on its own, without the specials the tokenizer adds."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def _encode_many(
-    tokenizer: Any, prompts: list[str], responses: list[str], cfg: DataConfig, split: str, indices: list[int]
+    tokenizer: Any, prompts: list[str], responses: list[str], cfg: DataConfig, split: str, indices: list[int],
+    split_straddling: bool = False,
 ) -> list[tuple[list[int], int]]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(
             f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token; set tokenizer.eos_token before tokenising data"
         )
-    encoded = _encode_text(tokenizer, [p + r for p, r in zip(prompts, responses)])
+    texts = [p + r for p, r in zip(prompts, responses)]
+    encoded = _encode_text(tokenizer, texts)
     out = []
     for k, (prompt, index) in enumerate(zip(prompts, indices)):
         ids, offsets = encoded["input_ids"][k], encoded["offset_mapping"][k]
         start, end = _split_specials(ids, encoded["special_tokens_mask"][k])
         boundary = len(prompt)
-        cut = start
+        cut, straddling = start, None
         while cut < end and offsets[cut][0] < boundary:
             if offsets[cut][1] > boundary:
-                raise DataError(
-                    f"data.{split}, sample {index}: token {tokenizer.convert_ids_to_tokens(ids[cut])!r} of "
-                    f"{_tokenizer_name(tokenizer)!r} spans the end of the prompt and the start of the response; "
-                    "end the prompt or template without trailing whitespace (start the response with it instead)"
-                )
+                if not split_straddling:
+                    raise DataError(
+                        f"data.{split}, sample {index}: token {tokenizer.convert_ids_to_tokens(ids[cut])!r} of "
+                        f"{_tokenizer_name(tokenizer)!r} spans the end of the prompt and the start of the response; "
+                        "end the prompt or template without trailing whitespace (start the response with it instead)"
+                    )
+                straddling = cut
+                break
             cut += 1
-        prompt_ids = _keep_prompt(ids[:start], ids[start:cut], cfg.max_prompt_length)
+        body, response_ids = ids[start:cut], ids[cut:end]
+        if straddling is not None:
+            # A generated response is not ours to fix (a sample starting with "\n" after a prompt ending in "\n"
+            # is one GPT-2 token "\n\n"): the merged token is split at the boundary and each part tokenised on
+            # its own, so that prompt and response keep their exact text.
+            a, b = offsets[straddling]
+            body = body + _fragment(tokenizer, texts[k][a:boundary])
+            response_ids = _fragment(tokenizer, texts[k][boundary:b]) + ids[straddling + 1 : end]
+        prompt_ids = _keep_prompt(ids[:start], body, cfg.max_prompt_length)
         if not prompt_ids:
             raise DataError(
                 f"data.{split}, sample {index}: the prompt is empty for {_tokenizer_name(tokenizer)!r}; give every sample a prompt"
             )
-        full = prompt_ids + ids[cut:end] + [eos]
+        full = prompt_ids + response_ids + [eos]
         if len(full) > cfg.max_length:
             raise DataError(
                 f"data.{split}, sample {index}: {len(full)} tokens with {_tokenizer_name(tokenizer)!r} exceed "
@@ -266,15 +284,18 @@ def _encode_many(
 
 
 def encode_example(
-    tokenizer: Any, prompt: str, response: str, cfg: DataConfig, *, split: str = "train", index: int = 0
+    tokenizer: Any, prompt: str, response: str, cfg: DataConfig, *, split: str = "train", index: int = 0,
+    split_straddling: bool = False,
 ) -> tuple[list[int], int]:
     """`(ids, prompt_len)`: BOS (if the tokenizer adds one) + prompt + response + EOS, tokenised jointly.
 
     `ids[prompt_len:]` (the label sequence) is the response's tokens and EOS. The prompt keeps its last tokens
     (and BOS) so that `prompt_len <= cfg.max_prompt_length`; more than `cfg.max_length` ids is a `DataError`.
+    A token spanning the end of the prompt and the start of the response is a `DataError`, or, with
+    `split_straddling` (for generated responses), split there with each part tokenised on its own.
     `split` and `index` only name the sample in error messages.
     """
-    return _encode_many(tokenizer, [prompt], [response], cfg, split, [index])[0]
+    return _encode_many(tokenizer, [prompt], [response], cfg, split, [index], split_straddling)[0]
 
 
 def encode_prompt(tokenizer: Any, prompt: str, cfg: DataConfig) -> list[int]:

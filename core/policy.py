@@ -26,6 +26,7 @@ class PolicyContext:
     prompts: tuple[str, ...] = ()  # the training split's prompt texts, indexed by `Batch.sample_ids`
     objective_name: str = ""
     cache_dir: str = ""
+    objective: Any = None  # the built objective (its `request` says whether it uses the teacher at all), or None
 
     @property
     def max_length(self) -> int:

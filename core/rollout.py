@@ -8,7 +8,10 @@ one host-side pass per micro-batch, before the batch reaches the device.
 
 Fixes of the reference's on-policy batch builder (spec §7.2-7.3, §14.2, §14.16): no crash on cross-tokenizer
 batches; a generated EOS is a label (the student learns when to stop); teacher sequences longer than the
-limit are cut like the student's instead of becoming ragged rows.
+limit are cut like the student's instead of becoming ragged rows. Sampled ids become text through their exact
+bytes (`dskd.token_bytes`), not `decode`, which drops the space of a SentencePiece word-start piece at the start
+of a continuation (spec §7.3: decode/encode is not an identity); and a token of the other tokenizer that would
+merge the prompt's last characters with the sample's first is split at the boundary instead of failing.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from dskd.batching import collate
 from dskd.data import encode_example
 from dskd.errors import DataError
 from dskd.objective import same_vocabulary
 from dskd.policy import PolicyContext
+from dskd.token_bytes import ByteTable, vocab_bytes
 from dskd.types import Batch
 
 
@@ -39,6 +42,7 @@ class Rollouts:
         self.unbounded = dataclasses.replace(context.data, max_length=1 << 30)
         self.prompts = context.prompts
         self.eos = self.student_tokenizer.eos_token_id
+        self.student_bytes = vocab_bytes(self.student_tokenizer).table
         self.pads = (self.student_tokenizer.pad_token_id, (self.teacher_tokenizer or self.student_tokenizer).pad_token_id)
 
     def student_prompts(self, batch: Batch) -> list[list[int]]:
@@ -69,19 +73,23 @@ class Rollouts:
             student_ids = prompt + continuation
             if not continuation:  # nothing sampled: distil on the EOS the student should have produced
                 student_ids, ended = prompt + [self.eos], True
-            text = self.student_tokenizer.decode(continuation[:-1] if ended else continuation, skip_special_tokens=True,
-                                                 clean_up_tokenization_spaces=False)
+            text = ids_text(self.student_bytes, continuation[:-1] if ended else continuation)
             rows.append(self._row(batch, b, student_ids, len(prompt), text, ended))
         return rows
 
-    def from_texts(self, batch: Batch, responses: Sequence[str]) -> Batch:
-        """A batch whose responses are texts (teacher samples): both sides tokenised like the dataset."""
+    def from_texts(self, batch: Batch, responses: Sequence[str], ended: Sequence[bool] | None = None) -> Batch:
+        """A batch whose responses are texts (teacher samples): both sides tokenised like the dataset.
+
+        `ended[b]` says whether response b was finished (its sampler stopped at EOS); an unfinished one, or one cut at
+        `data.max_length`, gets no EOS label on either side.
+        """
         rows = []
         for b, text in enumerate(responses):
             prompt = self.prompt_text(batch, b)
-            student_ids, student_prompt = encode_example(self.student_tokenizer, prompt, text, self.unbounded)
-            student_ids = student_ids[: self.data.max_length]
-            rows.append(self._row(batch, b, student_ids, student_prompt, text, True))
+            student_ids, student_prompt = encode_example(self.student_tokenizer, prompt, text, self.unbounded, split_straddling=True)
+            finished = (ended is None or bool(ended[b])) and len(student_ids) <= self.data.max_length
+            student_ids = student_ids[: self.data.max_length] if finished else student_ids[:-1][: self.data.max_length]
+            rows.append(self._row(batch, b, student_ids, student_prompt, text, finished))
         return self.collate(rows, batch)
 
     def _row(self, batch: Batch, b: int, student_ids: list[int], student_prompt: int, text: str, ended: bool) -> dict[str, Any]:
@@ -89,7 +97,8 @@ class Rollouts:
         if self.same_vocab:
             teacher_ids, teacher_prompt = student_ids, student_prompt
         else:
-            teacher_ids, teacher_prompt = encode_example(self.teacher_tokenizer, self.prompt_text(batch, b), text, self.unbounded)
+            teacher_ids, teacher_prompt = encode_example(self.teacher_tokenizer, self.prompt_text(batch, b), text, self.unbounded,
+                                                         split_straddling=True)
             if not ended:  # the student's sample was cut: the teacher's copy must not claim an EOS either
                 teacher_ids = teacher_ids[:-1]
             teacher_ids = teacher_ids[: self.data.max_length]
@@ -104,6 +113,14 @@ class Rollouts:
         out = collate(rows, student_pad_id=self.pads[0], teacher_pad_id=self.pads[1])
         out.meta = dict(source.meta)
         return out
+
+
+def ids_text(table: ByteTable, ids: Sequence[int]) -> str:
+    """The text sampled ids stand for: their tokens' bytes end to end, as UTF-8. Special tokens stand for none, and
+    so do ids past the tokenizer's vocabulary, which a model with a padded embedding table can sample."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    data, _ = table.gather(ids[(ids >= 0) & (ids < table.size)])
+    return data.tobytes().decode("utf-8", errors="replace")
 
 
 def split_step(gold: Batch, sampled: Batch, *, ce_on_gold: bool) -> list[Batch]:

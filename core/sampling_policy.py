@@ -45,6 +45,13 @@ class StudentSampling:
             raise PluginError("policy.max_new_tokens must be >= 1, start_step and buffer_size >= 0")
         if context.teacher is None:
             raise PluginError(f"policy {name} distils student samples against a teacher; configure one")
+        if context.objective is not None and context.objective.request.empty:
+            # The samples train only the KD part of a split step; an objective that never asks the teacher has none.
+            raise PluginError(
+                f"policy {name} distils the student's samples against the teacher, but objective "
+                f"{context.objective_name or type(context.objective).__name__!r} uses no teacher signal, so the samples would "
+                "train nothing; use policy off_policy or teacher_generated with it, or a distillation objective"
+            )
         self.name = name
         self.context = context
         self.rollouts = Rollouts(context)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from dskd.chunked import chunked_loss
 from dskd.cross_model_attention import attention_weights, packed, padded, sequence_has
 from dskd.errors import ModelError, PluginError
-from dskd.objective import ObjectiveContext, gather_labels, gather_rows
+from dskd.objective import ObjectiveContext, gather_labels, gather_rows, mixing
 from dskd.row_partners import teacher_hidden
 from dskd.types import IGNORE_INDEX, Batch, LossTerms, SignalRequest, TeacherSignal
 
@@ -86,8 +86,10 @@ class DSKDCMA:
         cross = bool(h_t.shape[0] and h_s.shape[0])
         if cross:
             student_rows["h_t2s"], student_rows["valid"], h_s2t, t_valid = self._attend(batch, h_s, h_t)
+        # (1 - kd_rate, kd_rate), renormalised per part when a policy split the step into CE and KD batches.
+        weights = mixing(batch, self.kd_rate)
         loss, sums = chunked_loss(
-            self._student_chunk(denominator),
+            self._student_chunk(denominator, weights),
             student_rows,
             self.student_head.tensors(),
             chunk_size=self.chunk_size,
@@ -96,7 +98,7 @@ class DSKDCMA:
         if cross:
             teacher_rows = {"h_s2t": h_s2t, "h_t": h_t, "valid": t_valid}
             teacher_loss, teacher_sums = chunked_loss(
-                self._teacher_chunk(denominator), teacher_rows, {}, chunk_size=self.chunk_size
+                self._teacher_chunk(denominator, weights[1]), teacher_rows, {}, chunk_size=self.chunk_size
             )
             loss = loss + teacher_loss
             sums.update(teacher_sums)
@@ -135,8 +137,9 @@ class DSKDCMA:
         h_s2t = packed(torch.bmm(s2t_weights, padded(s2t_values, s_rows, b, t_s)), t_rows)
         return h_t2s, sequence_has(t_mask, s_rows, t_s), h_s2t, sequence_has(s_mask, t_rows, t_t)
 
-    def _student_chunk(self, denominator: float):
-        head, divergence, tau, alpha = self.student_head, self.divergence, self.temperature, self.kd_rate
+    def _student_chunk(self, denominator: float, weights: tuple[float, float]):
+        head, divergence, tau = self.student_head, self.divergence, self.temperature
+        ce_weight, kd_weight = weights
         names = list(head.tensors())
 
         def chunk(r: dict, shared: dict):
@@ -145,7 +148,7 @@ class DSKDCMA:
             ce = F.cross_entropy(z_s, r["labels"], reduction="sum")
             stats = {"ce": ce.detach()}
             if "h_t2s" not in r:
-                return (1 - alpha) * ce / denominator, stats
+                return ce_weight * ce / denominator, stats
             z_t2s = head_s.detached().logits(r["h_t2s"])  # sg(W_s): this path trains the projectors only
             projector_ce = (F.cross_entropy(z_t2s, r["labels"], reduction="none") * r["valid"]).sum()
             agree = (z_t2s.argmax(-1) == r["labels"]) & r["valid"]
@@ -155,24 +158,19 @@ class DSKDCMA:
                 kd_student_space=kd.detach(),
                 t2s_agreement=agree.sum().float(),
             )
-            return ((1 - alpha) * ce + alpha * (projector_ce + kd)) / denominator, stats
+            return (ce_weight * ce + kd_weight * (projector_ce + kd)) / denominator, stats
 
         return chunk
 
-    def _teacher_chunk(self, denominator: float):
-        teacher_head, divergence, tau, alpha = (
-            self.teacher_head,
-            self.divergence,
-            self.temperature,
-            self.kd_rate,
-        )
+    def _teacher_chunk(self, denominator: float, kd_weight: float):
+        teacher_head, divergence, tau = self.teacher_head, self.divergence, self.temperature
 
         def chunk(r: dict, shared: dict):
             kd = (
                 divergence(teacher_head.logits(r["h_s2t"]), teacher_head.logits(r["h_t"]), temperature=tau)
                 * r["valid"]
             ).sum()
-            return alpha * kd / denominator, {"kd_teacher_space": kd.detach()}
+            return kd_weight * kd / denominator, {"kd_teacher_space": kd.detach()}
 
         return chunk
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from dskd.chunked import chunked_loss
 from dskd.errors import ModelError, PluginError
-from dskd.objective import ObjectiveContext, gather_labels, gather_rows
+from dskd.objective import ObjectiveContext, gather_labels, gather_rows, mixing
 from dskd.row_partners import row_partners, teacher_hidden
 from dskd.token_bytes import exact_byte_map, vocab_bytes
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
@@ -137,7 +137,9 @@ class MinEDKD:
             "weight": weight,
         }
         head, teacher_head, divergence, stu2tea = self.head, self.teacher_head, self.divergence, self.stu2tea
-        alpha, tau = self.kd_rate, self.temperature
+        tau = self.temperature
+        # (1 - kd_rate, kd_rate), renormalised per part when a policy split the step into CE and KD batches.
+        ce_weight, kd_weight = mixing(batch, self.kd_rate)
 
         def chunk(r: dict, shared: dict):
             z_s = head.with_tensors(shared).logits(r["hidden"])
@@ -146,7 +148,7 @@ class MinEDKD:
                 teacher_head.logits(r["teacher_hidden"]), stu2tea, r["labels"], r["paired"]
             )
             kd = (divergence(z_s, target, temperature=tau) * r["weight"]).sum()
-            return ((1 - alpha) * ce + alpha * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
+            return (ce_weight * ce + kd_weight * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
 
         loss, sums = chunked_loss(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
         zero = loss.new_zeros(())

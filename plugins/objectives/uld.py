@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from dskd.chunked import chunked_loss
 from dskd.errors import PluginError
-from dskd.objective import ObjectiveContext, gather_labels, gather_rows
+from dskd.objective import ObjectiveContext, gather_labels, gather_rows, mixing
 from dskd.row_partners import row_partners, teacher_hidden
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
@@ -82,7 +82,9 @@ class ULD:
             "teacher_hidden": partners.teacher_rows(h_t),
             "paired": partners.paired,
         }
-        head, teacher_head, alpha, tau = self.head, self.teacher_head, self.kd_rate, self.temperature
+        head, teacher_head, tau = self.head, self.teacher_head, self.temperature
+        # (1 - kd_rate, kd_rate), renormalised per part when a policy split the step into CE and KD batches.
+        ce_weight, kd_weight = mixing(batch, self.kd_rate)
 
         def chunk(r: dict, shared: dict):
             z_s = head.with_tensors(shared).logits(r["hidden"])
@@ -92,7 +94,7 @@ class ULD:
             kd = (
                 uld_distance(z_s, teacher_head.logits(r["teacher_hidden"]), temperature=tau) * r["paired"]
             ).sum()
-            return ((1 - alpha) * ce + alpha * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
+            return (ce_weight * ce + kd_weight * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
 
         loss, sums = chunked_loss(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
         zero = loss.new_zeros(())

@@ -3,7 +3,9 @@
 Each prompt's response is replaced by a teacher sample (the server's `Generate` for a remote teacher, HF
 `generate` for a local one), and both the CE and the KD are trained on it. Samples are generated once per
 sample and cached on disk, keyed by the teacher's fingerprint and the sampling settings, so later epochs,
-resumed runs and other students reuse them; a different teacher never reads another's cache.
+resumed runs and other students reuse them; a different teacher never reads another's cache. A sample the
+teacher did not finish within `max_new_tokens` carries no EOS label: the student must not learn to stop where
+the teacher was only cut off.
 """
 
 from __future__ import annotations
@@ -15,33 +17,39 @@ from pathlib import Path
 import dskd
 from dskd.errors import PluginError
 from dskd.policy import PolicyContext
-from dskd.rollout import Rollouts, generation_seed
+from dskd.rollout import Rollouts, generation_seed, ids_text
+from dskd.token_bytes import vocab_bytes
 from dskd.types import Batch
+
+
+CACHE_FORMAT = 2  # part of the cache key: bump when a record's fields change (2: "ended")
 
 
 class TeacherGenerated:
     def __init__(self, context: PolicyContext, *, temperature: float, top_p: float, max_new_tokens: int) -> None:
         self.context = context
         self.teacher = context.teacher
+        self.teacher_bytes = vocab_bytes(self.teacher.tokenizer).table
         self.rollouts = Rollouts(context)
         self.settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": context.seed}
-        key = hashlib.sha256(json.dumps([self.teacher.fingerprint, self.settings], sort_keys=True).encode()).hexdigest()[:20]
+        key = hashlib.sha256(json.dumps([self.teacher.fingerprint, self.settings, CACHE_FORMAT], sort_keys=True).encode()).hexdigest()[:20]
         self.path = Path(context.cache_dir or ".") / f"teacher-samples-{key}.jsonl"
-        self.cache: dict[int, str] = {}
+        self.cache: dict[int, tuple[str, bool]] = {}  # sample id -> (text, the teacher ended it with EOS)
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by an interrupted run; that sample is simply generated again
-                self.cache[int(record["sample_id"])] = record["text"]
+                self.cache[int(record["sample_id"])] = (record["text"], bool(record["ended"]))
 
     def prepare(self, batch: Batch, step: int) -> Batch:
         ids = [int(i) for i in batch.sample_ids]
         missing = [b for b, i in enumerate(ids) if i not in self.cache]
         if missing:
             self._generate(batch, missing)
-        out = self.rollouts.from_texts(batch, [self.cache[i] for i in ids])
+        texts, ended = zip(*(self.cache[i] for i in ids))
+        out = self.rollouts.from_texts(batch, texts, ended)
         out.meta["policy"] = "teacher_generated"
         return out
 
@@ -56,12 +64,13 @@ class TeacherGenerated:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
             for b, sample in zip(rows, samples):
-                if sample and sample[-1] == tokenizer.eos_token_id:
-                    sample = sample[:-1]
-                text = tokenizer.decode(sample, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                ended = bool(sample) and sample[-1] == tokenizer.eos_token_id
+                # The exact bytes of the sampled tokens: `decode` would drop the space of a SentencePiece
+                # word-start piece at the start of the sample.
+                text = ids_text(self.teacher_bytes, sample[:-1] if ended else sample)
                 sample_id = int(batch.sample_ids[b])
-                self.cache[sample_id] = text
-                handle.write(json.dumps({"sample_id": sample_id, "text": text}, ensure_ascii=False) + "\n")
+                self.cache[sample_id] = (text, ended)
+                handle.write(json.dumps({"sample_id": sample_id, "text": text, "ended": ended}, ensure_ascii=False) + "\n")
 
     def state_dict(self) -> dict:
         return {}  # the on-disk cache is the state
