@@ -78,7 +78,7 @@ def evaluate_stage(job, teacher_path: Path | None, final: Path | None, *, includ
                                          token_map=token_map, student_vocab_size=len(tokenizer)))
         results[name] = metrics
     teacher.close()
-    rows = [[name] + [results[name].get(k, float("nan")) for k in ("exact_match", "rougeL", "teacher_agreement", "teacher_kl")]
+    rows = [[name] + [results[name].get(k, "-") for k in ("exact_match", "rougeL", "teacher_agreement", "teacher_kl")]
             for name in MODELS if name in results]
     console.table(f"results ({config.eval.split} split)", ["model", "exact match", "ROUGE-L", "agreement %", "KL to teacher"], rows)
     return results
