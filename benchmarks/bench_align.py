@@ -132,6 +132,7 @@ def step_overhead_ratio(steps: int) -> dict:
     import tempfile
 
     from dskd.config import load_config
+    from dskd.console import Console
     from dskd.job import Job
     from dskd.registry import load_registry
 
@@ -147,6 +148,7 @@ def step_overhead_ratio(steps: int) -> dict:
                 f"data.cache_dir={Path(tmp) / 'cache'}",
             ]
             job = Job(load_config(REPO / "dskd.toml", overrides, registry=registry), registry)
+            job.console = Console(stderr=True)  # stdout carries the JSON only
             job.prepare_run_dir()
             job.distill(None)
             lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]

@@ -18,9 +18,15 @@ batching_speedup (server tokens/s with 8 concurrent clients, batching on vs off;
 
 from __future__ import annotations
 
+import os
+
+# A teacher server and a trainer that share cores should not spin-wait for each other's work: OpenMP's
+# passive waiting lets the other process's threads run (set before torch loads OpenMP; both processes
+# inherit it). This is the setting docs/protocol.md recommends for a co-located teacher server.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
-import os
 import platform
 import shutil
 import sys
@@ -37,6 +43,7 @@ import grpc  # noqa: E402
 
 from bench_server_batching import drive  # noqa: E402
 from dskd.config import load_config  # noqa: E402
+from dskd.console import Console  # noqa: E402
 from dskd.job import Job  # noqa: E402
 from dskd.protos import teacher_pb2_grpc  # noqa: E402
 from dskd.registry import load_registry  # noqa: E402
@@ -61,6 +68,7 @@ def train_tokens_per_s(root: Path, name: str, overrides: list[str], steps: int) 
     base = [f"run.output_dir={root / name}", 'run.stages=["distill"]', f"train.max_steps={steps}",
             f"run.log_every={max(steps // 4, 1)}", f"data.cache_dir={root / 'cache'}"]
     job = Job(load_config(REPO / "dskd.toml", base + overrides, registry=registry), registry)
+    job.console = Console(stderr=True)  # stdout carries the JSON only
     job.prepare_run_dir()
     job.distill(None)
     lines = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
@@ -87,8 +95,9 @@ def wire_bytes_per_token(address: str, cache: Path, request: SignalRequest, seq_
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--server-threads", type=int, default=1)
+    parser.add_argument("--trainer-threads", type=int, default=0, help="torch threads of the trainer beside the server (0: all cores)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=40)
     args = parser.parse_args()
@@ -99,7 +108,7 @@ def main() -> int:
         local = train_tokens_per_s(root, "local", [f"teacher.model={teacher_dir}", 'teacher.config=""'], args.steps)
         [server] = start_servers([(teacher_dir, (), "teacher")], root / "servers", threads=args.server_threads)
         try:
-            torch.set_num_threads(max(cores - args.server_threads, 1))
+            torch.set_num_threads(args.trainer_threads or cores)
             remote = train_tokens_per_s(root, "remote", [f'teacher.address=["{server.address}"]', 'teacher.config=""',
                                                          f"teacher.cache_dir={root / 'client-cache'}"], args.steps)
             torch.set_num_threads(cores)
@@ -120,7 +129,7 @@ def main() -> int:
         shutil.rmtree(root / "cache", ignore_errors=True)
     print(json.dumps({
         "benchmark": "remote_teacher",
-        "objective": "dskd_v2+eta", "steps": args.steps, "server_threads": args.server_threads,
+        "objective": "dskd_v2+eta", "steps": args.steps, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "server_threads": args.server_threads, "trainer_threads": args.trainer_threads or cores,
         "local_tokens_per_s": round(local, 1), "remote_tokens_per_s": round(remote, 1),
         "throughput_ratio": round(remote / local, 3),
         "bytes_per_token_hidden": round(hidden, 1), "bytes_per_token_full_logits": round(logits, 1),

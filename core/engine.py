@@ -205,6 +205,9 @@ class Trainer:
                 f"not FSDP or DeepSpeed ZeRO-3"
             )
         self.fetcher = SignalFetcher(spec.teacher, spec.objective.request)
+        # Cross-step prefetch needs a policy whose output is its input (off_policy) and an asynchronous teacher.
+        self._can_prefetch = bool(getattr(spec.policy, "prefetchable", False)) and self.fetcher.active and hasattr(spec.teacher, "score_async")
+        self._prefetched: dict[int, Any] = {}
         self.state = TrainState()
         self.ckpt_root = spec.run_dir / "checkpoints" / spec.name
         self.metrics_path = spec.run_dir / "metrics.jsonl"
@@ -212,14 +215,18 @@ class Trainer:
     # -- the step ---------------------------------------------------------------------------------------------
     def train_step(self, window: list[Batch], meter: Meter) -> None:
         acc, objective, model = self.accelerator, self.spec.objective, self.model
+        ahead = self._prefetched.pop(id(window[0]), None)  # the teacher call started during the previous step
         window = [b.to(acc.device) for b in self._prepare(window)]
         for batch in window:
             if batch.kd and "policy" in batch.meta:  # once per data batch: a split step's CE batch is its twin
                 meter.add_local(f"policy/{batch.meta['policy']}", 1.0)
         denominator = self._normalise(window)
-        pending = self.fetcher.submit(window[0])
+        pending = ahead if ahead is not None else self.fetcher.submit(window[0])
         for i, batch in enumerate(window):
+            waited = time.perf_counter()
             signal = self.fetcher.result(pending)
+            # Time the student stood waiting for its teacher (0 when the signal was prefetched in time).
+            meter.add_host("perf/teacher_wait_s", time.perf_counter() - waited)
             pending = self.fetcher.submit(window[i + 1]) if i + 1 < len(window) else None
             last = i + 1 == len(window)
             with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast():
@@ -304,9 +311,16 @@ class Trainer:
         tokens_at_start = self.state.tokens
         last_log_time, last_log_tokens = start, self.state.tokens
         with self.console.progress(self.spec.name, total, self.state.step) as progress:
+            upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)]
             while self.state.step < total:
-                window = [next(batches) for _ in range(self.train_cfg.grad_accum)]
+                window = upcoming
                 self.state.consumed += len(window)
+                # Take the next step's data now and, when the policy's batches do not depend on the student and
+                # the teacher answers asynchronously, start its teacher call: a remote teacher then computes step
+                # k+1's signal while the student trains on step k.
+                upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step + 1 < total else []
+                if upcoming and self._can_prefetch:
+                    self._prefetched[id(upcoming[0])] = self.fetcher.submit(upcoming[0])
                 self.train_step(window, meter)
                 step = self.state.step
                 if step % self.spec.log_every == 0 or step == total:
@@ -318,6 +332,9 @@ class Trainer:
                     metrics["train/lr"] = self.scheduler.get_last_lr()[0]
                     tokens = (self.state.tokens - last_log_tokens) * self.accelerator.num_processes
                     metrics["perf/tokens_per_s"] = tokens / max(now - last_log_time, 1e-9)
+                    waited = metrics.pop("perf/teacher_wait_s", None)
+                    if waited is not None:  # share of the interval the student spent waiting for the teacher
+                        metrics["perf/teacher_wait_fraction"] = waited / max((now - last_log_time) * self.accelerator.num_processes, 1e-9)
                     last_log_time, last_log_tokens = now, self.state.tokens
                     stats = getattr(self.spec.teacher, "stats", None)
                     if stats is not None:  # a remote teacher's client counters (this process's client)

@@ -8,6 +8,10 @@ from dskd.types import Batch
 
 
 class OffPolicy:
+    # `prepare` returns its input unchanged, so the engine may ask the teacher for a batch before the student
+    # has finished the previous step (cross-step prefetch with a remote teacher).
+    prefetchable = True
+
     def prepare(self, batch: Batch, step: int) -> Batch:
         batch.meta.setdefault("policy", "off_policy")
         return batch
