@@ -226,7 +226,8 @@ class Trainer:
             waited = time.perf_counter()
             signal = self.fetcher.result(pending)
             # Time the student stood waiting for its teacher (0 when the signal was prefetched in time).
-            meter.add_host("perf/teacher_wait_s", time.perf_counter() - waited)
+            if self.fetcher.active:
+                meter.add_host("perf/teacher_wait_s", time.perf_counter() - waited)
             pending = self.fetcher.submit(window[i + 1]) if i + 1 < len(window) else None
             last = i + 1 == len(window)
             with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast():
