@@ -84,7 +84,7 @@ def train_teacher(registry, out: Path, kind: str, args, console: Console) -> tup
 def distill(registry, out: Path, method: str, seed: int, teacher: Path, args, console: Console) -> dict:
     kind, extra = METHODS[method]
     run = out / "runs" / f"{method}-seed{seed}"
-    overrides = [f"run.output_dir={run}", 'run.stages=["distill"]', f"run.seed={seed}", f"teacher.model={teacher}",
+    overrides = [f"run.output_dir={run}", 'run.stages=["distill"]', f"run.seed={seed}", f"teacher.model={teacher}", 'teacher.tokenizer=""',
                  'teacher.config=""', f"train.max_steps={args.steps}", f"data.cache_dir={out / 'cache'}",
                  f"eval.max_samples={args.eval_samples}", f"run.log_every={max(args.steps // 4, 1)}", *extra]
     job = make_job(registry, overrides, console)
