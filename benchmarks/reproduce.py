@@ -109,9 +109,9 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     args = parser.parse_args()
     args.seeds = [0] if args.quick else [0, 1, 2]
-    args.steps = 60 if args.quick else 250
-    args.teacher_steps = 150 if args.quick else 400
-    args.eval_samples = 60 if args.quick else 200
+    args.steps = 120 if args.quick else 250
+    args.teacher_steps = 300 if args.quick else 400
+    args.eval_samples = 100 if args.quick else 200
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
