@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", required=True, help="the job's TOML file (data, template, eval settings)")
     evaluate.add_argument("--model", required=True, help="a model folder saved in Hugging Face format")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE")
+    evaluate.add_argument("--teacher", help="a teacher model folder: adds top-1 agreement with it and KL to it (default: the job's pretrained or remote teacher, if any)")
     evaluate.add_argument("--output", help="write the metrics as JSON to this file")
     evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -113,8 +114,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dskd.job import evaluate_model
     from dskd.registry import load_registry
 
-    config = load_config(args.config, args.overrides, registry=load_registry())
-    metrics = evaluate_model(config, args.model)
+    registry = load_registry()
+    config = load_config(args.config, args.overrides, registry=registry)
+    metrics = evaluate_model(config, args.model, teacher_dir=args.teacher, registry=registry)
     text = json.dumps(metrics, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")

@@ -82,3 +82,16 @@ def evaluate_stage(job, teacher_path: Path | None, final: Path | None, *, includ
             for name in MODELS if name in results]
     console.table(f"results ({config.eval.split} split)", ["model", "exact match", "ROUGE-L", "agreement %", "KL to teacher"], rows)
     return results
+
+
+def student_agreement(job, model, tokenizer) -> dict[str, float]:
+    """Teacher agreement and KL of one student against the job's configured teacher, on held-out text."""
+    config = job.config
+    teacher = build_teacher(config, job.device, cache_dir=job.cache_dir)
+    same_vocab = same_vocabulary(teacher.tokenizer, tokenizer)
+    aligner = build_aligner(config, job.registry, teacher.tokenizer, tokenizer, same_vocab, objective=None)
+    try:
+        return teacher_agreement(model, teacher, _held_out_batches(job, teacher, tokenizer, aligner, same_vocab),
+                                 token_map=None if same_vocab else aligner.vocab_map(), student_vocab_size=len(tokenizer))
+    finally:
+        teacher.close()

@@ -184,13 +184,21 @@ def run_job(config: Config, *, registry: Any, resume: bool = False, force_resume
     return Job(config, registry, resume=resume, force_resume=force_resume).run()
 
 
-def evaluate_model(config: Config, model_dir: str) -> dict[str, Any]:
-    """`dskd eval`: generation metrics of a saved model on the configured evaluation split."""
-    from dskd.evaluation_stage import generation_metrics
+def evaluate_model(config: Config, model_dir: str, *, teacher_dir: str | None = None, registry: Any = None) -> dict[str, Any]:
+    """`dskd eval`: generation metrics of a saved model on the configured evaluation split and, with a teacher
+    (`teacher_dir`, or a pretrained or remote teacher in the config), its top-1 agreement with that teacher and
+    per-token KL to it on held-out text."""
+    from dskd.evaluation_stage import generation_metrics, student_agreement
 
     tokenizer = load_tokenizer(dataclasses.replace(config.student, tokenizer=model_dir, model=model_dir), "model")
     model = load_model(dataclasses.replace(config.student, model=model_dir), "model")
-    return generation_metrics(config, model, tokenizer)
+    metrics = generation_metrics(config, model, tokenizer)
+    if teacher_dir or config.teacher.model or config.teacher.address:
+        if teacher_dir:
+            config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, model=teacher_dir, tokenizer="", config="", address=()))
+        job = Job(config, registry)
+        metrics.update(student_agreement(job, model.to(job.device), tokenizer))
+    return metrics
 
 
 def _write_json(path: Path, data: Any) -> None:
