@@ -411,8 +411,6 @@ def check_values(config: Config) -> list[ConfigProblem]:
     for table, m in (("student", config.student), ("teacher", t)):
         need(m.dtype in ("float32", "bfloat16"), f"{table}.dtype", f"unknown dtype {m.dtype!r}", 'use "float32" or "bfloat16"')
     need(bool(config.student.model or config.student.config), "student", "neither model nor config is set", "set student.model (pretrained) or student.config (random init)")
-    if not t.address:
-        need(bool(t.model or t.config) or o.name == "sft", "teacher", "no teacher: neither model, config nor address is set", "set teacher.model, teacher.config or teacher.address (or use objective sft)")
     need(t.wire_dtype in ("bfloat16", "float32"), "teacher.wire_dtype", f"unknown dtype {t.wire_dtype!r}", 'use "bfloat16" or "float32"')
     need(t.timeout_s > 0, "teacher.timeout_s", f"must be > 0, got {t.timeout_s}", "use e.g. 120")
     for address in t.address:
@@ -463,6 +461,12 @@ def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
     from dskd.registry import option_defaults  # local: the registry is optional for plain parsing
 
     problems: list[ConfigProblem] = []
+    objective = registry.family("objectives").get(config.objective.name)
+    t = config.teacher
+    # An objective declares whether it needs a teacher (sft does not); the name is never special-cased here.
+    if objective is not None and getattr(objective, "needs_teacher", True) and not (t.model or t.config or t.address):
+        problems.append(ConfigProblem("teacher", "no teacher: neither model, config nor address is set",
+                                      f"set teacher.model, teacher.config or teacher.address (objective {config.objective.name!r} needs one)"))
     for table, family in PLUGIN_TABLES.items():
         section = getattr(config, table)
         if not section.name:

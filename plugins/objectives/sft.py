@@ -49,6 +49,9 @@ def sft(context: ObjectiveContext) -> SFT:
     return SFT(context)
 
 
+sft.needs_teacher = False  # the config does not ask for a teacher when this objective is chosen
+
+
 @dskd.hookimpl
 def dskd_register_objectives(register) -> None:
     register("sft", sft)
