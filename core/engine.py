@@ -221,18 +221,21 @@ class Trainer:
             if batch.kd and "policy" in batch.meta:  # once per data batch: a split step's CE batch is its twin
                 meter.add_local(f"policy/{batch.meta['policy']}", 1.0)
         denominator = self._normalise(window)
-        pending = ahead if ahead is not None else self.fetcher.submit(window[0])
+        pending = ahead if ahead is not None else self._submit(window[0])
         for i, batch in enumerate(window):
             waited = time.perf_counter()
             signal = self.fetcher.result(pending)
             # Time the student stood waiting for its teacher (0 when the signal was prefetched in time).
-            if self.fetcher.active:
+            if pending is not None:
                 meter.add_host("perf/teacher_wait_s", time.perf_counter() - waited)
-            pending = self.fetcher.submit(window[i + 1]) if i + 1 < len(window) else None
+            pending = self._submit(window[i + 1]) if i + 1 < len(window) else None
             last = i + 1 == len(window)
             with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast():
                 hidden = last_hidden_state(model, batch.student_input_ids, batch.student_attention_mask)
-                terms = objective.compute(batch, hidden, signal, denominator)
+                if self._ce_alone(batch):
+                    terms = objective.compute_ce(batch, hidden, denominator)
+                else:
+                    terms = objective.compute(batch, hidden, signal, denominator)
             acc.backward(terms.loss)
             meter.add(terms, ce=batch.ce, kd=batch.kd)
             if batch.aligned_rows is not None:
@@ -248,6 +251,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         objective.on_optimizer_step()
         self.state.step += 1
+
+    def _ce_alone(self, batch: Batch) -> bool:
+        """A batch of a split step that trains only the CE, for an objective that can compute it without teacher."""
+        return not batch.kd and hasattr(self.spec.objective, "compute_ce")
+
+    def _submit(self, batch: Batch):
+        # On-policy steps pair a CE-only batch of dataset responses with a KD batch of samples: asking the teacher
+        # about the first would cost a teacher forward whose result is weighted by zero.
+        return None if self._ce_alone(batch) else self.fetcher.submit(batch)
 
     def _prepare(self, window: list[Batch]) -> list[Batch]:
         """The policy's micro-batches for this step (a policy may turn one batch into a CE and a KD batch)."""
@@ -321,7 +333,7 @@ class Trainer:
                 # k+1's signal while the student trains on step k.
                 upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step + 1 < total else []
                 if upcoming and self._can_prefetch:
-                    self._prefetched[id(upcoming[0])] = self.fetcher.submit(upcoming[0])
+                    self._prefetched[id(upcoming[0])] = self._submit(upcoming[0])
                 self.train_step(window, meter)
                 step = self.state.step
                 if step % self.spec.log_every == 0 or step == total:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
+from dskd.chunked import chunked_loss
 from dskd.lm_head import LMHead
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
@@ -56,6 +58,11 @@ class Objective(Protocol):
         """Called after each optimizer step (e.g. to refresh a closed-form map of the student head)."""
         ...
 
+    # Optional: `compute_ce(batch, student_hidden, denominator) -> LossTerms`, the CE part alone. A policy that
+    # splits a step (on-policy: CE on the dataset's responses, KD on the student's samples) gives the engine
+    # batches whose KD weight is zero; for those the engine calls `compute_ce` and does not ask the teacher at
+    # all. An objective without it gets `compute` with a teacher signal and a zero KD scale, as before.
+
 
 def gather_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Packed `(N, d)` rows of `(B, T, d)` hidden states at flat positions `rows` (no host sync)."""
@@ -81,6 +88,26 @@ def mixing(batch: Batch, kd_rate: float) -> tuple[float, float]:
     (e.g. on-policy: CE over the dataset responses, KD over the student's samples).
     """
     return (1.0 - kd_rate) * batch.ce_scale, kd_rate * batch.kd_scale
+
+
+def student_ce_terms(
+    head: LMHead, batch: Batch, student_hidden: torch.Tensor, weight: float, denominator: float, chunk_size: int
+) -> LossTerms:
+    """`weight * sum over valid tokens of CE(z_s, y) / D`, the logits made chunk by chunk (never `(tokens x V)`).
+
+    The whole of `sft`, and every teacher objective's `compute_ce`: the CE part of spec §1.3 needs the student
+    alone, so a batch that trains only the CE costs no teacher call.
+    """
+    hidden = gather_rows(student_hidden, batch.student_rows)
+    labels = gather_labels(batch.student_labels, batch.student_rows)
+
+    def chunk(rows: dict, shared: dict):
+        ce = F.cross_entropy(head.with_tensors(shared).logits(rows["hidden"]), rows["labels"], reduction="sum")
+        return weight * ce / denominator, {"ce": ce.detach()}
+
+    loss, sums = chunked_loss(chunk, {"hidden": hidden, "labels": labels}, head.tensors(), chunk_size=chunk_size)
+    count = torch.tensor(float(labels.shape[0]), device=loss.device)
+    return LossTerms(loss, sums={"ce": sums.get("ce", loss.new_zeros(()))}, counts={"ce": count})
 
 
 CROSS_TOKENIZER_OBJECTIVES = "dskd_v2 (with aligner eta), dskd_cma, uld or mined_kd"

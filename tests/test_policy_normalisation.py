@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cross_vocab_models import make_batch, make_context, models, run_objective, tokenizer, valid_outputs
 from dskd.engine import Trainer
+from dskd.lm_head import last_hidden_state
 from dskd.plugins.aligners.eta import eta
 from dskd.plugins.aligners.index import index
 from dskd.plugins.aligners.mined import mined
@@ -28,6 +30,7 @@ from dskd.plugins.objectives.dskd_v2 import dskd_v2
 from dskd.plugins.objectives.kd import kd
 from dskd.plugins.objectives.mined_kd import mined_kd
 from dskd.plugins.objectives.uld import uld
+from dskd.teacher import LocalTeacher
 from dskd.types import IGNORE_INDEX
 from policy_setup import make_job, metrics, write_policy_job
 from tiny_job import llama_config
@@ -174,3 +177,48 @@ def test_a_ce_only_batch_trains_only_the_ce_and_a_kd_only_batch_only_the_kd(name
     kd_only = dataclasses.replace(batch, ce=False, kd=True, ce_scale=0.0, kd_scale=1.25)
     loss = run_objective(objective, student, teacher, kd_only, DENOMINATOR).loss
     assert float(loss.detach()) * DENOMINATOR == pytest.approx(KD_RATE * 1.25 * kd_sum, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", list(KD_TERMS))
+def test_compute_ce_is_compute_on_a_ce_only_batch_without_the_teacher(name, cross_vocab):
+    """What the engine runs for a split step's CE batch equals the full objective there, loss and gradients."""
+    student, teacher, objective, batch = build(name, cross_vocab)
+    ce_only = dataclasses.replace(batch, ce=True, kd=False, ce_scale=1.75, kd_scale=0.0)
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    def loss_and_grads(run):
+        student.zero_grad(set_to_none=True)
+        loss = run()
+        loss.backward()
+        return loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    full, full_grads = loss_and_grads(lambda: run_objective(objective, student, teacher, ce_only, DENOMINATOR).loss)
+    hidden = lambda: last_hidden_state(student, ce_only.student_input_ids, ce_only.student_attention_mask)  # noqa: E731
+    alone, alone_grads = loss_and_grads(lambda: objective.compute_ce(ce_only, hidden(), DENOMINATOR).loss)
+    student.zero_grad(set_to_none=True)
+    assert float(alone) == pytest.approx(float(full), rel=1e-5)
+    assert float(alone) * DENOMINATOR == pytest.approx((1 - KD_RATE) * 1.75 * gold_ce_sum(student, batch), rel=1e-4)
+    assert any(g.abs().sum() > 0 for g in alone_grads)
+    for a, f in zip(alone_grads, full_grads):
+        torch.testing.assert_close(a, f, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("vocab, objective", [("same", "kd"), ("different", "dskd_v2")])
+def test_an_on_policy_step_asks_the_teacher_only_about_the_samples(tmp_path, monkeypatch, vocab, objective):
+    path = write_policy_job(tmp_path, vocab=vocab, objective=objective, policy="on_policy", steps=2, samples=8,
+                            options={"max_new_tokens": 6, "ce_on_gold": True})
+    asked: list[torch.Tensor] = []
+    score = LocalTeacher.score
+
+    def counting_score(self, input_ids, attention_mask, rows, request):
+        asked.append(input_ids.clone())
+        return score(self, input_ids, attention_mask, rows, request)
+
+    monkeypatch.setattr(LocalTeacher, "score", counting_score)
+    seen = spy_first_step(monkeypatch)
+    make_job(path).distill(None)
+    gold, sampled = seen["window"]
+    assert (gold.ce, gold.kd, sampled.ce, sampled.kd) == (True, False, False, True)
+    assert len(asked) == 2, "one teacher call per step: the samples', none for the dataset responses"
+    assert torch.equal(asked[0], sampled.teacher_input_ids)
+    assert all(math.isfinite(line["train/ce"]) and math.isfinite(line["train/loss"]) for line in metrics(tmp_path / "run"))

@@ -19,7 +19,7 @@ import torch
 import dskd
 from dskd.dual_space import DualSpaceSpec, dual_space_terms, paired_rows
 from dskd.errors import ModelError, PluginError
-from dskd.objective import ObjectiveContext
+from dskd.objective import ObjectiveContext, mixing, student_ce_terms
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
 
@@ -49,6 +49,10 @@ class DSKD:
 
     def on_optimizer_step(self) -> None:
         pass
+
+    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
+        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
+        return student_ce_terms(self.student_head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
 
     def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
         rows = paired_rows(batch, student_hidden, signal, same_vocab=True, teacher_hidden_size=self.teacher_head.hidden_size, name="dskd")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from dskd.chunked import chunked_loss
 from dskd.cross_model_attention import attention_weights, packed, padded, sequence_has
 from dskd.errors import ModelError, PluginError
-from dskd.objective import ObjectiveContext, gather_labels, gather_rows, mixing
+from dskd.objective import ObjectiveContext, gather_labels, gather_rows, mixing, student_ce_terms
 from dskd.row_partners import teacher_hidden
 from dskd.types import IGNORE_INDEX, Batch, LossTerms, SignalRequest, TeacherSignal
 
@@ -74,6 +74,10 @@ class DSKDCMA:
 
     def on_optimizer_step(self) -> None:
         pass
+
+    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
+        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
+        return student_ce_terms(self.student_head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
 
     def compute(
         self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float

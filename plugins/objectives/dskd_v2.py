@@ -29,7 +29,7 @@ import torch
 import dskd
 from dskd.dual_space import DualSpaceSpec, dual_space_terms, least_squares_map, paired_rows, right_inverse_factor, shared_vocabulary
 from dskd.errors import ModelError, PluginError
-from dskd.objective import ObjectiveContext
+from dskd.objective import ObjectiveContext, mixing, student_ce_terms
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
 TERMS = {"both": (True, True), "student": (True, False), "teacher": (False, True)}
@@ -87,6 +87,10 @@ class DSKDv2:
 
     def describe(self) -> str:
         return f"shared vocabulary {len(self.shared)} tokens (least-squares init and s2t map)"
+
+    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
+        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
+        return student_ce_terms(self.student_head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
 
     def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
         rows = paired_rows(batch, student_hidden, signal, same_vocab=self.same_vocab,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import dskd
 from dskd.chunked import chunked_loss
 from dskd.errors import DskdError, ModelError, PluginError
-from dskd.objective import CROSS_TOKENIZER_OBJECTIVES, ObjectiveContext, gather_labels, gather_rows, mixing
+from dskd.objective import CROSS_TOKENIZER_OBJECTIVES, ObjectiveContext, gather_labels, gather_rows, mixing, student_ce_terms
 from dskd.types import Batch, LossTerms, SignalRequest, SparseTeacher, TeacherSignal
 
 
@@ -37,6 +37,10 @@ class KD:
 
     def on_optimizer_step(self) -> None:
         pass
+
+    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
+        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
+        return student_ce_terms(self.head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
 
     def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
         hidden = gather_rows(student_hidden, batch.student_rows)

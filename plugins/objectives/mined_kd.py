@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from dskd.chunked import chunked_loss
 from dskd.errors import ModelError, PluginError
-from dskd.objective import ObjectiveContext, gather_labels, gather_rows, mixing
+from dskd.objective import ObjectiveContext, gather_labels, gather_rows, mixing, student_ce_terms
 from dskd.row_partners import row_partners, teacher_hidden
 from dskd.token_bytes import exact_byte_map, vocab_bytes
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
@@ -119,6 +119,10 @@ class MinEDKD:
 
     def on_optimizer_step(self) -> None:
         pass
+
+    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
+        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
+        return student_ce_terms(self.head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
 
     def compute(
         self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float

@@ -8,11 +8,9 @@ packed valid rows in chunks so the `(tokens x vocab)` logits never exist at once
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import dskd
-from dskd.chunked import chunked_loss
-from dskd.objective import ObjectiveContext, gather_labels, gather_rows
+from dskd.objective import ObjectiveContext, student_ce_terms
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
 
@@ -30,19 +28,8 @@ class SFT:
         pass
 
     def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
-        hidden = gather_rows(student_hidden, batch.student_rows)
-        labels = gather_labels(batch.student_labels, batch.student_rows)
-        head = self.head
         # SFT has no KD part: the CE carries full weight, scaled only when a policy split the step.
-        weight = batch.ce_scale
-
-        def chunk(rows: dict, shared: dict):
-            ce = F.cross_entropy(head.with_tensors(shared).logits(rows["hidden"]), rows["labels"], reduction="sum")
-            return weight * ce / denominator, {"ce": ce.detach()}
-
-        loss, sums = chunked_loss(chunk, {"hidden": hidden, "labels": labels}, head.tensors(), chunk_size=self.chunk_size)
-        count = torch.tensor(float(labels.shape[0]), device=loss.device)
-        return LossTerms(loss, sums={"ce": sums.get("ce", torch.zeros((), device=loss.device))}, counts={"ce": count})
+        return student_ce_terms(self.head, batch, student_hidden, batch.ce_scale, denominator, self.chunk_size)
 
 
 def sft(context: ObjectiveContext) -> SFT:
