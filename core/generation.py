@@ -3,6 +3,30 @@
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+
+class PaddedRowsMask(LogitsProcessor):
+    """Never sample an id the tokenizer does not have.
+
+    Embedding tables are often padded beyond the tokenizer (to a multiple of 64 or 128 for speed); their rows
+    are untrained, but a sampler still gives them probability. Such an id decodes to nothing, so an on-policy
+    sample would carry a token that neither the teacher's re-tokenisation nor the labels can account for.
+    """
+
+    def __init__(self, tokenizer_size: int) -> None:
+        self.tokenizer_size = tokenizer_size
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, tokenizer_size: int) -> PaddedRowsMask | None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        rows = head.weight.shape[0] if head is not None else getattr(model.config, "vocab_size", 0)
+        return cls(tokenizer_size) if rows > tokenizer_size else None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        masked = scores.clone()  # processors return new scores; the caller's tensor is left as it was
+        masked[:, self.tokenizer_size :] = float("-inf")
+        return masked
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +63,7 @@ def sample_continuations(
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
+    padded = PaddedRowsMask.for_model(model, len(tokenizer))
     was_training = model.training
     model.eval()
     out: list[list[int]] = []
@@ -50,6 +75,8 @@ def sample_continuations(
                 chunk = prompts[start : start + batch_size]
                 ids, mask = left_pad(chunk, pad)
                 kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+                if padded:
+                    kwargs.update(logits_processor=LogitsProcessorList([padded]))
                 if temperature > 0:
                     kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
                 else:
