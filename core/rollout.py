@@ -117,7 +117,8 @@ class Rollouts:
 
 def ids_text(table: ByteTable, ids: Sequence[int]) -> str:
     """The text sampled ids stand for: their tokens' bytes end to end, as UTF-8. Special tokens stand for none, and
-    so do ids past the tokenizer's vocabulary, which a model with a padded embedding table can sample."""
+    so do ids past the tokenizer's vocabulary (the sampler masks padded head rows, `dskd.generation.PaddedRowsMask`,
+    but ids given from elsewhere are not trusted)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     data, _ = table.gather(ids[(ids >= 0) & (ids < table.size)])
     return data.tobytes().decode("utf-8", errors="replace")
