@@ -185,6 +185,7 @@ def dual_space_terms(
     teacher top-1 maps ("accepted" pairs, spec §6.3) carry the KD and projector terms.
     """
     from dskd.chunked import chunked_loss  # local: keeps this module importable without the autograd helper
+    from dskd.objective import packed_ce_terms
 
     import torch.nn.functional as F
 
@@ -248,14 +249,9 @@ def dual_space_terms(
     zero = loss.new_zeros(())
     if not same_rows:
         # Different vocabularies: the gold CE covers every student token, aligned or not.
-        def ce_chunk(r: dict, sh: dict):
-            ce = F.cross_entropy(student_head.with_tensors({k: sh[f"s_{k}"] for k in head_tensor_names}).logits(r["h_s"]), r["labels"], reduction="sum")
-            return ce_weight * ce / denominator, {"ce": ce.detach()}
-
-        ce_loss, ce_sums = chunked_loss(ce_chunk, {"h_s": rows.student_hidden, "labels": rows.student_labels},
-                                        {f"s_{k}": v for k, v in student_head.tensors().items()}, chunk_size=chunk_size)
-        loss = loss + ce_loss
-        sums["ce"] = ce_sums.get("ce", zero)
+        ce = packed_ce_terms(student_head, rows.student_hidden, rows.student_labels, ce_weight, denominator, chunk_size)
+        loss = loss + ce.loss
+        sums["ce"] = ce.sums["ce"]
     n_valid = sums.pop("n_valid", zero)
     # The share of paired rows whose teacher top-1 has a student token ("accepted", spec §6.3): with tokenizers
     # that share little, KD runs on few tokens, and this metric says so.

@@ -90,16 +90,11 @@ def mixing(batch: Batch, kd_rate: float) -> tuple[float, float]:
     return (1.0 - kd_rate) * batch.ce_scale, kd_rate * batch.kd_scale
 
 
-def student_ce_terms(
-    head: LMHead, batch: Batch, student_hidden: torch.Tensor, weight: float, denominator: float, chunk_size: int
+def packed_ce_terms(
+    head: LMHead, hidden: torch.Tensor, labels: torch.Tensor, weight: float, denominator: float, chunk_size: int
 ) -> LossTerms:
-    """`weight * sum over valid tokens of CE(z_s, y) / D`, the logits made chunk by chunk (never `(tokens x V)`).
-
-    The whole of `sft`, and every teacher objective's `compute_ce`: the CE part of spec §1.3 needs the student
-    alone, so a batch that trains only the CE costs no teacher call.
-    """
-    hidden = gather_rows(student_hidden, batch.student_rows)
-    labels = gather_labels(batch.student_labels, batch.student_rows)
+    """`weight * sum of CE(head(hidden), labels) / D` over packed `(N, d)` rows, the logits made chunk by chunk
+    (never `(N x V)` at once)."""
 
     def chunk(rows: dict, shared: dict):
         ce = F.cross_entropy(head.with_tensors(shared).logits(rows["hidden"]), rows["labels"], reduction="sum")
@@ -108,6 +103,19 @@ def student_ce_terms(
     loss, sums = chunked_loss(chunk, {"hidden": hidden, "labels": labels}, head.tensors(), chunk_size=chunk_size)
     count = torch.tensor(float(labels.shape[0]), device=loss.device)
     return LossTerms(loss, sums={"ce": sums.get("ce", loss.new_zeros(()))}, counts={"ce": count})
+
+
+def student_ce_terms(
+    head: LMHead, batch: Batch, student_hidden: torch.Tensor, weight: float, denominator: float, chunk_size: int
+) -> LossTerms:
+    """The gold CE of a micro-batch's valid student tokens (`packed_ce_terms` over `batch.student_rows`).
+
+    The whole of `sft`, and every teacher objective's `compute_ce`: the CE part of spec §1.3 needs the student
+    alone, so a batch that trains only the CE costs no teacher call.
+    """
+    hidden = gather_rows(student_hidden, batch.student_rows)
+    labels = gather_labels(batch.student_labels, batch.student_rows)
+    return packed_ce_terms(head, hidden, labels, weight, denominator, chunk_size)
 
 
 CROSS_TOKENIZER_OBJECTIVES = "dskd_v2 (with aligner eta), dskd_cma, uld or mined_kd"

@@ -17,10 +17,11 @@ import torch
 from dskd.batching import collate
 from dskd.config import DataConfig
 from dskd.data import Example, tokenize_split
-from dskd.lm_head import head_from_model, last_hidden_state
+from dskd.lm_head import head_from_model
 from dskd.objective import ObjectiveContext
 from dskd.teacher import LocalTeacher
-from dskd.types import Batch, LossTerms
+from dskd.types import Batch
+from objective_checks import assert_rel, gradients, log_softmax64, run_objective  # noqa: F401  (re-exported)
 from transformers import (
     AutoTokenizer,
     GPT2Config,
@@ -157,13 +158,6 @@ def make_context(
     )
 
 
-def run_objective(objective, student, teacher, batch: Batch, denominator: float) -> LossTerms:
-    """One micro-batch as the engine runs it: student hidden states, teacher signal for the valid rows, loss."""
-    hidden = last_hidden_state(student, batch.student_input_ids, batch.student_attention_mask)
-    signal = teacher.score(
-        batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, objective.request
-    )
-    return objective.compute(batch, hidden, signal, denominator)
 
 
 def valid_outputs(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, b: int):
@@ -173,29 +167,3 @@ def valid_outputs(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Te
     )
     keep = labels[b] != -100
     return out.hidden_states[-1][0][keep], out.logits[0][keep], labels[b][keep]
-
-
-def log_softmax64(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    z = logits.double() / temperature
-    shifted = z - z.max(-1, keepdim=True).values.detach()
-    return shifted - torch.log(torch.exp(shifted).sum(-1, keepdim=True))
-
-
-def gradients(params: dict[str, torch.nn.Parameter], loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    """d loss / d each parameter (zeros where unused), leaving `.grad` clear."""
-    for p in params.values():
-        p.grad = None
-    loss.backward()
-    out = {
-        name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in params.items()
-    }
-    for p in params.values():
-        p.grad = None
-    return out
-
-
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5, what: str = "") -> None:
-    """max |actual - expected| <= tol * max |expected| (relative to the tensor's scale, not per element)."""
-    scale = expected.detach().abs().max().double().clamp_min(1e-30)
-    err = float((actual.detach().double() - expected.detach().double()).abs().max() / scale)
-    assert err <= tol, f"{what}: relative difference {err:.3e} > {tol:.0e}"

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dskd.lm_head import head_from_model, last_hidden_state
+from dskd.lm_head import head_from_model
 from dskd.objective import ObjectiveContext
 from dskd.teacher import LocalTeacher
-from dskd.types import IGNORE_INDEX, Batch, LossTerms
+from dskd.types import IGNORE_INDEX, Batch
+from objective_checks import assert_rel, run_objective  # noqa: F401  (re-exported for the tests)
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"
 STUDENT_HIDDEN = 16
@@ -130,17 +131,3 @@ def make_context(student, teacher: LocalTeacher, *, divergence, kd_rate: float =
         teacher=teacher, divergence=divergence, divergence_name=getattr(divergence, "__name__", "divergence"),
         kd_rate=kd_rate, temperature=temperature, chunk_size=chunk_size, aligner=aligner, same_vocab=same_vocab,
     )
-
-
-def run_objective(objective, student, teacher: LocalTeacher, batch: Batch, denominator: float) -> LossTerms:
-    """One micro-batch as the engine runs it: student hidden states, teacher signal for the valid rows, loss."""
-    hidden = last_hidden_state(student, batch.student_input_ids, batch.student_attention_mask)
-    signal = teacher.score(batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, objective.request)
-    return objective.compute(batch, hidden, signal, denominator)
-
-
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5, what: str = "") -> None:
-    """max |actual - expected| <= tol * max |expected| (relative to the tensor's scale, not per element)."""
-    scale = expected.detach().abs().max().double().clamp_min(1e-30)
-    err = float((actual.detach().double() - expected.detach().double()).abs().max() / scale)
-    assert err <= tol, f"{what}: relative difference {err:.3e} > {tol:.0e}"

@@ -33,21 +33,14 @@ from dskd.plugins.aligners.index import index
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.divergences.reverse_kl import reverse_kl
 from dskd.plugins.objectives.dskd_cma import dskd_cma
+from objective_checks import divergence_oracle
 
 DENOMINATOR = 19.0  # not the local token count, so a locally normalised term would show
 DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl}
 
 
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(p || q) per row, from logits, float64."""
-    log_p, log_q = log_softmax64(p_logits, temperature), log_softmax64(q_logits, temperature)
-    return (torch.exp(log_p) * (log_p - log_q)).sum(-1)
 
 
-def divergence_oracle(name: str, student_logits, teacher_logits, temperature: float) -> torch.Tensor:
-    if name == "forward_kl":
-        return kl(teacher_logits, student_logits, temperature)
-    return kl(student_logits, teacher_logits, temperature)
 
 
 def oracle(student, teacher, projectors, batch, *, divergence: str, temperature: float, kd_rate: float):

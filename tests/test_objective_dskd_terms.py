@@ -21,34 +21,21 @@ from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.divergences.reverse_kl import reverse_kl
 from dskd.plugins.objectives.dskd import dskd_objective
 from dskd.plugins.objectives.dskd_v2 import dskd_v2
+from objective_checks import divergence_oracle, log_softmax64
 
 DENOMINATOR = 11.0  # not the local token count, so a term normalised locally would show
 
 
 # -- the oracle: spec formulas, full logits, float64 -------------------------------------------------------------
 
-def log_softmax64(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    z = logits.double() / temperature
-    shifted = z - z.max(-1, keepdim=True).values.detach()
-    return shifted - torch.log(torch.exp(shifted).sum(-1, keepdim=True))
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -log_softmax64(logits).gather(-1, targets[:, None]).sum()
 
 
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(p || q) per row, from logits."""
-    log_p, log_q = log_softmax64(p_logits, temperature), log_softmax64(q_logits, temperature)
-    return (torch.exp(log_p) * (log_p - log_q)).sum(-1)
 
 
-def divergence_oracle(name: str, student_logits, teacher_logits, temperature: float) -> torch.Tensor:
-    if name == "forward_kl":
-        return kl(teacher_logits, student_logits, temperature)
-    if name == "reverse_kl":
-        return kl(student_logits, teacher_logits, temperature)
-    raise AssertionError(name)
 
 
 def model_outputs(model, batch, *, student: bool):
