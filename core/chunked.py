@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from dskd.kit.weights import LossWeights, current_weighing
+
 ChunkFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """`fn(rows, shared) -> (loss, stats)`: `rows` are chunk slices of the row inputs (first dimension = rows),
 `shared` the inputs every chunk sees whole; `loss` is a scalar, `stats` detached tensors summed over chunks."""
@@ -106,3 +108,49 @@ class _ChunkedLoss(torch.autograd.Function):
         grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None  # free the stored gradients as soon as they are handed on
         return (None, None, None, None, None, *grads)
+
+
+
+PartsFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+"""`fn(rows, shared) -> (parts, stats)`: `parts` maps a loss part's name to its (unweighted) scalar sum over the
+chunk's rows; `stats` are detached tensors summed over chunks (counts, agreement)."""
+
+_PART = "\0part:"  # stats key prefix that carries each part's value out of `chunked_loss`
+
+
+def chunked_parts(
+    fn: PartsFn,
+    rows: Mapping[str, torch.Tensor],
+    shared: Mapping[str, torch.Tensor],
+    *,
+    chunk_size: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-part sums of `fn` over row chunks, for an objective's `LossTerms.parts`; also `fn`'s summed stats.
+
+    Each chunk's gradients are taken at once (see `chunked_loss`), so they must be those of the weighted sum of
+    the parts. Inside the engine (`dskd.kit.weighting`) the weights in force are used, the weighted loss with
+    its gradients goes to the engine, and the parts come back as plain values. Outside it, every part counts
+    once and the returned parts are differentiable: each carries its value, and together their sum carries
+    the gradient of the summed parts (so sum them before back-propagating; one part alone is not its own
+    gradient).
+    """
+    weighing = current_weighing()
+    weights = weighing.weights if weighing is not None else LossWeights()
+
+    def weighted(r: dict, s: dict):
+        parts, stats = fn(r, s)
+        stats = dict(stats)
+        stats.update({_PART + name: value.detach() for name, value in parts.items()})
+        return weights.combine(parts), stats
+
+    loss, stats = chunked_loss(weighted, rows, shared, chunk_size=chunk_size)
+    values = {key[len(_PART):]: stats.pop(key) for key in [k for k in stats if k.startswith(_PART)]}
+    if weighing is not None:
+        weighing.carry(loss, frozenset(values))
+        return values, stats
+    if not loss.requires_grad:
+        return values, stats
+    # Outside the engine: each part's value, plus an equal share of the summed loss's gradient
+    # (`loss - loss.detach()` is exactly zero, so the values are untouched).
+    delta = (loss - loss.detach()) / len(values)
+    return {name: value + delta for name, value in values.items()}, stats

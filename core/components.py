@@ -18,7 +18,7 @@ from dskd.config import Config, plugin_options
 from dskd.errors import ModelError, PluginError
 from dskd.lm_head import head_from_model
 from dskd.models import check_vocabulary, ensure_pad_token, load_model, load_tokenizer
-from dskd.objective import ObjectiveContext, same_vocabulary
+from dskd.objective import ObjectiveContext, same_vocabulary, student_ce_terms
 from dskd.policy import PolicyContext
 from dskd.teacher import LocalTeacher
 
@@ -106,6 +106,7 @@ def build_student(config: Config, device: torch.device, *, fresh: bool = False) 
 
 
 def build_objective(config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, name: str | None = None):
+    """The configured objective (or `name`), and the student's gold CE alone for the engine's split steps."""
     name = name or config.objective.name
     factory = registry.get("objectives", name)
     head = head_from_model(student.model, len(student.tokenizer), name="student")
@@ -117,7 +118,6 @@ def build_objective(config: Config, registry: Any, student: Student, teacher: An
         teacher=teacher,
         divergence=bind_divergence(config, registry),
         divergence_name=config.divergence.name,
-        kd_rate=config.objective.kd_rate,
         temperature=config.objective.temperature,
         chunk_size=config.train.chunk_size or auto_chunk_size(len(student.tokenizer), None if teacher is None else teacher.vocab_size),
         aligner=aligner,
@@ -129,7 +129,12 @@ def build_objective(config: Config, registry: Any, student: Student, teacher: An
         missing = _missing_capabilities(objective.request, teacher)
         if missing:
             raise PluginError(f"objective {name!r} needs {missing} from the teacher, which it does not offer")
-    return objective
+    return objective, functools.partial(student_ce_terms, head, chunk_size=context.chunk_size)
+
+
+def distils(registry: Any, name: str) -> bool:
+    """Whether objective `name` has distillation parts for `kd_rate` to weigh (`sft` has the CE alone)."""
+    return bool(getattr(registry.get("objectives", name), "needs_teacher", True))
 
 
 CHUNK_ELEMENTS = 1 << 24

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dskd.errors import ModelError
-from dskd.types import Batch, TeacherSignal
+from dskd.types import Batch, LossTerms, TeacherSignal
 
 
 # Singular values below this fraction of the largest count as zero. Heads hold float32 or fewer digits, so a
@@ -165,26 +165,24 @@ def dual_space_terms(
     vocab_map: torch.Tensor | None,
     divergence,
     temperature: float,
-    kd_rate: float,
-    denominator: float,
     chunk_size: int,
-    scales: tuple[float, float] = (1.0, 1.0),
-):
+) -> LossTerms:
     """Loss terms of DSKD (spec §4.3, §5.2, §6.4) over packed rows, chunked, with one global normaliser.
 
     Student space: `z_t2s = head_s(t2s(h_t))` with the student head detached; `projector_ce = CE(z_t2s, label)`
     trains t2s; `kd_student_space = d(z_s, sg(z_t2s))` trains the student (gated by agreement in v2).
     Teacher space: `z_s2t = head_t(s2t(h_s))` with the frozen teacher head; `kd_teacher_space = d(z_s2t, z_t)`
     with the configured divergence (v1's reference always used forward KL here, spec §14.11; we honour the
-    configuration). Every term is summed over tokens and divided by the same global denominator D
-    (spec §0): the reference's micro-batch-local normalisers (spec §14.10) would make the weight of KD against
-    CE depend on how many tokens agree in each micro-batch. `L = [(1-a) CE + a (t2s_kd + t2s_ce + s2t_kd)] / D`.
+    configuration). Every term is a sum over tokens, weighted by the engine with the same global denominator
+    D (spec §0): the reference's micro-batch-local normalisers (spec §14.10) would make the weight of KD
+    against CE depend on how many tokens agree in each micro-batch. The engine forms
+    `L = [(1-a) CE + a (t2s_kd + t2s_ce + s2t_kd)] / D`.
 
     `t2s`/`s2t` hold `weight` (and optionally `bias`) of linear maps; those that require grad are trained.
     With different vocabularies, `vocab_map` maps teacher ids to student ids (-1: none) and only pairs whose
     teacher top-1 maps ("accepted" pairs, spec §6.3) carry the KD and projector terms.
     """
-    from dskd.chunked import chunked_loss  # local: keeps this module importable without the autograd helper
+    from dskd.chunked import chunked_parts  # local: keeps this module importable without the autograd helper
     from dskd.objective import packed_ce_terms
 
     import torch.nn.functional as F
@@ -201,8 +199,6 @@ def dual_space_terms(
     shared = {f"s_{k}": v for k, v in student_head.tensors().items()}
     shared.update({f"t2s_{k}": v for k, v in t2s.items()})
     shared.update({f"s2t_{k}": v for k, v in s2t.items()})
-    # (1 - a) and a of spec §1.3, times the engine's CE/KD scales (`dskd.objective.mixing`).
-    ce_weight, kd_weight = (1.0 - kd_rate) * scales[0], kd_rate * scales[1]
     head_tensor_names = list(student_head.tensors())
 
     def chunk(r: dict, sh: dict):
@@ -218,50 +214,42 @@ def dual_space_terms(
             label = t_top if vocab_map is None else vocab_map.index_select(0, t_top)
         valid = label >= 0
         stats = {}
-        total = z_s.new_zeros(())
+        parts = {}
         if same_rows:
-            ce = F.cross_entropy(z_s, r["labels"], reduction="sum")
-            total = total + ce_weight * ce
-            stats["ce"] = ce.detach()
-        kd = z_s.new_zeros(())
+            parts["ce"] = F.cross_entropy(z_s, r["labels"], reduction="sum")
         if spec.student_space:
             z_t2s = head_s_frozen.logits(F.linear(h_t, sh["t2s_weight"], sh.get("t2s_bias")))
             t2s_ce = (F.cross_entropy(z_t2s, label.clamp_min(0), reduction="none") * valid).sum()
             agree = (z_t2s.argmax(-1) == label) & valid
             gate = agree if spec.gate_student_kd else valid
-            t2s_kd = (divergence(z_s, z_t2s.detach(), temperature=temperature) * gate).sum()
-            kd = kd + t2s_kd + t2s_ce
-            stats.update(kd_student_space=t2s_kd.detach(), projector_ce=t2s_ce.detach(),
-                         n_gate=gate.sum().float(), t2s_agreement=agree.sum().float())
+            parts["kd_student_space"] = (divergence(z_s, z_t2s.detach(), temperature=temperature) * gate).sum()
+            parts["projector_ce"] = t2s_ce
+            stats.update(n_gate=gate.sum().float(), t2s_agreement=agree.sum().float())
         if spec.teacher_space:
             h_s2t = F.linear(h_s.float(), sh["s2t_weight"].float(), None if sh.get("s2t_bias") is None else sh["s2t_bias"].float())
             z_s2t = teacher_head.logits(h_s2t)
-            s2t_kd = (divergence(z_s2t, z_t, temperature=temperature) * valid).sum()
-            kd = kd + s2t_kd
+            parts["kd_teacher_space"] = (divergence(z_s2t, z_t, temperature=temperature) * valid).sum()
             s2t_top = z_s2t.argmax(-1)
             s2t_top = s2t_top if vocab_map is None else vocab_map.index_select(0, s2t_top)
-            stats.update(kd_teacher_space=s2t_kd.detach(), s2t_agreement=((s2t_top == z_s.argmax(-1)) & valid).sum().float())
+            stats["s2t_agreement"] = ((s2t_top == z_s.argmax(-1)) & valid).sum().float()
         stats["n_valid"] = valid.sum().float()
-        total = total + kd_weight * kd
-        return total / denominator, stats
+        return parts, stats
 
-    loss, sums = chunked_loss(chunk, kd_rows, shared, chunk_size=chunk_size)
-    zero = loss.new_zeros(())
+    parts, stats = chunked_parts(chunk, kd_rows, shared, chunk_size=chunk_size)
+    device = rows.student_hidden.device
+    zero = torch.zeros((), device=device)
     if not same_rows:
         # Different vocabularies: the gold CE covers every student token, aligned or not.
-        ce = packed_ce_terms(student_head, rows.student_hidden, rows.student_labels, ce_weight, denominator, chunk_size)
-        loss = loss + ce.loss
-        sums["ce"] = ce.sums["ce"]
-    n_valid = sums.pop("n_valid", zero)
+        parts["ce"] = packed_ce_terms(student_head, rows.student_hidden, rows.student_labels, chunk_size).parts["ce"]
+    n_valid = stats.pop("n_valid", zero)
+    n_gate = stats.pop("n_gate", zero)
     # The share of paired rows whose teacher top-1 has a student token ("accepted", spec §6.3): with tokenizers
     # that share little, KD runs on few tokens, and this metric says so.
-    sums["accepted_pairs"] = n_valid
-    counts_pairs = torch.tensor(float(kd_rows["h_s"].shape[0]), device=loss.device)
-    n_gate = sums.pop("n_gate", zero)
-    counts = {"ce": torch.tensor(float(rows.student_labels.shape[0]), device=loss.device), "accepted_pairs": counts_pairs}
+    metrics = {"accepted_pairs": n_valid, **stats}
+    counts = {"ce": torch.tensor(float(rows.student_labels.shape[0]), device=device),
+              "accepted_pairs": torch.tensor(float(kd_rows["h_s"].shape[0]), device=device)}
     if spec.student_space:
         counts.update(kd_student_space=n_gate, projector_ce=n_valid, t2s_agreement=n_valid)
     if spec.teacher_space:
         counts.update(kd_teacher_space=n_valid, s2t_agreement=n_valid)
-    sums.setdefault("ce", zero)
-    return loss, sums, counts
+    return LossTerms(parts=parts, counts=counts, metrics=metrics)

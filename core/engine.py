@@ -29,6 +29,7 @@ from dskd.console import Console
 from dskd.errors import CheckpointError
 from dskd.launch import LaunchError
 from dskd.lm_head import last_hidden_state
+from dskd.kit.weights import LossWeights, weighting
 from dskd.types import Batch, LossTerms, TeacherSignal
 
 
@@ -46,6 +47,8 @@ class StageSpec:
     run_dir: Path
     log_every: int
     fingerprints: dict[str, str] = field(default_factory=dict)  # teacher/tokenizers, checked on resume
+    kd_rate: float = 0.0  # weight of the objective's distillation parts (0: it has none, e.g. sft)
+    ce_terms: Callable[[Batch, torch.Tensor], LossTerms] | None = None  # the student's gold CE alone (split steps)
 
 
 @dataclass
@@ -65,11 +68,11 @@ class Meter:
         self.host: dict[str, float] = {}
         self.local: dict[str, float] = {}
 
-    def add(self, terms: LossTerms, *, ce: bool = True, kd: bool = True) -> None:
+    def add(self, loss: torch.Tensor, terms: LossTerms, *, ce: bool = True, kd: bool = True) -> None:
         """Add a micro-batch's terms. Of a batch that trains only the CE (or only the KD) of a split step, only
         that part's terms are kept, so that `train/ce` stays the mean over the dataset's responses and the KD
         terms the means over the samples, not means over both."""
-        self.loss = terms.loss.detach() if self.loss is None else self.loss + terms.loss.detach()
+        self.loss = loss.detach() if self.loss is None else self.loss + loss.detach()
         for name, value in terms.sums.items():
             if not (ce if name == "ce" else kd):
                 continue
@@ -77,7 +80,7 @@ class Meter:
         for name, value in terms.counts.items():
             if not (ce if name == "ce" else kd):
                 continue
-            value = torch.as_tensor(value, dtype=torch.float32, device=terms.loss.device)
+            value = torch.as_tensor(value, dtype=torch.float32, device=loss.device)
             self.counts[name] = self.counts[name] + value if name in self.counts else value.clone()
 
     def add_host(self, name: str, value: float) -> None:
@@ -220,7 +223,7 @@ class Trainer:
         for batch in window:
             if batch.kd and "policy" in batch.meta:  # once per data batch: a split step's CE batch is its twin
                 meter.add_local(f"policy/{batch.meta['policy']}", 1.0)
-        denominator = self._normalise(window)
+        weights = self._weights(window)
         pending = ahead if ahead is not None else self._submit(window[0])
         for i, batch in enumerate(window):
             waited = time.perf_counter()
@@ -230,14 +233,15 @@ class Trainer:
                 meter.add_host("perf/teacher_wait_s", time.perf_counter() - waited)
             pending = self._submit(window[i + 1]) if i + 1 < len(window) else None
             last = i + 1 == len(window)
-            with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast():
+            with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast(), weighting(weights[i]) as weighing:
                 hidden = last_hidden_state(model, batch.student_input_ids, batch.student_attention_mask)
                 if self._ce_alone(batch):
-                    terms = objective.compute_ce(batch, hidden, denominator)
+                    terms = self.spec.ce_terms(batch, hidden)
                 else:
-                    terms = objective.compute(batch, hidden, signal, denominator)
-            acc.backward(terms.loss)
-            meter.add(terms, ce=batch.ce, kd=batch.kd)
+                    terms = objective.compute(batch, hidden, signal)
+                loss = weighing.loss(terms)
+            acc.backward(loss)
+            meter.add(loss, terms, ce=batch.ce, kd=batch.kd)
             if batch.aligned_rows is not None:
                 meter.add_host("train/align_ratio_num", float(batch.aligned_rows.shape[0]))
                 meter.add_host("train/align_ratio_den", float(batch.student_rows.shape[0]))
@@ -253,8 +257,8 @@ class Trainer:
         self.state.step += 1
 
     def _ce_alone(self, batch: Batch) -> bool:
-        """A batch of a split step that trains only the CE, for an objective that can compute it without teacher."""
-        return not batch.kd and hasattr(self.spec.objective, "compute_ce")
+        """A batch of a split step that trains only the CE: the engine computes it without the objective."""
+        return not batch.kd and self.spec.ce_terms is not None
 
     def _submit(self, batch: Batch):
         # On-policy steps pair a CE-only batch of dataset responses with a KD batch of samples: asking the teacher
@@ -294,8 +298,9 @@ class Trainer:
                 param.grad = (flat[offset : offset + n] / acc.num_processes).view_as(param).to(param.dtype)
             offset += n
 
-    def _normalise(self, window: list[Batch]) -> float:
-        """The step's loss denominator D (spec §0), with one collective for the global token counts.
+    def _weights(self, window: list[Batch]) -> list[LossWeights]:
+        """Each micro-batch's weights of its CE and distillation parts: `1 - kd_rate` and `kd_rate` (spec §1.3)
+        over the step's loss denominator D (spec §0), with one collective for the global token counts.
 
         Batches that train both parts share D. When a policy split the step into CE-only and KD-only batches,
         each part is rescaled so that it is a mean over its own tokens across all processes.
@@ -308,10 +313,14 @@ class Trainer:
         )
         total, ce_total, kd_total = (acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local).tolist()
         denominator = max(total, 1.0) / acc.num_processes
-        for batch in window:
-            batch.ce_scale = total / ce_total if batch.ce and ce_total else 0.0
-            batch.kd_scale = total / kd_total if batch.kd and kd_total else 0.0
-        return denominator
+        return [
+            LossWeights.for_batch(
+                kd_rate=self.spec.kd_rate, denominator=denominator,
+                ce_scale=total / ce_total if batch.ce and ce_total else 0.0,
+                kd_scale=total / kd_total if batch.kd and kd_total else 0.0,
+            )
+            for batch in window
+        ]
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self, resume: bool = False, force: bool = False) -> torch.nn.Module:

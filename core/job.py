@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dskd.batching import ResumableBatchSampler, collate, make_loader
-from dskd.components import Student, build_aligner, build_objective, build_policy, build_student, build_teacher
+from dskd.components import Student, build_aligner, build_objective, build_policy, build_student, build_teacher, distils
 from dskd.config import Config
 from dskd.console import Console
 from dskd.data import load_examples, tokenize_split
@@ -101,7 +101,7 @@ class Job:
         tokenizer = load_tokenizer(cfg.teacher, "teacher")
         model = load_model(cfg.teacher, "teacher", seed=cfg.run.seed + 1).to(self.device)
         teacher_as_student = Student(model, tokenizer)
-        objective = build_objective(cfg, self.registry, teacher_as_student, None, None, name="sft")
+        objective, ce_terms = build_objective(cfg, self.registry, teacher_as_student, None, None, name="sft")
         dataset = self.tokenized("train", tokenizer, None)
         sft = cfg.teacher_sft
         train = dataclasses.replace(cfg.train, max_steps=sft.steps, lr=sft.lr, batch_size=sft.batch_size,
@@ -109,7 +109,8 @@ class Job:
         policy = self.registry.get("policies", "off_policy")(None)
         spec = StageSpec("teacher_sft", model, objective, policy, None,
                          self.batches(dataset, sft.batch_size, tokenizer.pad_token_id, tokenizer.pad_token_id),
-                         train, self.run_dir, cfg.run.log_every, {"tokenizer": tokenizer_fingerprint(tokenizer)})
+                         train, self.run_dir, cfg.run.log_every, {"tokenizer": tokenizer_fingerprint(tokenizer)},
+                         kd_rate=0.0, ce_terms=ce_terms)
         trained = Trainer(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
         if self.accelerator.is_main_process:
             save_pretrained_atomic(trained, tokenizer, target)
@@ -122,7 +123,7 @@ class Job:
         teacher = build_teacher(cfg, self.device, model_path=str(teacher_path) if teacher_path else None, cache_dir=self.cache_dir)
         same_vocab = same_vocabulary(teacher.tokenizer, student.tokenizer)
         aligner = build_aligner(cfg, self.registry, teacher.tokenizer, student.tokenizer, same_vocab, objective=cfg.objective.name)
-        objective = build_objective(cfg, self.registry, student, teacher, aligner)
+        objective, ce_terms = build_objective(cfg, self.registry, student, teacher, aligner)
         describe = getattr(objective, "describe", None)
         if describe is not None:
             self.console.print(f"distill: {cfg.objective.name}: {describe()}")
@@ -140,6 +141,7 @@ class Job:
             cfg.train, self.run_dir, cfg.run.log_every,
             {"teacher": teacher.fingerprint, "student_tokenizer": tokenizer_fingerprint(student.tokenizer),
              "teacher_tokenizer": tokenizer_fingerprint(teacher.tokenizer)},
+            kd_rate=cfg.objective.kd_rate if distils(self.registry, cfg.objective.name) else 0.0, ce_terms=ce_terms,
         )
         trained = Trainer(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
         final = self.run_dir / "final"

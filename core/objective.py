@@ -3,19 +3,20 @@
 An objective factory is called once, at setup, as `factory(context, **options)`. It checks what it needs
 (a teacher, hidden states, the same vocabulary, ...) and raises a `DskdError` with a sentence when the run
 cannot work, so a bad combination fails before the first step instead of deep inside torch. The object it
-returns declares `request` (what the teacher must send) and computes `LossTerms` for each micro-batch.
+returns (an `Objective`) declares `request` (what the teacher must send) and computes unweighted `LossTerms`
+for each micro-batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dskd.chunked import chunked_loss
+from dskd.chunked import chunked_parts
 from dskd.lm_head import LMHead
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
@@ -30,7 +31,6 @@ class ObjectiveContext:
     teacher: Any  # a `dskd.teacher.Teacher`, or None for objectives that need none (sft)
     divergence: Callable[..., torch.Tensor]  # the configured divergence, options bound; call with temperature=
     divergence_name: str
-    kd_rate: float
     temperature: float
     chunk_size: int
     aligner: Any = None  # the configured aligner (may expose vocab_map())
@@ -41,27 +41,33 @@ class ObjectiveContext:
         return None if self.teacher is None else self.teacher.tokenizer
 
 
-@runtime_checkable
-class Objective(Protocol):
-    request: SignalRequest
+class Objective:
+    """What the engine uses of an objective. Subclass it, or provide the same members: those with a default
+    here are optional (`dskd.kit.declared` fills them in for an object that lacks them).
+
+    An objective turns one micro-batch into *unweighted* loss parts (`LossTerms.parts`: the gold CE as
+    `"ce"`, its distillation terms under any other names). The engine weights them (`1 - kd_rate`, `kd_rate`,
+    a split step's scales, the step's global token count), so `compute` reads like the method's formula.
+    """
+
+    request: SignalRequest = SignalRequest()
     """What the teacher must return for the valid teacher rows (empty: no teacher call)."""
+
+    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
+        """The loss parts of one micro-batch, summed over its tokens, with their token counts."""
+        raise NotImplementedError
 
     def trainable_modules(self) -> torch.nn.Module | None:
         """Parameters of the objective itself (projectors): trained with `train.projector_lr`, checkpointed."""
-        ...
-
-    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
-        """Loss of one micro-batch, weighted and divided by `denominator` (spec §0), plus per-term sums."""
-        ...
+        return None
 
     def on_optimizer_step(self) -> None:
-        """Called after each optimizer step (e.g. to refresh a closed-form map of the student head)."""
-        ...
+        """Called after each optimizer step and after a resume (e.g. to refresh a closed-form map of the
+        student head)."""
 
-    # Optional: `compute_ce(batch, student_hidden, denominator) -> LossTerms`, the CE part alone. A policy that
-    # splits a step (on-policy: CE on the dataset's responses, KD on the student's samples) gives the engine
-    # batches whose KD weight is zero; for those the engine calls `compute_ce` and does not ask the teacher at
-    # all. An objective without it gets `compute` with a teacher signal and a zero KD scale, as before.
+    def describe(self) -> str:
+        """One line printed at setup about what the objective built (e.g. the shared vocabulary's size)."""
+        return ""
 
 
 def gather_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -80,42 +86,27 @@ def same_vocabulary(tokenizer_a: Any, tokenizer_b: Any) -> bool:
     return len(tokenizer_a) == len(tokenizer_b) and tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
 
 
-def mixing(batch: Batch, kd_rate: float) -> tuple[float, float]:
-    """Weights of the summed CE and KD terms of a micro-batch, before division by the step's denominator D.
-
-    `(1 - kd_rate, kd_rate)` (spec §1.3) times the engine's per-batch scales, which are 1 unless the policy split
-    the step into CE-only and KD-only batches; then each part is renormalised over its own token population
-    (e.g. on-policy: CE over the dataset responses, KD over the student's samples).
-    """
-    return (1.0 - kd_rate) * batch.ce_scale, kd_rate * batch.kd_scale
-
-
-def packed_ce_terms(
-    head: LMHead, hidden: torch.Tensor, labels: torch.Tensor, weight: float, denominator: float, chunk_size: int
-) -> LossTerms:
-    """`weight * sum of CE(head(hidden), labels) / D` over packed `(N, d)` rows, the logits made chunk by chunk
-    (never `(N x V)` at once)."""
+def packed_ce_terms(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> LossTerms:
+    """The summed CE of `head(hidden)` against `labels` over packed `(N, d)` rows, the logits made chunk by
+    chunk (never `(N x V)` at once): the part `"ce"` and its token count."""
 
     def chunk(rows: dict, shared: dict):
-        ce = F.cross_entropy(head.with_tensors(shared).logits(rows["hidden"]), rows["labels"], reduction="sum")
-        return weight * ce / denominator, {"ce": ce.detach()}
+        return {"ce": F.cross_entropy(head.with_tensors(shared).logits(rows["hidden"]), rows["labels"], reduction="sum")}, {}
 
-    loss, sums = chunked_loss(chunk, {"hidden": hidden, "labels": labels}, head.tensors(), chunk_size=chunk_size)
-    count = torch.tensor(float(labels.shape[0]), device=loss.device)
-    return LossTerms(loss, sums={"ce": sums.get("ce", loss.new_zeros(()))}, counts={"ce": count})
+    parts, _ = chunked_parts(chunk, {"hidden": hidden, "labels": labels}, head.tensors(), chunk_size=chunk_size)
+    count = torch.tensor(float(labels.shape[0]), device=parts["ce"].device)
+    return LossTerms(parts=parts, counts={"ce": count})
 
 
-def student_ce_terms(
-    head: LMHead, batch: Batch, student_hidden: torch.Tensor, weight: float, denominator: float, chunk_size: int
-) -> LossTerms:
+def student_ce_terms(head: LMHead, batch: Batch, student_hidden: torch.Tensor, chunk_size: int) -> LossTerms:
     """The gold CE of a micro-batch's valid student tokens (`packed_ce_terms` over `batch.student_rows`).
 
-    The whole of `sft`, and every teacher objective's `compute_ce`: the CE part of spec §1.3 needs the student
-    alone, so a batch that trains only the CE costs no teacher call.
+    The whole of `sft`, and what the engine computes itself for a batch of a split step that trains only the
+    CE: that part of spec §1.3 needs the student alone, so such a batch costs no teacher call.
     """
     hidden = gather_rows(student_hidden, batch.student_rows)
     labels = gather_labels(batch.student_labels, batch.student_rows)
-    return packed_ce_terms(head, hidden, labels, weight, denominator, chunk_size)
+    return packed_ce_terms(head, hidden, labels, chunk_size)
 
 
 CROSS_TOKENIZER_OBJECTIVES = "dskd_v2 (with aligner eta), dskd_cma, uld or mined_kd"

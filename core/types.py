@@ -3,7 +3,7 @@
 - `Alignment`: what an aligner returns for one pair of tokenizations of the same text.
 - `Batch`: what the data loader yields: student and teacher ids and labels of the same text, and the alignment.
 - `SignalRequest` / `TeacherSignal`: what an objective asks of a teacher and what the teacher returns.
-- `LossTerms`: what an objective returns: the reduced, differentiable loss plus per-term sums and counts.
+- `LossTerms`: what an objective returns: its unweighted, differentiable loss parts, with token counts.
 
 Later features add fields here; they never introduce a parallel type.
 """
@@ -80,12 +80,9 @@ class Batch:
     teacher_rows: torch.Tensor | None = None  # (N_t,) flat positions b * T_t + t where the teacher label is valid
     aligned_rows: torch.Tensor | None = None  # (K, 2) (teacher row, student row) indices into the packed rows
     # Which loss parts this batch trains (set by policies): an on-policy step trains the CE on the dataset's
-    # response and the KD on the student's own sample, each normalised over its own tokens (spec §7.1).
+    # response and the KD on the student's own sample; the engine normalises each over its own tokens (spec §7.1).
     ce: bool = True
     kd: bool = True
-    # Multipliers of the CE and KD weights, set by the engine from the step's token counts (see `mixing`).
-    ce_scale: float = 1.0
-    kd_scale: float = 1.0
     meta: dict = field(default_factory=dict)  # small host-side facts (e.g. which policy produced it)
 
     def to(self, device: torch.device | str) -> "Batch":
@@ -165,17 +162,24 @@ class TeacherSignal:
 
 @dataclass
 class LossTerms:
-    """An objective's result for one micro-batch.
+    """An objective's result for one micro-batch: its loss parts, *unweighted*.
 
-    `loss` is differentiable and already weighted and divided by the step's loss denominator (the global
-    valid-token count per micro-batch, spec §0), so the engine only calls backward on it. `sums[name]` and
-    `counts[name]` are the detached, unnormalised per-term sums and their token counts, kept on the device and
-    reduced once per log interval.
+    `parts[name]` is the differentiable sum of one loss part over the micro-batch's tokens: `"ce"` is the gold
+    cross-entropy, every other part (`kd`, `kd_student_space`, `projector_ce`, ...) belongs to the
+    distillation side. The engine alone weights them (`1 - kd_rate` and `kd_rate`, a split step's scales, the
+    step's global token count: `dskd.kit.LossWeights`), sums them into the loss and calls backward once.
+    `counts[name]` is the number of tokens a part or metric was summed over (its log line is the mean);
+    `metrics[name]` holds detached sums that are logged but not trained (agreement counts, accepted pairs).
     """
 
-    loss: torch.Tensor
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Every logged sum, detached: the parts, then the metrics."""
+        return {**{name: value.detach() for name, value in self.parts.items()}, **self.metrics}
 
 
 @dataclass

@@ -122,12 +122,12 @@ def split_batch(batch: Batch, index: int) -> Batch:
     return Batch(*student, *teacher).index_rows()
 
 
-def make_context(student, teacher: LocalTeacher, *, divergence, kd_rate: float = 0.5, temperature: float = 1.0,
+def make_context(student, teacher: LocalTeacher, *, divergence, temperature: float = 1.0,
                  chunk_size: int = 5, same_vocab: bool = True, student_tokenizer=None,
                  aligner=None) -> ObjectiveContext:
     tok = student_tokenizer if student_tokenizer is not None else teacher.tokenizer
     return ObjectiveContext(
         student=student, student_tokenizer=tok, student_head=head_from_model(student, len(tok), name="student"),
         teacher=teacher, divergence=divergence, divergence_name=getattr(divergence, "__name__", "divergence"),
-        kd_rate=kd_rate, temperature=temperature, chunk_size=chunk_size, aligner=aligner, same_vocab=same_vocab,
+        temperature=temperature, chunk_size=chunk_size, aligner=aligner, same_vocab=same_vocab,
     )

@@ -8,15 +8,35 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
+from dskd.kit.weights import objective_loss
 from dskd.lm_head import last_hidden_state
 from dskd.types import Batch, LossTerms
 
 
-def run_objective(objective, student, teacher, batch: Batch, denominator: float) -> LossTerms:
-    """One micro-batch as the engine runs it: student hidden states, teacher signal for the valid rows, loss."""
+@dataclass
+class Result:
+    """A micro-batch's weighted loss (what the engine back-propagates) and the objective's unweighted terms."""
+
+    loss: torch.Tensor
+    terms: LossTerms
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        return self.terms.sums
+
+    @property
+    def counts(self) -> dict[str, torch.Tensor]:
+        return self.terms.counts
+
+
+def run_objective(objective, student, teacher, batch: Batch, denominator: float, *, kd_rate: float, weights=None) -> Result:
+    """One micro-batch as the engine runs it: student hidden states, teacher signal for the valid rows, the
+    objective's terms, weighted by `kd_rate` over `denominator` (or by explicit `LossWeights`)."""
     hidden = last_hidden_state(student, batch.student_input_ids, batch.student_attention_mask)
     signal = teacher.score(batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, objective.request)
-    return objective.compute(batch, hidden, signal, denominator)
+    return Result(*objective_loss(objective, batch, hidden, signal, kd_rate=kd_rate, denominator=denominator, weights=weights))
 
 
 def log_softmax64(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

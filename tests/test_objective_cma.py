@@ -127,14 +127,13 @@ def test_dskd_cma_terms_and_gradients_match_the_dense_oracle(setup, divergence, 
         student,
         teacher,
         divergence=DIVERGENCES[divergence],
-        kd_rate=0.3,
         temperature=temperature,
         chunk_size=chunk_size,
     )
     objective = agreeing_objective(context, batch)
     params = {f"student.{n}": p for n, p in student.named_parameters()}
     params.update({f"projector.{n}": p for n, p in objective.trainable_modules().named_parameters()})
-    result = run_objective(objective, student, teacher, batch, DENOMINATOR)
+    result = run_objective(objective, student, teacher, batch, DENOMINATOR, kd_rate=0.3)
     got = gradients(params, result.loss)
     ref = oracle(
         student,
@@ -205,7 +204,7 @@ def test_dskd_cma_drops_rows_whose_other_sequence_has_no_label(setup):
     per_sequence = torch.div(cut.student_rows, cut.student_labels.shape[1], rounding_mode="floor")
     assert torch.equal(has, per_sequence != 1)
     objective = dskd_cma(make_context(student, teacher, divergence=forward_kl))
-    result = run_objective(objective, student, teacher, cut, DENOMINATOR)
+    result = run_objective(objective, student, teacher, cut, DENOMINATOR, kd_rate=0.5)
     assert int(result.counts["projector_ce"]) == int(has.sum()) < int(result.counts["ce"])
     assert torch.isfinite(result.loss)
 

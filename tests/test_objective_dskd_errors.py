@@ -44,12 +44,12 @@ def test_teacher_hidden_states_that_do_not_fit_its_head_are_refused(models, name
                            SignalRequest(hidden_states=True))
     signal.hidden_states = torch.randn(signal.hidden_states.shape[0], 32)  # a server whose head is not its model's
     with pytest.raises(ModelError) as error:
-        objective.compute(batch, hidden, signal, 8.0)
+        objective.compute(batch, hidden, signal)
     message = one_line(error)
     assert "hidden states of size 32" in message and "expects 24" in message
     signal.hidden_states = None
     with pytest.raises(ModelError, match="needs the teacher's hidden states"):
-        objective.compute(batch, hidden, signal, 8.0)
+        objective.compute(batch, hidden, signal)
 
 
 def test_dskd_v1_refuses_different_vocabularies_and_names_the_alternative():

@@ -31,9 +31,9 @@ def batch():
     return make_batch([10, 8], [2, 3], seed=3)
 
 
-def build(version, models, *, kd_rate=0.5, **options):
+def build(version, models, **options):
     student, teacher = models
-    context = make_context(student, teacher, divergence=forward_kl, kd_rate=kd_rate, chunk_size=4)
+    context = make_context(student, teacher, divergence=forward_kl, chunk_size=4)
     return dskd_v2(context, **options) if version == "v2" else dskd_objective(context)
 
 
@@ -43,10 +43,10 @@ def zero_grads(*modules):
             p.grad = None
 
 
-def backward(objective, models, batch, denominator=DENOMINATOR):
+def backward(objective, models, batch, denominator=DENOMINATOR, *, kd_rate=0.5):
     student, teacher = models
     zero_grads(student, objective.trainable_modules())
-    terms = run_objective(objective, student, teacher, batch, denominator)
+    terms = run_objective(objective, student, teacher, batch, denominator, kd_rate=kd_rate)
     terms.loss.backward()
     return terms
 
@@ -70,7 +70,7 @@ def test_the_teacher_never_receives_a_gradient(models, batch, version):
 
 def test_teacher_space_kd_trains_the_student_body_but_not_its_head(models, batch):
     student, _ = models
-    terms = backward(build("v2", models, kd_rate=1.0, terms="teacher"), models, batch)
+    terms = backward(build("v2", models, terms="teacher"), models, batch, kd_rate=1.0)
     assert float(terms.sums["kd_teacher_space"]) > 0
     assert is_zero(student.lm_head.weight.grad)
     assert not is_zero(student.model.norm.weight.grad)
@@ -81,8 +81,8 @@ def test_dskd_v1_head_gradient_comes_from_student_space_kd_alone(models, batch):
     # v1 has no terms option: with kd_rate 1 (no gold CE) the head's gradient must equal that of the
     # student-space KD by itself, so the projector CE (detached head) and the teacher-space KD add nothing.
     student, teacher = models
-    objective = build("v1", models, kd_rate=1.0)
-    backward(objective, models, batch)
+    objective = build("v1", models)
+    backward(objective, models, batch, kd_rate=1.0)
     got = student.lm_head.weight.grad.clone()
     ref = oracle("v1", student, teacher.model, objective.trainable_modules(), batch, divergence="forward_kl",
                  temperature=1.0, kd_rate=1.0)
@@ -92,7 +92,7 @@ def test_dskd_v1_head_gradient_comes_from_student_space_kd_alone(models, batch):
 
 def test_student_space_kd_trains_the_student_head(models, batch):
     student, _ = models
-    backward(build("v2", models, kd_rate=1.0, terms="student"), models, batch)
+    backward(build("v2", models, terms="student"), models, batch, kd_rate=1.0)
     assert not is_zero(student.lm_head.weight.grad)
 
 
@@ -100,8 +100,8 @@ def test_student_space_kd_trains_the_student_head(models, batch):
 def test_the_t2s_projector_learns_from_the_projector_ce_alone(models, batch, version):
     student, teacher = models
     kd_rate = 0.7
-    objective = build(version, models, kd_rate=kd_rate)
-    backward(objective, models, batch)
+    objective = build(version, models)
+    backward(objective, models, batch, kd_rate=kd_rate)
     projectors = objective.trainable_modules()
     got = {n: p.grad.clone() for n, p in projectors.named_parameters()}
     ref = oracle(version, student, teacher.model, projectors, batch, divergence="forward_kl", temperature=1.0,
@@ -116,8 +116,7 @@ def test_the_t2s_projector_learns_from_the_projector_ce_alone(models, batch, ver
         for (name, _), expected in zip(s2t.items(), only_kd):
             assert_rel(got[f"s2t.{name}"], expected, what=f"s2t.{name}")
     # Without KD the projectors are not on any gradient path.
-    objective.kd_rate = 0.0
-    backward(objective, models, batch)
+    backward(objective, models, batch, kd_rate=0.0)
     assert all(is_zero(p.grad) for p in projectors.parameters())
 
 
@@ -136,7 +135,7 @@ def test_two_micro_batches_accumulate_to_the_gradient_of_one_batch(models, batch
     assert sum(p.num_student_tokens() for p in parts) == total
     sums = {}
     for part in parts:  # no zeroing between them: .grad accumulates, as in the engine
-        terms = run_objective(objective, student, models[1], part, total)
+        terms = run_objective(objective, student, models[1], part, total, kd_rate=0.5)
         terms.loss.backward()
         for key, value in terms.sums.items():
             sums[key] = sums.get(key, 0.0) + value

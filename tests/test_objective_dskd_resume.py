@@ -27,7 +27,7 @@ def build(version: str, student, teacher: LocalTeacher):
 def train_step(objective, student, teacher, batch) -> None:
     params = list(student.parameters()) + list(objective.trainable_modules().parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    run_objective(objective, student, teacher, batch, float(batch.num_student_tokens())).loss.backward()
+    run_objective(objective, student, teacher, batch, float(batch.num_student_tokens()), kd_rate=0.5).loss.backward()
     optimizer.step()
     objective.on_optimizer_step()
 
@@ -41,7 +41,7 @@ def test_resume_restores_the_projectors_and_the_s2t_map_exactly(tmp_path, versio
     train_step(objective, student, teacher, batch)
     state = {"model": student.state_dict(), "objective": objective.trainable_modules().state_dict()}
     checkpoint.save(tmp_path, 1, state, {}, keep=1)
-    reference_loss = run_objective(objective, student, teacher, batch, 10.0).loss.detach()
+    reference_loss = run_objective(objective, student, teacher, batch, 10.0, kd_rate=0.5).loss.detach()
 
     fresh_student = tiny_student(len(tok), seed=123)  # other weights: nothing may survive by accident
     fresh = build(version, fresh_student, teacher)
@@ -58,4 +58,4 @@ def test_resume_restores_the_projectors_and_the_s2t_map_exactly(tmp_path, versio
         assert torch.equal(restored[key], value), key
     if version == "v2":
         assert torch.equal(fresh.s2t_weight, objective.s2t_weight)
-    assert torch.equal(run_objective(fresh, fresh_student, teacher, batch, 10.0).loss.detach(), reference_loss)
+    assert torch.equal(run_objective(fresh, fresh_student, teacher, batch, 10.0, kd_rate=0.5).loss.detach(), reference_loss)

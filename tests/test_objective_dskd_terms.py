@@ -100,14 +100,13 @@ def objective_and_oracle(version, models, batch, *, divergence, temperature, kd_
     """(terms, oracle, their gradients) for one objective, each computed from zeroed gradients."""
     student, teacher = models
     fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl}[divergence]
-    context = make_context(student, teacher, divergence=fn, kd_rate=kd_rate, temperature=temperature,
-                           chunk_size=chunk_size)
+    context = make_context(student, teacher, divergence=fn, temperature=temperature, chunk_size=chunk_size)
     objective = dskd_v2(context, terms=terms) if version == "v2" else dskd_objective(context)
     params = {f"student.{n}": p for n, p in student.named_parameters()}
     params.update({f"projector.{n}": p for n, p in objective.trainable_modules().named_parameters()})
     for p in params.values():
         p.grad = None
-    result = run_objective(objective, student, teacher, batch, DENOMINATOR)
+    result = run_objective(objective, student, teacher, batch, DENOMINATOR, kd_rate=kd_rate)
     result.loss.backward()
     got = grads(params)
     for p in params.values():

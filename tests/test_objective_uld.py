@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from objective_checks import Result
 from cross_vocab_models import (
     assert_rel,
     gradients,
@@ -26,6 +27,7 @@ from cross_vocab_models import (
     valid_outputs,
 )
 from dskd.errors import ModelError, PluginError
+from dskd.kit.weights import objective_loss
 from dskd.lm_head import last_hidden_state
 from dskd.plugins.aligners.index import index
 from dskd.plugins.divergences.forward_kl import forward_kl
@@ -122,7 +124,6 @@ def test_uld_loss_terms_and_gradients_match_the_dense_oracle_without_touching_in
         student,
         teacher,
         divergence=forward_kl,
-        kd_rate=0.3,
         temperature=temperature,
         chunk_size=chunk_size,
         aligner=aligner,
@@ -144,7 +145,7 @@ def test_uld_loss_terms_and_gradients_match_the_dense_oracle_without_touching_in
             signal.hidden_states,
         )
     ]
-    result = objective.compute(batch, hidden, signal, DENOMINATOR)
+    result = Result(*objective_loss(objective, batch, hidden, signal, kd_rate=0.3, denominator=DENOMINATOR))
     got = gradients(params, result.loss)
     after = (batch.student_labels, batch.teacher_labels, batch.aligned_rows, hidden, signal.hidden_states)
     assert all(torch.equal(a.detach(), b) for a, b in zip(after, before))
@@ -168,7 +169,7 @@ def test_uld_ignores_the_configured_divergence(setup):
     with torch.no_grad():
         for divergence in (forward_kl, reverse_kl):
             objective = uld(make_context(student, teacher, divergence=divergence, aligner=aligner))
-            losses.append(run_objective(objective, student, teacher, batch, DENOMINATOR).loss)
+            losses.append(run_objective(objective, student, teacher, batch, DENOMINATOR, kd_rate=0.5).loss)
     assert torch.equal(losses[0], losses[1])
 
 
@@ -178,7 +179,7 @@ def test_uld_pairs_row_k_with_row_k_on_a_shared_vocabulary_without_an_aligner():
     batch = make_batch(None, "gpt2", "gpt2")
     assert batch.aligned_rows is None
     objective = uld(make_context(student, teacher, divergence=forward_kl, same_vocab=True, temperature=1.5))
-    result = run_objective(objective, student, teacher, batch, DENOMINATOR)
+    result = run_objective(objective, student, teacher, batch, DENOMINATOR, kd_rate=0.5)
     ref = oracle(student, teacher.model, batch, temperature=1.5, kd_rate=0.5)
     assert int(result.counts["kd"]) == ref["pairs"] == int((batch.student_labels != -100).sum())
     assert_rel(result.loss, ref["loss"], what="loss")
@@ -213,4 +214,4 @@ def test_uld_refuses_a_cross_vocabulary_batch_without_aligned_rows(setup):
     student, teacher, aligner, batch = setup
     objective = uld(make_context(student, teacher, divergence=forward_kl, aligner=aligner))
     with pytest.raises(ModelError, match='aligner.name = "index"'):
-        run_objective(objective, student, teacher, replace(batch, aligned_rows=None), DENOMINATOR)
+        run_objective(objective, student, teacher, replace(batch, aligned_rows=None), DENOMINATOR, kd_rate=0.5)

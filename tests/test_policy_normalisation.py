@@ -20,7 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cross_vocab_models import make_batch, make_context, models, run_objective, tokenizer, valid_outputs
 from dskd.engine import Trainer
+from dskd.kit.weights import LossWeights, weighting
 from dskd.lm_head import last_hidden_state
+from dskd.objective import student_ce_terms
 from dskd.plugins.aligners.eta import eta
 from dskd.plugins.aligners.index import index
 from dskd.plugins.aligners.mined import mined
@@ -141,13 +143,13 @@ def cross_vocab(tmp_path_factory):
 def build(name: str, cross_vocab):
     if name == "kd":
         student, teacher = models("tinyllama", "tinyllama")
-        context = make_context(student, teacher, "tinyllama", divergence=forward_kl, kd_rate=KD_RATE, same_vocab=True)
-        return student, teacher, kd(context), make_batch(None, "tinyllama", "tinyllama")
+        context = make_context(student, teacher, "tinyllama", divergence=forward_kl, same_vocab=True)
+        return student, teacher, kd(context), make_batch(None, "tinyllama", "tinyllama"), context
     student, teacher, aligners = cross_vocab
     aligner = aligners[name]
-    context = make_context(student, teacher, divergence=forward_kl, kd_rate=KD_RATE, aligner=aligner)
+    context = make_context(student, teacher, divergence=forward_kl, aligner=aligner)
     factory = {"uld": uld, "mined_kd": mined_kd, "dskd_v2": dskd_v2, "dskd_cma": dskd_cma}[name]
-    return student, teacher, factory(context), make_batch(aligner)
+    return student, teacher, factory(context), make_batch(aligner), context
 
 
 def gold_ce_sum(student, batch) -> float:
@@ -161,8 +163,8 @@ def gold_ce_sum(student, batch) -> float:
 
 @pytest.mark.parametrize("name", list(KD_TERMS))
 def test_a_ce_only_batch_trains_only_the_ce_and_a_kd_only_batch_only_the_kd(name, cross_vocab):
-    student, teacher, objective, batch = build(name, cross_vocab)
-    both = run_objective(objective, student, teacher, batch, DENOMINATOR)
+    student, teacher, objective, batch, _ = build(name, cross_vocab)
+    both = run_objective(objective, student, teacher, batch, DENOMINATOR, kd_rate=KD_RATE)
     kd_sum = sum(float(both.sums[k]) for k in KD_TERMS[name])
     ce_sum = gold_ce_sum(student, batch)
     assert float(both.sums["ce"]) == pytest.approx(ce_sum, rel=1e-4)
@@ -170,20 +172,23 @@ def test_a_ce_only_batch_trains_only_the_ce_and_a_kd_only_batch_only_the_kd(name
     assert float(both.loss.detach()) * DENOMINATOR == pytest.approx((1 - KD_RATE) * ce_sum + KD_RATE * kd_sum, rel=1e-4)
     assert kd_sum > 0.01, "setup: a vanishing KD part could hide in the CE part"
 
-    ce_only = dataclasses.replace(batch, ce=True, kd=False, ce_scale=1.75, kd_scale=0.0)
-    loss = run_objective(objective, student, teacher, ce_only, DENOMINATOR).loss
+    ce_only = dataclasses.replace(batch, ce=True, kd=False)
+    weights = LossWeights.for_batch(kd_rate=KD_RATE, denominator=DENOMINATOR, ce_scale=1.75, kd_scale=0.0)
+    loss = run_objective(objective, student, teacher, ce_only, DENOMINATOR, kd_rate=KD_RATE, weights=weights).loss
     assert float(loss.detach()) * DENOMINATOR == pytest.approx((1 - KD_RATE) * 1.75 * ce_sum, rel=1e-4)
 
-    kd_only = dataclasses.replace(batch, ce=False, kd=True, ce_scale=0.0, kd_scale=1.25)
-    loss = run_objective(objective, student, teacher, kd_only, DENOMINATOR).loss
+    kd_only = dataclasses.replace(batch, ce=False, kd=True)
+    weights = LossWeights.for_batch(kd_rate=KD_RATE, denominator=DENOMINATOR, ce_scale=0.0, kd_scale=1.25)
+    loss = run_objective(objective, student, teacher, kd_only, DENOMINATOR, kd_rate=KD_RATE, weights=weights).loss
     assert float(loss.detach()) * DENOMINATOR == pytest.approx(KD_RATE * 1.25 * kd_sum, rel=1e-4)
 
 
 @pytest.mark.parametrize("name", list(KD_TERMS))
-def test_compute_ce_is_compute_on_a_ce_only_batch_without_the_teacher(name, cross_vocab):
+def test_the_engines_ce_alone_is_the_objective_on_a_ce_only_batch_without_the_teacher(name, cross_vocab):
     """What the engine runs for a split step's CE batch equals the full objective there, loss and gradients."""
-    student, teacher, objective, batch = build(name, cross_vocab)
-    ce_only = dataclasses.replace(batch, ce=True, kd=False, ce_scale=1.75, kd_scale=0.0)
+    student, teacher, objective, batch, context = build(name, cross_vocab)
+    ce_only = dataclasses.replace(batch, ce=True, kd=False)
+    weights = LossWeights.for_batch(kd_rate=KD_RATE, denominator=DENOMINATOR, ce_scale=1.75, kd_scale=0.0)
     params = [p for p in student.parameters() if p.requires_grad]
 
     def loss_and_grads(run):
@@ -192,9 +197,15 @@ def test_compute_ce_is_compute_on_a_ce_only_batch_without_the_teacher(name, cros
         loss.backward()
         return loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
-    full, full_grads = loss_and_grads(lambda: run_objective(objective, student, teacher, ce_only, DENOMINATOR).loss)
+    full, full_grads = loss_and_grads(
+        lambda: run_objective(objective, student, teacher, ce_only, DENOMINATOR, kd_rate=KD_RATE, weights=weights).loss)
     hidden = lambda: last_hidden_state(student, ce_only.student_input_ids, ce_only.student_attention_mask)  # noqa: E731
-    alone, alone_grads = loss_and_grads(lambda: objective.compute_ce(ce_only, hidden(), DENOMINATOR).loss)
+
+    def engine_ce():
+        with weighting(weights) as weighing:
+            return weighing.loss(student_ce_terms(context.student_head, ce_only, hidden(), context.chunk_size))
+
+    alone, alone_grads = loss_and_grads(engine_ce)
     student.zero_grad(set_to_none=True)
     assert float(alone) == pytest.approx(float(full), rel=1e-5)
     assert float(alone) * DENOMINATOR == pytest.approx((1 - KD_RATE) * 1.75 * gold_ce_sum(student, batch), rel=1e-4)

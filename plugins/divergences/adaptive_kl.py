@@ -9,7 +9,7 @@
 Forward KL fits the teacher's head, reverse KL its tail; AKL weights each by the student's error there.
 This is spec §2.1 exactly, with two documented choices:
 - **deviation:** when g_head + g_tail = 0 (identical distributions) the reference divides 0 by 0 and returns
-  NaN; here the denominator is clamped to the smallest positive float, so both weights are 0 and AKL is 0.
+  NaN; here the sum of the gaps is clamped to the smallest positive float, so both weights are 0 and AKL is 0.
 - gaps at entries where either logit is non-finite are 0, like every other masked term; the teacher's own
   probabilities (0 at its `-inf` entries) still decide the sort and the cumulative mass.
 Cost: one full-vocabulary sort per row.
@@ -46,10 +46,10 @@ def adaptive_kl(
         sorted_gap = gap.gather(-1, order)
         g_tail = (sorted_gap * tail).sum(-1)
         g_head = (sorted_gap * ~tail).sum(-1)  # summed, not total - g_tail, which can round below 0
-        denominator = (g_head + g_tail).clamp_min(torch.finfo(gap.dtype).tiny)
+        gaps = (g_head + g_tail).clamp_min(torch.finfo(gap.dtype).tiny)
     fkl = pair.masked_sum(kl_terms(teacher, student))
     rkl = pair.masked_sum(kl_terms(student, teacher))
-    return g_head / denominator * fkl + g_tail / denominator * rkl
+    return g_head / gaps * fkl + g_tail / gaps * rkl
 
 
 @dskd.hookimpl

@@ -4,7 +4,7 @@ Two trainable projectors with bias, `t2s: Linear(d_t -> d_s)` and `s2t: Linear(d
 spaces: the teacher's last hidden states projected into the student's space go through the student's
 (detached) head, and the student's projected into the teacher's space go through the teacher's frozen head.
 Terms: student-space KD `d(z_s, sg(z_t2s))`, the projector's CE on the gold tokens, and teacher-space KD
-`d(z_s2t, z_t)`, mixed with the gold CE by `kd_rate`, all divided by the global loss denominator.
+`d(z_s2t, z_t)`, mixed with the gold CE by the engine (`kd_rate`, the step's global token count).
 
 Choices where the reference differs (spec §4.4, §14.6, §14.11): both projectors are optimised (the v2
 repository's copy never optimised s2t); teacher-space KD uses the configured divergence (v1 always used
@@ -19,7 +19,7 @@ import torch
 import dskd
 from dskd.dual_space import DualSpaceSpec, dual_space_terms, paired_rows
 from dskd.errors import ModelError, PluginError
-from dskd.objective import ObjectiveContext, mixing, student_ce_terms
+from dskd.objective import Objective, ObjectiveContext
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
 
@@ -30,7 +30,7 @@ class Projectors(torch.nn.Module):
         self.s2t = torch.nn.Linear(student_size, teacher_size, bias=True)
 
 
-class DSKD:
+class DSKD(Objective):
     request = SignalRequest(hidden_states=True)
 
     def __init__(self, context: ObjectiveContext) -> None:
@@ -38,7 +38,6 @@ class DSKD:
         self.teacher_head = context.teacher.head
         self.divergence = context.divergence
         self.temperature = context.temperature
-        self.kd_rate = context.kd_rate
         self.chunk_size = context.chunk_size
         self.spec = DualSpaceSpec("gold", gate_student_kd=False)
         device = self.student_head.weight.device
@@ -47,23 +46,14 @@ class DSKD:
     def trainable_modules(self) -> torch.nn.Module:
         return self.projectors
 
-    def on_optimizer_step(self) -> None:
-        pass
-
-    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
-        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
-        return student_ce_terms(self.student_head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
-
-    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
+    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
         rows = paired_rows(batch, student_hidden, signal, same_vocab=True, teacher_hidden_size=self.teacher_head.hidden_size, name="dskd")
         p = self.projectors
-        loss, sums, counts = dual_space_terms(
+        return dual_space_terms(
             self.spec, rows, student_head=self.student_head, teacher_head=self.teacher_head,
             t2s={"weight": p.t2s.weight, "bias": p.t2s.bias}, s2t={"weight": p.s2t.weight, "bias": p.s2t.bias},
-            vocab_map=None, divergence=self.divergence, temperature=self.temperature, kd_rate=self.kd_rate,
-            denominator=denominator, chunk_size=self.chunk_size, scales=(batch.ce_scale, batch.kd_scale),
+            vocab_map=None, divergence=self.divergence, temperature=self.temperature, chunk_size=self.chunk_size,
         )
-        return LossTerms(loss, sums, counts)
 
 
 def dskd_objective(context: ObjectiveContext) -> DSKD:

@@ -11,13 +11,14 @@ divided by one global std; scores are scaled by `sqrt(2 d_t)` and masked to labe
 - teacher space: `z_s2t = head_t(A' s2t(h_s))`, `A'` the softmax over student positions;
   `kd_teacher_space = d(z_s2t, z_t)` trains s2t, query and the student body.
 
-`L = [(1 - kd_rate) CE + kd_rate (projector_ce + kd_student_space + kd_teacher_space)] / D`, no tau^2.
+`L = [(1 - kd_rate) CE + kd_rate (projector_ce + kd_student_space + kd_teacher_space)] / D`, no tau^2
+(the objective returns the sums; the engine weights them).
 
 Choices where the reference differs:
 - all three projectors (`Linear` with bias, v1's layout) are given to the optimizer and checkpointed
   (spec §14.6: the v2 repository never optimised `query`);
 - teacher-space KD uses the configured divergence (v1 always used forward KL, spec §14.11);
-- every term is divided by the one global denominator D (spec §0);
+- every term is a sum the engine divides by the step's global token count D (spec §0);
 - the three std normalisers are taken over the label positions of the micro-batch, not over the padded
   `(B, T, d)` tensor: under dynamic padding the reference's statistic would change with how much padding and
   prompt a micro-batch holds, and masked positions receive no attention weight anyway. For the same reason
@@ -34,10 +35,10 @@ from __future__ import annotations
 import dskd
 import torch
 import torch.nn.functional as F
-from dskd.chunked import chunked_loss
+from dskd.chunked import chunked_parts
 from dskd.cross_model_attention import attention_weights, packed, padded, sequence_has
 from dskd.errors import ModelError, PluginError
-from dskd.objective import ObjectiveContext, gather_labels, gather_rows, mixing, student_ce_terms
+from dskd.objective import Objective, ObjectiveContext, gather_labels, gather_rows
 from dskd.row_partners import teacher_hidden
 from dskd.types import IGNORE_INDEX, Batch, LossTerms, SignalRequest, TeacherSignal
 
@@ -50,7 +51,7 @@ class Projectors(torch.nn.Module):
         self.s2t = torch.nn.Linear(student_hidden, teacher_hidden)
 
 
-class DSKDCMA:
+class DSKDCMA(Objective):
     request = SignalRequest(hidden_states=True)
 
     def __init__(
@@ -62,7 +63,6 @@ class DSKDCMA:
         self.teacher_embeddings = teacher_embeddings.detach()
         self.divergence = context.divergence
         self.temperature = context.temperature
-        self.kd_rate = context.kd_rate
         self.chunk_size = context.chunk_size
         self.projectors = Projectors(
             student_embeddings.shape[1], self.student_head.hidden_size, self.teacher_head.hidden_size
@@ -72,16 +72,7 @@ class DSKDCMA:
     def trainable_modules(self) -> torch.nn.Module:
         return self.projectors
 
-    def on_optimizer_step(self) -> None:
-        pass
-
-    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
-        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
-        return student_ce_terms(self.student_head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
-
-    def compute(
-        self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float
-    ) -> LossTerms:
+    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
         h_t = teacher_hidden(signal, self.teacher_head.hidden_size, "dskd_cma").float()
         h_s = gather_rows(student_hidden, batch.student_rows)
         student_rows = {"h_s": h_s, "labels": gather_labels(batch.student_labels, batch.student_rows)}
@@ -90,31 +81,20 @@ class DSKDCMA:
         cross = bool(h_t.shape[0] and h_s.shape[0])
         if cross:
             student_rows["h_t2s"], student_rows["valid"], h_s2t, t_valid = self._attend(batch, h_s, h_t)
-        # (1 - kd_rate, kd_rate), renormalised per part when a policy split the step into CE and KD batches.
-        weights = mixing(batch, self.kd_rate)
-        loss, sums = chunked_loss(
-            self._student_chunk(denominator, weights),
-            student_rows,
-            self.student_head.tensors(),
-            chunk_size=self.chunk_size,
-        )
-        counts = {"ce": torch.tensor(float(h_s.shape[0]), device=loss.device)}
+        parts, metrics = chunked_parts(self._student_chunk(), student_rows, self.student_head.tensors(), chunk_size=self.chunk_size)
+        counts = {"ce": torch.tensor(float(h_s.shape[0]), device=h_s.device)}
         if cross:
             teacher_rows = {"h_s2t": h_s2t, "h_t": h_t, "valid": t_valid}
-            teacher_loss, teacher_sums = chunked_loss(
-                self._teacher_chunk(denominator, weights[1]), teacher_rows, {}, chunk_size=self.chunk_size
-            )
-            loss = loss + teacher_loss
-            sums.update(teacher_sums)
-            n_valid, n_agree = student_rows["valid"].sum().float(), sums["t2s_agreement"]
+            teacher_parts, _ = chunked_parts(self._teacher_chunk(), teacher_rows, {}, chunk_size=self.chunk_size)
+            parts.update(teacher_parts)
+            n_valid, n_agree = student_rows["valid"].sum().float(), metrics["t2s_agreement"]
             counts.update(
                 projector_ce=n_valid,
                 kd_student_space=n_agree,
                 t2s_agreement=n_valid,
                 kd_teacher_space=t_valid.sum().float(),
             )
-        zero = loss.new_zeros(())
-        return LossTerms(loss, {name: sums.get(name, zero) for name in counts}, counts)
+        return LossTerms(parts=parts, counts=counts, metrics=metrics)
 
     def _attend(self, batch: Batch, h_s: torch.Tensor, h_t: torch.Tensor):
         """Projected values of each side, mixed by the cross-model attention, at the packed label rows."""
@@ -141,32 +121,25 @@ class DSKDCMA:
         h_s2t = packed(torch.bmm(s2t_weights, padded(s2t_values, s_rows, b, t_s)), t_rows)
         return h_t2s, sequence_has(t_mask, s_rows, t_s), h_s2t, sequence_has(s_mask, t_rows, t_t)
 
-    def _student_chunk(self, denominator: float, weights: tuple[float, float]):
+    def _student_chunk(self):
         head, divergence, tau = self.student_head, self.divergence, self.temperature
-        ce_weight, kd_weight = weights
         names = list(head.tensors())
 
         def chunk(r: dict, shared: dict):
             head_s = head.with_tensors({k: shared[k] for k in names})
             z_s = head_s.logits(r["h_s"])
             ce = F.cross_entropy(z_s, r["labels"], reduction="sum")
-            stats = {"ce": ce.detach()}
             if "h_t2s" not in r:
-                return ce_weight * ce / denominator, stats
+                return {"ce": ce}, {}
             z_t2s = head_s.detached().logits(r["h_t2s"])  # sg(W_s): this path trains the projectors only
             projector_ce = (F.cross_entropy(z_t2s, r["labels"], reduction="none") * r["valid"]).sum()
             agree = (z_t2s.argmax(-1) == r["labels"]) & r["valid"]
             kd = (divergence(z_s, z_t2s.detach(), temperature=tau) * agree).sum()
-            stats.update(
-                projector_ce=projector_ce.detach(),
-                kd_student_space=kd.detach(),
-                t2s_agreement=agree.sum().float(),
-            )
-            return (ce_weight * ce + kd_weight * (projector_ce + kd)) / denominator, stats
+            return {"ce": ce, "projector_ce": projector_ce, "kd_student_space": kd}, {"t2s_agreement": agree.sum().float()}
 
         return chunk
 
-    def _teacher_chunk(self, denominator: float, kd_weight: float):
+    def _teacher_chunk(self):
         teacher_head, divergence, tau = self.teacher_head, self.divergence, self.temperature
 
         def chunk(r: dict, shared: dict):
@@ -174,7 +147,7 @@ class DSKDCMA:
                 divergence(teacher_head.logits(r["h_s2t"]), teacher_head.logits(r["h_t"]), temperature=tau)
                 * r["valid"]
             ).sum()
-            return kd_weight * kd / denominator, {"kd_teacher_space": kd.detach()}
+            return {"kd_teacher_space": kd}, {}
 
         return chunk
 

@@ -2,7 +2,7 @@
 
 Terms (see `dskd.dual_space.dual_space_terms`): student-space KD against the teacher projected by a trainable
 t2s map, the t2s map's cross-entropy on the teacher's top-1, and teacher-space KD of the student projected
-by a closed-form s2t map, mixed with the gold CE by `kd_rate`.
+by a closed-form s2t map, mixed with the gold CE by the engine (`kd_rate`).
 
 - t2s: `Linear(d_t -> d_s)` without bias, initialised to the least-squares ("ideal") solution
   `Y = argmin ||Y S' - T'||` on the shared vocabulary V' (S', T' the heads' transposed rows on V'), so that at
@@ -15,7 +15,7 @@ by a closed-form s2t map, mixed with the gold CE by `kd_rate`.
 
 Choices where the reference is buggy or batch-dependent (spec §14), each for a correct global token mean:
 - every projector is given to the optimizer and checkpointed (the reference never trained s2t, §14.6);
-- every term is divided by the global loss denominator, not by micro-batch-local counts (§14.10), so the
+- every term is a sum the engine divides by the step's global token count, not by micro-batch-local counts (§14.10), so the
   agreement gate removes tokens from the student-space KD without re-weighting the remaining ones;
 - the gate is the agreement itself (`gate_student_kd`); the reference's `--t2s-agreement` threshold of 1.0
   compared a rate normalised by the *global* count and flipped branches on long micro-batches;
@@ -29,7 +29,7 @@ import torch
 import dskd
 from dskd.dual_space import DualSpaceSpec, dual_space_terms, least_squares_map, paired_rows, right_inverse_factor, shared_vocabulary
 from dskd.errors import ModelError, PluginError
-from dskd.objective import ObjectiveContext, mixing, student_ce_terms
+from dskd.objective import Objective, ObjectiveContext
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
 TERMS = {"both": (True, True), "student": (True, False), "teacher": (False, True)}
@@ -41,7 +41,7 @@ class Projectors(torch.nn.Module):
         self.t2s = torch.nn.Linear(teacher_size, student_size, bias=False)
 
 
-class DSKDv2:
+class DSKDv2(Objective):
     request = SignalRequest(hidden_states=True)
 
     def __init__(self, context: ObjectiveContext, *, init_projector: bool, gate_student_kd: bool, terms: str, shared_vocab_limit: int) -> None:
@@ -50,7 +50,6 @@ class DSKDv2:
         self.teacher_head = teacher.head
         self.divergence = context.divergence
         self.temperature = context.temperature
-        self.kd_rate = context.kd_rate
         self.chunk_size = context.chunk_size
         self.same_vocab = context.same_vocab
         device = self.student_head.weight.device
@@ -88,20 +87,14 @@ class DSKDv2:
     def describe(self) -> str:
         return f"shared vocabulary {len(self.shared)} tokens (least-squares init and s2t map)"
 
-    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
-        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
-        return student_ce_terms(self.student_head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
-
-    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
+    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
         rows = paired_rows(batch, student_hidden, signal, same_vocab=self.same_vocab,
                            teacher_hidden_size=self.teacher_head.hidden_size, name="dskd_v2")
-        loss, sums, counts = dual_space_terms(
+        return dual_space_terms(
             self.spec, rows, student_head=self.student_head, teacher_head=self.teacher_head,
             t2s={"weight": self.projectors.t2s.weight}, s2t={"weight": self.s2t_weight}, vocab_map=self.vocab_map,
-            divergence=self.divergence, temperature=self.temperature, kd_rate=self.kd_rate,
-            denominator=denominator, chunk_size=self.chunk_size, scales=(batch.ce_scale, batch.kd_scale),
+            divergence=self.divergence, temperature=self.temperature, chunk_size=self.chunk_size,
         )
-        return LossTerms(loss, sums, counts)
 
 
 def dskd_v2(context: ObjectiveContext, *, init_projector: bool = True, gate_student_kd: bool = True, terms: str = "both", shared_vocab_limit: int = 0) -> DSKDv2:

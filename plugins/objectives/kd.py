@@ -2,7 +2,7 @@
 
 `L = [(1 - kd_rate) * sum CE(z_s, y) + kd_rate * sum d(z_s, z_t)] / D` over the valid tokens, with `d` the
 configured divergence at the configured temperature (no tau^2 factor, as in the reference, spec §1.3) and D
-the step's loss denominator (spec §0). Position t of the student is compared with position t of the
+the step's global token count (spec §0); the objective returns the two sums, the engine weights them. Position t of the student is compared with position t of the
 teacher, which is only meaningful when both tokenise identically, so different vocabularies are refused at
 setup (use a cross-tokenizer objective). The teacher's distribution comes from its last hidden states
 through its LM head (exact, and 2*d_t bytes a token on the wire instead of 2*V_t), or from its top-k
@@ -15,34 +15,23 @@ import torch
 import torch.nn.functional as F
 
 import dskd
-from dskd.chunked import chunked_loss
+from dskd.chunked import chunked_parts
 from dskd.errors import DskdError, ModelError, PluginError
-from dskd.objective import CROSS_TOKENIZER_OBJECTIVES, ObjectiveContext, gather_labels, gather_rows, mixing, student_ce_terms
+from dskd.objective import CROSS_TOKENIZER_OBJECTIVES, Objective, ObjectiveContext, gather_labels, gather_rows
 from dskd.types import Batch, LossTerms, SignalRequest, SparseTeacher, TeacherSignal
 
 
-class KD:
+class KD(Objective):
     def __init__(self, context: ObjectiveContext, teacher_signal: str, top_k: int) -> None:
         self.head = context.student_head
         self.teacher_head = context.teacher.head
         self.divergence = context.divergence
-        self.kd_rate = context.kd_rate
         self.temperature = context.temperature
         self.chunk_size = context.chunk_size
         self.sparse = teacher_signal == "top_k"
         self.request = SignalRequest(top_k=top_k) if self.sparse else SignalRequest(hidden_states=True)
 
-    def trainable_modules(self) -> None:
-        return None
-
-    def on_optimizer_step(self) -> None:
-        pass
-
-    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
-        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
-        return student_ce_terms(self.head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
-
-    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float) -> LossTerms:
+    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
         hidden = gather_rows(student_hidden, batch.student_rows)
         labels = gather_labels(batch.student_labels, batch.student_rows)
         if signal is None or signal.num_rows != hidden.shape[0]:
@@ -57,7 +46,6 @@ class KD:
         else:
             rows["teacher_hidden"] = signal.hidden_states
         head, teacher_head, divergence, tau = self.head, self.teacher_head, self.divergence, self.temperature
-        ce_weight, kd_weight = mixing(batch, self.kd_rate)
 
         def chunk(r: dict, shared: dict):
             z_s = head.with_tensors(shared).logits(r["hidden"])
@@ -67,12 +55,11 @@ class KD:
             else:
                 teacher = teacher_head.logits(r["teacher_hidden"])
             kd = divergence(z_s, teacher, temperature=tau).sum()
-            return (ce_weight * ce + kd_weight * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
+            return {"ce": ce, "kd": kd}, {}
 
-        loss, sums = chunked_loss(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
-        count = torch.tensor(float(labels.shape[0]), device=loss.device)
-        zero = torch.zeros((), device=loss.device)
-        return LossTerms(loss, sums={k: sums.get(k, zero) for k in ("ce", "kd")}, counts={"ce": count, "kd": count})
+        parts, _ = chunked_parts(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
+        count = torch.tensor(float(labels.shape[0]), device=labels.device)
+        return LossTerms(parts=parts, counts={"ce": count, "kd": count})
 
 
 def kd(context: ObjectiveContext, *, teacher_signal: str = "hidden", top_k: int = 64) -> KD:

@@ -26,9 +26,9 @@ import dskd
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dskd.chunked import chunked_loss
+from dskd.chunked import chunked_parts
 from dskd.errors import ModelError, PluginError
-from dskd.objective import ObjectiveContext, gather_labels, gather_rows, mixing, student_ce_terms
+from dskd.objective import Objective, ObjectiveContext, gather_labels, gather_rows
 from dskd.row_partners import row_partners, teacher_hidden
 from dskd.token_bytes import exact_byte_map, vocab_bytes
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
@@ -100,33 +100,20 @@ def id_table(context: ObjectiveContext) -> np.ndarray:
     return student_to_teacher(vocab_map, student_size, exact, per_teacher_id(t_bytes.byte_piece, False))
 
 
-class MinEDKD:
+class MinEDKD(Objective):
     request = SignalRequest(hidden_states=True)
 
     def __init__(self, context: ObjectiveContext, stu2tea: torch.Tensor, unaligned: str) -> None:
         self.head = context.student_head
         self.teacher_head = context.teacher.head
         self.divergence = context.divergence
-        self.kd_rate = context.kd_rate
         self.temperature = context.temperature
         self.chunk_size = context.chunk_size
         self.same_vocab = context.same_vocab
         self.stu2tea = stu2tea.to(self.head.weight.device)
         self.skip_unaligned = unaligned == "skip"
 
-    def trainable_modules(self) -> None:
-        return None
-
-    def on_optimizer_step(self) -> None:
-        pass
-
-    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
-        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
-        return student_ce_terms(self.head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
-
-    def compute(
-        self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float
-    ) -> LossTerms:
+    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
         h_t = teacher_hidden(signal, self.teacher_head.hidden_size, "mined_kd")
         partners = row_partners(
             batch, h_t.shape[0], same_vocab=self.same_vocab, name="mined_kd", aligner_hint="mined"
@@ -142,8 +129,6 @@ class MinEDKD:
         }
         head, teacher_head, divergence, stu2tea = self.head, self.teacher_head, self.divergence, self.stu2tea
         tau = self.temperature
-        # (1 - kd_rate, kd_rate), renormalised per part when a policy split the step into CE and KD batches.
-        ce_weight, kd_weight = mixing(batch, self.kd_rate)
 
         def chunk(r: dict, shared: dict):
             z_s = head.with_tensors(shared).logits(r["hidden"])
@@ -152,15 +137,11 @@ class MinEDKD:
                 teacher_head.logits(r["teacher_hidden"]), stu2tea, r["labels"], r["paired"]
             )
             kd = (divergence(z_s, target, temperature=tau) * r["weight"]).sum()
-            return (ce_weight * ce + kd_weight * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
+            return {"ce": ce, "kd": kd}, {}
 
-        loss, sums = chunked_loss(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
-        zero = loss.new_zeros(())
-        counts = {
-            "ce": torch.tensor(float(rows["labels"].shape[0]), device=loss.device),
-            "kd": weight.sum().float(),
-        }
-        return LossTerms(loss, sums={k: sums.get(k, zero) for k in ("ce", "kd")}, counts=counts)
+        parts, _ = chunked_parts(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
+        counts = {"ce": torch.tensor(float(rows["labels"].shape[0]), device=weight.device), "kd": weight.sum().float()}
+        return LossTerms(parts=parts, counts=counts)
 
 
 def mined_kd(context: ObjectiveContext, *, unaligned: str = "gold") -> MinEDKD:

@@ -26,9 +26,9 @@ from __future__ import annotations
 import dskd
 import torch
 import torch.nn.functional as F
-from dskd.chunked import chunked_loss
+from dskd.chunked import chunked_parts
 from dskd.errors import PluginError
-from dskd.objective import ObjectiveContext, gather_labels, gather_rows, mixing, student_ce_terms
+from dskd.objective import Objective, ObjectiveContext, gather_labels, gather_rows
 from dskd.row_partners import row_partners, teacher_hidden
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
@@ -52,30 +52,17 @@ def uld_distance(
     return head + p_s[:, common:].sum(-1) + p_t[:, common:].sum(-1)
 
 
-class ULD:
+class ULD(Objective):
     request = SignalRequest(hidden_states=True)
 
     def __init__(self, context: ObjectiveContext) -> None:
         self.head = context.student_head
         self.teacher_head = context.teacher.head
-        self.kd_rate = context.kd_rate
         self.temperature = context.temperature
         self.chunk_size = context.chunk_size
         self.same_vocab = context.same_vocab
 
-    def trainable_modules(self) -> None:
-        return None
-
-    def on_optimizer_step(self) -> None:
-        pass
-
-    def compute_ce(self, batch: Batch, student_hidden: torch.Tensor, denominator: float) -> LossTerms:
-        """The CE part alone, for a batch that trains no KD (the engine then asks the teacher nothing)."""
-        return student_ce_terms(self.head, batch, student_hidden, mixing(batch, self.kd_rate)[0], denominator, self.chunk_size)
-
-    def compute(
-        self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, denominator: float
-    ) -> LossTerms:
+    def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
         h_t = teacher_hidden(signal, self.teacher_head.hidden_size, "uld")
         partners = row_partners(
             batch, h_t.shape[0], same_vocab=self.same_vocab, name="uld", aligner_hint="index"
@@ -87,8 +74,6 @@ class ULD:
             "paired": partners.paired,
         }
         head, teacher_head, tau = self.head, self.teacher_head, self.temperature
-        # (1 - kd_rate, kd_rate), renormalised per part when a policy split the step into CE and KD batches.
-        ce_weight, kd_weight = mixing(batch, self.kd_rate)
 
         def chunk(r: dict, shared: dict):
             z_s = head.with_tensors(shared).logits(r["hidden"])
@@ -98,15 +83,14 @@ class ULD:
             kd = (
                 uld_distance(z_s, teacher_head.logits(r["teacher_hidden"]), temperature=tau) * r["paired"]
             ).sum()
-            return (ce_weight * ce + kd_weight * kd) / denominator, {"ce": ce.detach(), "kd": kd.detach()}
+            return {"ce": ce, "kd": kd}, {}
 
-        loss, sums = chunked_loss(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
-        zero = loss.new_zeros(())
+        parts, _ = chunked_parts(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
         counts = {
-            "ce": torch.tensor(float(rows["labels"].shape[0]), device=loss.device),
+            "ce": torch.tensor(float(rows["labels"].shape[0]), device=partners.paired.device),
             "kd": partners.paired.sum().float(),
         }
-        return LossTerms(loss, sums={k: sums.get(k, zero) for k in ("ce", "kd")}, counts=counts)
+        return LossTerms(parts=parts, counts=counts)
 
 
 def uld(context: ObjectiveContext) -> ULD:
