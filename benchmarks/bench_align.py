@@ -33,7 +33,7 @@ from pydoc_data.topics import topics
 from rapidfuzz.distance import Levenshtein
 from transformers import AutoTokenizer
 
-from dskd.alignment_bounds import exact_span_count, greedy_pairs
+from dskd.evaluation.alignment_bounds import exact_span_count, greedy_pairs
 from dskd.plugins.aligners.eta import eta
 from dskd.plugins.aligners.mined import mined
 
@@ -133,7 +133,7 @@ def step_overhead_ratio(steps: int) -> dict:
 
     from dskd.config import load_config
     from dskd.console import Console
-    from dskd.job import Job
+    from dskd.run.job import Job
     from dskd.registry import load_registry
 
     registry = load_registry()

@@ -5,7 +5,7 @@ V_s = 50,257, with 2,048 valid tokens, float32, on the CPU. The heads, hidden st
 the shared vocabulary is the first V_s ids (teacher id i < V_s is student id i), so the projector CE and
 the agreement gate run on the teacher's top-1 as in a cross-vocabulary DSKDv2 step.
 
-Both variants call `dskd.dual_space.dual_space_terms` on the same inputs (same seed):
+Both variants call `dskd.kit.dual_space.dual_space_terms` on the same inputs (same seed):
 - `chunked`: as the objective runs it, `chunked_loss` over `--chunk-size` rows at a time;
 - `dense`: the identical per-row function run by `dense_loss` over all rows at once (plain autograd), which
   materialises every (tokens x vocabulary) tensor of the loss at the same time: the baseline.
@@ -80,16 +80,16 @@ def inputs(tokens: int) -> dict[str, torch.Tensor]:
 
 
 def loss_step(variant: str, t: dict[str, torch.Tensor], chunk_size: int, divergence, temperature: float) -> float:
-    import dskd.chunked
-    from dskd.dual_space import DualSpaceSpec, PairedRows, dual_space_terms
-    from dskd.lm_head import LMHead
+    import dskd.kit.chunked
+    from dskd.kit.dual_space import DualSpaceSpec, PairedRows, dual_space_terms
+    from dskd.kit.lm_head import LMHead
 
     vocab_map = torch.arange(V_T)
     vocab_map[V_S:] = -1  # teacher ids beyond the student's vocabulary have no student token
     rows = PairedRows(t["student_hidden"], t["labels"], t["teacher_hidden"], None, None)
-    original = dskd.chunked.chunked_loss
+    original = dskd.kit.chunked.chunked_loss
     if variant == "dense":  # the same per-row function, through plain autograd over all rows at once
-        dskd.chunked.chunked_loss = lambda fn, r, shared, chunk_size: dskd.chunked.dense_loss(fn, r, shared)
+        dskd.kit.chunked.chunked_loss = lambda fn, r, shared, chunk_size: dskd.kit.chunked.dense_loss(fn, r, shared)
     try:
         loss, _, _ = dual_space_terms(
             DualSpaceSpec("teacher_top1", gate_student_kd=True), rows,
@@ -99,7 +99,7 @@ def loss_step(variant: str, t: dict[str, torch.Tensor], chunk_size: int, diverge
             chunk_size=chunk_size,
         )
     finally:
-        dskd.chunked.chunked_loss = original
+        dskd.kit.chunked.chunked_loss = original
     loss.backward()
     return float(loss.detach())
 
@@ -154,7 +154,7 @@ def parent(args: argparse.Namespace) -> None:
     losses = {variant: results[0]["loss"] for variant, results in rounds.items()}
     report = {
         "benchmark": "loss_memory",
-        "objective": "dskd_v2 terms (dskd.dual_space.dual_space_terms), agreement-gated, teacher top-1 projector CE",
+        "objective": "dskd_v2 terms (dskd.kit.dual_space.dual_space_terms), agreement-gated, teacher top-1 projector CE",
         "shapes": {"d_t": D_T, "V_t": V_T, "d_s": D_S, "V_s": V_S, "tokens": args.tokens, "shared_vocab": V_S},
         "dtype": "float32", "device": "cpu", "torch_threads": torch.get_num_threads(),
         "divergence": args.divergence, "temperature": args.temperature, "chunk_size": args.chunk_size,

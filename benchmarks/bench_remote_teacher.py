@@ -44,7 +44,7 @@ import grpc  # noqa: E402
 from bench_server_batching import drive  # noqa: E402
 from dskd.config import load_config  # noqa: E402
 from dskd.console import Console  # noqa: E402
-from dskd.job import Job  # noqa: E402
+from dskd.run.job import Job  # noqa: E402
 from dskd.protos import teacher_pb2_grpc  # noqa: E402
 from dskd.registry import load_registry  # noqa: E402
 from dskd.servers.client import RemoteTeacher  # noqa: E402

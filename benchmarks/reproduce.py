@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 from dskd.config import load_config  # noqa: E402
 from dskd.console import Console  # noqa: E402
-from dskd.evaluation_stage import evaluate_stage  # noqa: E402
-from dskd.job import Job  # noqa: E402
+from dskd.evaluation.stage import evaluate_stage  # noqa: E402
+from dskd.run.job import Job  # noqa: E402
 from dskd.registry import load_registry  # noqa: E402
 
 SAME, CROSS = "same_vocab", "cross_vocab"

@@ -6,9 +6,12 @@ Public API for plugin authors and users:
 - `dskd.load_registry()`: every loaded plugin's divergences, aligners, policies and objectives by name.
 - `dskd.Alignment`, `dskd.Batch`, `dskd.TeacherSignal`, `dskd.SparseTeacher`, `dskd.LossTerms`: the values that
   pass between stages.
+- `dskd.DskdError`, `dskd.PluginError`, `dskd.ModelError`: the errors a plugin raises for input it cannot serve
+  (the CLI prints them as one line and exits with status 2).
+- `dskd.kit`: the toolkit for plugin authors (losses, LM-head view, dual-space terms, token bytes, sampling).
 """
 
-from dskd.errors import DskdError
+from dskd.errors import DskdError, ModelError, PluginError
 from dskd.hookspecs import hookimpl
 from dskd.registry import load_registry
 from dskd.types import IGNORE_INDEX, Alignment, Batch, LossTerms, SignalRequest, SparseTeacher, TeacherSignal
@@ -21,6 +24,8 @@ __all__ = [
     "Batch",
     "DskdError",
     "LossTerms",
+    "ModelError",
+    "PluginError",
     "SignalRequest",
     "SparseTeacher",
     "TeacherSignal",

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from dskd.errors import ConfigError, ConfigProblem
 
@@ -173,8 +174,8 @@ class AlignerConfig(PluginConfig):
 
 @dataclass(frozen=True)
 class PolicyConfig(PluginConfig):
-    name: str = "off_policy"
-    """Policy plugin: off_policy, on_policy, mixed, teacher_generated, adaptive."""
+    name: str = ""
+    """Policy plugin: off_policy, on_policy, mixed, teacher_generated, adaptive; empty: the default one (off_policy)."""
 
 
 @dataclass(frozen=True)
@@ -464,7 +465,7 @@ def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
     objective = registry.family("objectives").get(config.objective.name)
     t = config.teacher
     # An objective declares whether it needs a teacher (sft does not); the name is never special-cased here.
-    if objective is not None and getattr(objective, "needs_teacher", True) and not (t.model or t.config or t.address):
+    if objective is not None and registry.declared("objectives", config.objective.name, "needs_teacher") and not (t.model or t.config or t.address):
         problems.append(ConfigProblem("teacher", "no teacher: neither model, config nor address is set",
                                       f"set teacher.model, teacher.config or teacher.address (objective {config.objective.name!r} needs one)"))
     for table, family in PLUGIN_TABLES.items():

@@ -28,6 +28,24 @@ LOAD_ENV = "DSKD_LOAD_PLUGINS"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+DECLARATIONS: dict[str, dict[str, Any]] = {
+    "divergences": {"accepts_sparse_teacher": False},
+    "aligners": {"default": False},
+    "policies": {"default": False},
+    "objectives": {"needs_teacher": True, "default_aligner": "", "teacher_sft": False},
+}
+"""What a registered factory (or divergence function) may declare as an attribute, with the value assumed when it
+does not (docs/plugins.md explains each):
+
+- divergence `accepts_sparse_teacher`: it takes a `SparseTeacher` (top-k + tail) in place of dense logits;
+- aligner `default`: the aligner used across vocabularies when a job names none (built-in: eta);
+- policy `default`: the policy of a job that names none, and of the teacher_sft stage (built-in: off_policy);
+- objective `needs_teacher`: False for an objective without distillation parts (no teacher, no `kd_rate`);
+- objective `default_aligner`: the aligner it uses when the job names none (uld: index, mined_kd: mined);
+- objective `teacher_sft`: the objective the teacher_sft stage trains the teacher with (built-in: sft).
+"""
+
+
 @dataclass(frozen=True)
 class Registration:
     """One registered name: what it maps to and which plugin (and package) registered it."""
@@ -71,6 +89,23 @@ class Registry:
                 f"(install the package that provides it, or check `dskd plugins`)"
             )
         return table[name]
+
+    def declared(self, family: str, name: str, key: str) -> Any:
+        """What plugin `name` declares for `key` (see `DECLARATIONS`), or the value assumed when it is silent."""
+        assumed = DECLARATIONS[family][key]  # a KeyError here is a bug in dskd: only declared keys are read
+        return getattr(self.get(family, name), key, assumed)
+
+    def default(self, family: str, key: str = "default") -> str:
+        """The one plugin of `family` that declares `key = True` (e.g. the default policy)."""
+        table = self.family(family)
+        names = [name for name in sorted(table) if getattr(table[name], key, False) is True]
+        if len(names) != 1:
+            found = ", ".join(names) or "none is loaded"
+            raise PluginError(
+                f"dskd needs exactly one {SINGULAR[family]} that declares `{key} = True`, found {len(names)} ({found}); "
+                f"name the {SINGULAR[family]} in the job, or check DSKD_LOAD_PLUGINS and `dskd plugins`"
+            )
+        return names[0]
 
     def describe(self) -> dict[str, Any]:
         """The JSON shape printed by `dskd plugins --json`."""

@@ -2,7 +2,7 @@
 
 - `serve_teacher.py`: the server users start; `servicer.py`, `batcher.py`, `validation.py`, `security.py` and
   `health_status.py` are its parts.
-- `client.py`: `RemoteTeacher`, the `dskd.teacher.Teacher` implementation the engine uses; `score_plan.py`,
+- `client.py`: `RemoteTeacher`, the `dskd.models.teacher.Teacher` implementation the engine uses; `score_plan.py`,
   `replicas.py` and `teacher_cache.py` are its parts.
 - `wire.py`: the byte layout both sides share.
 

@@ -3,7 +3,7 @@
 gRPC handlers never touch the model; they put a job on a bounded queue and wait on its future. The worker
 takes the oldest job and, when batching is on, every further Score job already waiting whose sequences still
 fit the token budget (sequences x longest length, the padded size of the forward), runs one forward through
-`dskd.teacher.compute_signal`, and splits the result back per job. Nothing waits for a batch to fill: under
+`dskd.models.teacher.compute_signal`, and splits the result back per job. Nothing waits for a batch to fill: under
 load the queue fills by itself while the previous forward runs, and an idle server answers at once.
 
 Each job may ask for a different top-k; the forward computes the largest, and a smaller one is cut from it
@@ -21,12 +21,12 @@ from functools import reduce
 
 import torch
 
-from dskd.generation import sample_continuations
-from dskd.lm_head import LMHead
+from dskd.models.generation import sample_continuations
+from dskd.kit.lm_head import LMHead
 from dskd.protos import teacher_pb2 as pb
 from dskd.servers.validation import GenerateInput, ScoreInput
 from dskd.servers.wire import tensor_bytes
-from dskd.teacher import compute_signal
+from dskd.models.teacher import compute_signal
 from dskd.types import SignalRequest
 
 

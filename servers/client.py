@@ -1,4 +1,4 @@
-"""`RemoteTeacher`: the `dskd.teacher.Teacher` interface over gRPC, for teachers served by serve_teacher.py.
+"""`RemoteTeacher`: the `dskd.models.teacher.Teacher` interface over gRPC, for teachers served by serve_teacher.py.
 
 Construction is the handshake: `GetInfo` on every address (replicas must share one fingerprint), the
 teacher's tokenizer and LM head fetched once and cached on disk by fingerprint, and a self-check that the
@@ -29,7 +29,7 @@ import grpc
 import torch
 
 from dskd.errors import TeacherError
-from dskd.lm_head import LMHead
+from dskd.kit.lm_head import LMHead
 from dskd.protos import teacher_pb2 as pb
 from dskd.servers.replicas import Replica, ReplicaSet, teacher_error
 from dskd.servers.score_plan import (
@@ -48,7 +48,7 @@ from dskd.servers.wire import (
     pack_sequences,
     wire_dtype,
 )
-from dskd.teacher import tokenizer_fingerprint, topk_with_tail
+from dskd.models.teacher import Teacher, tokenizer_fingerprint, topk_with_tail
 from dskd.types import SignalRequest, TeacherSignal
 
 log = logging.getLogger("dskd.remote_teacher")
@@ -64,7 +64,7 @@ class _BrokenStream(Exception):
     """A Score stream failed after its header arrived: the replica died mid-answer; retry elsewhere."""
 
 
-class RemoteTeacher:
+class RemoteTeacher(Teacher):
     """A teacher served over gRPC by one or more identical replicas (see servers/serve_teacher.py)."""
 
     def __init__(

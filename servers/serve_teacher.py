@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 
 from dskd.errors import DskdError, ModelError  # noqa: E402
-from dskd.lm_head import LMHead, head_from_model  # noqa: E402
+from dskd.kit.lm_head import LMHead, head_from_model  # noqa: E402
 from dskd.protos import teacher_pb2_grpc as pb_grpc  # noqa: E402
 from dskd.servers.batcher import ModelWorker  # noqa: E402
 from dskd.servers.health_status import DrainableHealthServicer  # noqa: E402
@@ -52,7 +52,7 @@ from dskd.servers.security import (  # noqa: E402
 from dskd.servers.servicer import SERVICE_NAME, TeacherServicer, describe  # noqa: E402
 from dskd.servers.validation import ServerLimits  # noqa: E402
 from dskd.servers.wire import MAX_MESSAGE_BYTES  # noqa: E402
-from dskd.teacher import model_fingerprint, tokenizer_fingerprint  # noqa: E402
+from dskd.models.teacher import model_fingerprint, tokenizer_fingerprint  # noqa: E402
 
 log = logging.getLogger("dskd.serve_teacher")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

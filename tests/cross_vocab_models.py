@@ -14,12 +14,12 @@ import functools
 from pathlib import Path
 
 import torch
-from dskd.batching import collate
+from dskd.data.batching import collate
 from dskd.config import DataConfig
-from dskd.data import Example, tokenize_split
-from dskd.lm_head import head_from_model
-from dskd.objective import ObjectiveContext
-from dskd.teacher import LocalTeacher
+from dskd.data.examples import Example, tokenize_split
+from dskd.kit.lm_head import head_from_model
+from dskd.kit.objective import ObjectiveContext
+from dskd.models.teacher import LocalTeacher
 from dskd.types import Batch
 from objective_checks import assert_rel, gradients, log_softmax64, run_objective  # noqa: F401  (re-exported)
 from transformers import (

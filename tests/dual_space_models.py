@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dskd.lm_head import head_from_model
-from dskd.objective import ObjectiveContext
-from dskd.teacher import LocalTeacher
+from dskd.kit.lm_head import head_from_model
+from dskd.kit.objective import ObjectiveContext
+from dskd.models.teacher import LocalTeacher
 from dskd.types import IGNORE_INDEX, Batch
 from objective_checks import assert_rel, run_objective  # noqa: F401  (re-exported for the tests)
 

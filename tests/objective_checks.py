@@ -11,7 +11,7 @@ import torch
 from dataclasses import dataclass
 
 from dskd.kit.weights import objective_loss
-from dskd.lm_head import last_hidden_state
+from dskd.kit.lm_head import last_hidden_state
 from dskd.types import Batch, LossTerms
 
 

@@ -21,17 +21,17 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from cross_vocab_models import EXAMPLES, tiny_gpt2, tiny_llama
-from dskd.batching import collate
+from dskd.data.batching import collate
 from dskd.config import DataConfig, load_config
-from dskd.data import tokenize_split
-from dskd.job import Job
-from dskd.models import ensure_pad_token
-from dskd.objective import same_vocabulary
+from dskd.data.examples import tokenize_split
+from dskd.run.job import Job
+from dskd.models.loading import ensure_pad_token
+from dskd.kit.objective import same_vocabulary
 from dskd.plugins.aligners.eta import eta
-from dskd.policy import PolicyContext
+from dskd.kit.policy import PolicyContext
 from dskd.registry import load_registry
-from dskd.teacher import LocalTeacher
-from dskd.token_bytes import vocab_bytes
+from dskd.models.teacher import LocalTeacher
+from dskd.kit.token_bytes import vocab_bytes
 from dskd.types import Batch
 from tiny_job import TOKENIZERS, llama_config, write_job
 
@@ -43,7 +43,7 @@ PROMPTS = tuple(e.prompt for e in EXAMPLES)
 
 @functools.cache
 def tokenizer(name: str):
-    """A private copy with a pad token, as `dskd.models.load_tokenizer` gives (GPT-2 has none)."""
+    """A private copy with a pad token, as `dskd.models.loading.load_tokenizer` gives (GPT-2 has none)."""
     return ensure_pad_token(AutoTokenizer.from_pretrained(TOKENIZERS / name))
 
 
@@ -75,7 +75,7 @@ def example_batch(pair: str) -> Batch:
 
 def policy_context(pair: str, *, teacher=None, max_length: int = CFG.max_length, seed: int = 0, cache_dir: str = "",
                    objective: Any = None) -> PolicyContext:
-    """What `dskd.components.build_policy` gives a policy, for a pair of the bundled tokenizers."""
+    """What `dskd.run.components.build_policy` gives a policy, for a pair of the bundled tokenizers."""
     student_name, teacher_name = PAIRS[pair]
     s_tok, t_tok = tokenizer(student_name), tokenizer(teacher_name)
     if teacher is None:

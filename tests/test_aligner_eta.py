@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from dskd.errors import DataError
 from dskd.plugins.aligners import eta as eta_module
-from dskd.token_bytes import teacher_to_student_map
+from dskd.kit.token_bytes import teacher_to_student_map
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"
 NAMES = ("gpt2", "tinyllama", "mistral")
@@ -56,7 +56,7 @@ def pairs_of(teacher: str, student: str, text: str, **options) -> list[tuple[int
 
 
 def stripped_byte_count(name: str, piece: str) -> int:
-    """Non-space bytes a piece stands for, read from its spelling (no `dskd.token_bytes`)."""
+    """Non-space bytes a piece stands for, read from its spelling (no `dskd.kit.token_bytes`)."""
     if name == "gpt2":  # byte-level: one character per byte, `Ġ` is the space
         return len(piece) - piece.count("Ġ")
     if m := re.fullmatch(r"<0x([0-9A-F]{2})>", piece):

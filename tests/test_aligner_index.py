@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from cross_vocab_models import make_batch, tokenizer
-from dskd.components import build_aligner
+from dskd.run.components import build_aligner
 from dskd.config import AlignerConfig, Config, ObjectiveConfig
 from dskd.errors import DataError
 from dskd.plugins.aligners.index import dskd_register_aligners, index

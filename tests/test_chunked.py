@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import dskd
 from dual_space_models import assert_rel
-from dskd.chunked import chunked_loss, dense_loss
+from dskd.kit.chunked import chunked_loss, dense_loss
 
 N, V, D_S, D_T = 7, 37, 5, 6
 DIVERGENCES = dskd.load_registry().divergences

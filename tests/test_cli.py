@@ -1,6 +1,6 @@
 """The `dskd` command: plugin listings, validation, and user errors as one line with exit status 2.
 
-Output shapes are checked in process (`dskd.cli.main` with capsys); exit statuses, stderr and tracebacks,
+Output shapes are checked in process (`dskd.run.cli.main` with capsys); exit statuses, stderr and tracebacks,
 which only a real process shows faithfully, through `python -m dskd` in subprocesses.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dskd.cli import EXIT_USER_ERROR, main
+from dskd.run.cli import EXIT_USER_ERROR, main
 from dskd.registry import LOAD_ENV
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 
 from dskd.errors import TeacherError
 from dskd.servers.client import RemoteTeacher
-from dskd.teacher import LocalTeacher, Teacher
+from dskd.models.teacher import LocalTeacher, Teacher
 from dskd.types import SignalRequest
 from teacher_server_harness import save_tiny_teacher, start_servers, stop_servers
 

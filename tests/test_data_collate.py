@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dskd.batching import collate
+from dskd.data.batching import collate
 from dskd.config import DataConfig
-from dskd.data import load_examples, tokenize_split
+from dskd.data.examples import load_examples, tokenize_split
 from dskd.types import IGNORE_INDEX
 
 from data_text_aligner import EqualTextAligner

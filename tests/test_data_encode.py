@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dskd.config import DataConfig
-from dskd.data import encode_example, encode_prompt, load_examples, render_prompt
+from dskd.data.examples import encode_example, encode_prompt, load_examples, render_prompt
 from dskd.errors import DataError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

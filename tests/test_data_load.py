@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 from dskd.config import DataConfig
-from dskd.data import ALPACA, ALPACA_WITH_CONTEXT, Example, load_examples, render_prompt
+from dskd.data.examples import ALPACA, ALPACA_WITH_CONTEXT, Example, load_examples, render_prompt
 from dskd.errors import DataError
 
 ALPACA_NO_INPUT_TEXT = (

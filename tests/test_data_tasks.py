@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dskd.config import DataConfig
-from dskd.data import load_examples, tokenize_split
+from dskd.data.examples import load_examples, tokenize_split
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TASKS = EXAMPLES / "data" / "tasks"

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dskd.config import DataConfig
-from dskd.data import (
+from dskd.data.examples import (
     Example,
     _PairEncoder,
     aligner_fingerprint,

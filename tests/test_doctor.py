@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dskd.doctor import diagnose
+from dskd.evaluation.doctor import diagnose
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"
 

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from dskd import checkpoint
+from dskd.run import checkpoint
 from dskd.config import load_config
-from dskd.engine import Trainer
-from dskd.job import Job
+from dskd.run.engine import Trainer
+from dskd.run.job import Job
 from dskd.registry import load_registry
 from tiny_job import write_job
 

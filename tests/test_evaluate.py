@@ -7,11 +7,11 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dskd.config import DataConfig
-from dskd.data import encode_example
+from dskd.data.examples import encode_example
 from dskd.errors import DataError, DskdError
-from dskd.evaluate import _encode_prompt, generate_and_score, teacher_agreement
-from dskd.metrics import corpus_exact_match, corpus_rouge_l
-from dskd.teacher import LocalTeacher
+from dskd.evaluation.scoring import _encode_prompt, generate_and_score, teacher_agreement
+from dskd.evaluation.metrics import corpus_exact_match, corpus_rouge_l
+from dskd.models.teacher import LocalTeacher
 from dskd.types import IGNORE_INDEX, Batch
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"

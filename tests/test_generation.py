@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cross_vocab_models import tiny_llama
-from dskd.generation import PaddedRowsMask, sample_continuations
+from dskd.models.generation import PaddedRowsMask, sample_continuations
 from policy_setup import tokenizer
 
 PROMPTS = [[1, 450, 1234, 310], [1, 29871, 13], [1, 22172]]

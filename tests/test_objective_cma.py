@@ -27,7 +27,7 @@ from cross_vocab_models import (
     run_objective,
     tokenizer,
 )
-from dskd.cross_model_attention import attention_weights, padded, sequence_has
+from dskd.kit.cross_model_attention import attention_weights, padded, sequence_has
 from dskd.errors import ModelError, PluginError
 from dskd.plugins.aligners.index import index
 from dskd.plugins.divergences.forward_kl import forward_kl

@@ -1,7 +1,7 @@
 """Resuming restores the dual-space projectors exactly, and the closed-form s2t map follows the restored head.
 
 Mirrors the engine: after a training step, the student and `objective.trainable_modules()` are saved with
-`dskd.checkpoint.save`; a fresh run builds a new student and objective (with other weights), loads both
+`dskd.run.checkpoint.save`; a fresh run builds a new student and objective (with other weights), loads both
 from the checkpoint, and calls `on_optimizer_step()` to rebuild the maps that follow the student head.
 """
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from dual_space_models import make_batch, make_context, run_objective, student_and_teacher, tiny_student, tiny_tokenizer
-from dskd import checkpoint
+from dskd.run import checkpoint
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.objectives.dskd import dskd_objective
 from dskd.plugins.objectives.dskd_v2 import dskd_v2
-from dskd.teacher import LocalTeacher
+from dskd.models.teacher import LocalTeacher
 
 FACTORIES = {"v1": dskd_objective, "v2": dskd_v2}
 

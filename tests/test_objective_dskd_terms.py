@@ -1,7 +1,7 @@
 """Every loss term of `dskd_v2` and `dskd` (v1), and their total and gradients, against a plain dense oracle.
 
 The oracle is written here from the spec's formulas (§0, §4.3, §5.1-5.2) and shares no code with
-`dskd.dual_space`: it runs the models' own forwards (their logits, not `LMHead`), builds full-vocabulary
+`dskd.kit.dual_space`: it runs the models' own forwards (their logits, not `LMHead`), builds full-vocabulary
 logits for every position, and takes softmax, cross-entropy and KL explicitly in float64. The s2t map of
 DSKDv2 is `A = S' pinv(T')` with `torch.linalg.pinv`. Where the project deliberately departs from the
 reference (module docstrings of `dskd` and `dskd_v2`), the oracle follows the project: one global denominator D

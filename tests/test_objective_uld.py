@@ -28,7 +28,7 @@ from cross_vocab_models import (
 )
 from dskd.errors import ModelError, PluginError
 from dskd.kit.weights import objective_loss
-from dskd.lm_head import last_hidden_state
+from dskd.kit.lm_head import last_hidden_state
 from dskd.plugins.aligners.index import index
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.divergences.reverse_kl import reverse_kl

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from dskd.chunked import chunked_loss, dense_loss
+from dskd.kit.chunked import chunked_loss, dense_loss
 from dskd.registry import LOAD_ENV, load_registry, option_defaults
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cross_vocab_models import make_batch, make_context, models, run_objective, tokenizer, valid_outputs
-from dskd.engine import Trainer
+from dskd.run.engine import Trainer
 from dskd.kit.weights import LossWeights, weighting
-from dskd.lm_head import last_hidden_state
-from dskd.objective import student_ce_terms
+from dskd.kit.lm_head import last_hidden_state
+from dskd.kit.objective import student_ce_terms
 from dskd.plugins.aligners.eta import eta
 from dskd.plugins.aligners.index import index
 from dskd.plugins.aligners.mined import mined
@@ -32,7 +32,7 @@ from dskd.plugins.objectives.dskd_v2 import dskd_v2
 from dskd.plugins.objectives.kd import kd
 from dskd.plugins.objectives.mined_kd import mined_kd
 from dskd.plugins.objectives.uld import uld
-from dskd.teacher import LocalTeacher
+from dskd.models.teacher import LocalTeacher
 from dskd.types import IGNORE_INDEX
 from policy_setup import make_job, metrics, write_policy_job
 from tiny_job import llama_config

@@ -16,7 +16,7 @@ from dskd.plugins.policies.mixed import mixed
 from dskd.plugins.policies.off_policy import off_policy
 from dskd.plugins.policies.on_policy import on_policy
 from dskd.plugins.policies.teacher_generated import teacher_generated
-from dskd.teacher import LocalTeacher
+from dskd.models.teacher import LocalTeacher
 from policy_setup import make_job, policy_context, tiny_model, tokenizer, write_policy_job
 
 SAMPLING_POLICIES = {"on_policy": on_policy, "mixed": mixed, "adaptive": adaptive}

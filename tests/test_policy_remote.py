@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from dskd.data import load_examples
-from dskd.rollout import generation_seed
-from dskd.teacher import LocalTeacher
+from dskd.data.examples import load_examples
+from dskd.kit.rollout import generation_seed
+from dskd.models.teacher import LocalTeacher
 from policy_setup import make_job, metrics, text_bytes, write_policy_job
 from teacher_server_harness import save_tiny_teacher, start_servers, stop_servers
 
@@ -77,7 +77,7 @@ def test_teacher_generated_samples_come_from_the_servers_generate(tmp_path, serv
 
 def _teacher_prompts(tmp_path, teacher, sample_ids) -> list[list[int]]:
     from dskd.config import DataConfig
-    from dskd.data import encode_prompt
+    from dskd.data.examples import encode_prompt
 
     cfg = DataConfig(max_length=128, max_prompt_length=96)
     examples = load_examples(tmp_path / "train.jsonl", cfg, "train")

@@ -15,9 +15,9 @@ import functools
 import pytest
 
 from cross_vocab_models import EXAMPLES
-from dskd.data import encode_example
-from dskd.policy import PolicyContext
-from dskd.rollout import Rollouts, split_step
+from dskd.data.examples import encode_example
+from dskd.kit.policy import PolicyContext
+from dskd.kit.rollout import Rollouts, split_step
 from dskd.types import IGNORE_INDEX
 from policy_setup import CFG, PAIRS, example_batch, policy_context, text_bytes, tokenizer
 

@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 
-from dskd.engine import Trainer
+from dskd.run.engine import Trainer
 from dskd.plugins.policies.adaptive import adaptive
 from dskd.plugins.policies.mixed import mixed
 from dskd.plugins.policies.on_policy import on_policy
@@ -34,7 +34,7 @@ def step_outputs(policy, batch, steps) -> list[tuple[str, list[list[int]]]]:
 
 
 def checkpoint_round_trip(state: dict) -> dict:
-    """What a resumed run reads back: the state through torch.save / torch.load, as `dskd.checkpoint` does."""
+    """What a resumed run reads back: the state through torch.save / torch.load, as `dskd.run.checkpoint` does."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)

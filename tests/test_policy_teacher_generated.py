@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from dskd.plugins.policies.teacher_generated import teacher_generated
-from dskd.teacher import LocalTeacher
+from dskd.models.teacher import LocalTeacher
 from policy_setup import PAIRS, PROMPTS, example_batch, policy_context, text_bytes, tiny_model, tokenizer
 
 SETTINGS = {"max_new_tokens": 5, "temperature": 1.0}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dskd.config import load_config
-from dskd.job import Job
+from dskd.run.job import Job
 from dskd.registry import load_registry
 from teacher_server_harness import save_tiny_teacher, start_servers, stop_servers
 from tiny_job import write_job

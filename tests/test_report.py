@@ -6,7 +6,7 @@ import math
 import pytest
 
 from dskd.errors import DskdError
-from dskd.report import load_metrics, series, write_report
+from dskd.evaluation.report import load_metrics, series, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dskd.config import load_config
-from dskd.job import run_job
+from dskd.run.job import run_job
 from dskd.registry import load_registry
 from tiny_job import write_job
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dskd.launch import LaunchError, check_cpu_launch, launched_world_size, make_accelerator, requested_cpu_processes
+from dskd.run.launch import LaunchError, check_cpu_launch, launched_world_size, make_accelerator, requested_cpu_processes
 
 
 def test_world_size_is_read_from_torchrun_or_mpi_variables():
@@ -54,7 +54,7 @@ def test_a_model_whose_weights_accelerate_moved_or_sharded_is_refused(tmp_path):
 
     from dskd.config import TrainConfig
     from dskd.console import Console
-    from dskd.engine import StageSpec, Trainer
+    from dskd.run.engine import StageSpec, Trainer
     from dskd.types import SignalRequest
 
     class ShardingAccelerator:

@@ -78,7 +78,7 @@ def read_score(stream) -> list[str]:
 def test_server_reports_serving_and_describes_its_model(setup):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dskd.teacher import LocalTeacher
+    from dskd.models.teacher import LocalTeacher
 
     server = setup["plain"]
     assert health_status(server.address, service="") == health_pb2.HealthCheckResponse.SERVING

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dskd.config import load_config
-from dskd.job import Job
+from dskd.run.job import Job
 from dskd.registry import load_registry
 from dskd.servers.client import RemoteTeacher
 from dskd.types import SignalRequest

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dskd import checkpoint
+from dskd.run import checkpoint
 from tiny_job import TOKENIZERS, write_job
 
 STEPS = 30
@@ -163,7 +163,7 @@ def test_a_teacher_read_from_a_moved_folder_keeps_its_fingerprint(tmp_path):
     # keep the model in different folders must agree too.
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dskd.teacher import model_fingerprint
+    from dskd.models.teacher import model_fingerprint
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dskd.errors import DataError, ModelError
-from dskd.token_bytes import (
+from dskd.kit.token_bytes import (
     BYTE_LEVEL,
     SENTENCEPIECE,
     byte_decoder,

@@ -1,6 +1,6 @@
 """`eta`: Exact Token Alignment on decoded byte spans (spec §6.6).
 
-Both tokenizations are decoded to bytes (`dskd.token_bytes`) and the space bytes removed, as the
+Both tokenizations are decoded to bytes (`dskd.kit.token_bytes`) and the space bytes removed, as the
 reference removes its `Ġ`/`▁` markers. Each token then covers a byte span `[s, e)` of the same byte
 string, and a teacher token and a student token are paired exactly when their non-empty spans are
 equal: they saw the same text before them and stand for the same text. The two EOS tokens that end
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import dskd
-from dskd.token_bytes import SPACE, ByteTable, VocabBytes, exact_byte_map, token_ids, vocab_bytes
+from dskd.kit import SPACE, ByteTable, VocabBytes, exact_byte_map, token_ids, vocab_bytes
 
 
 def _spans(
@@ -105,6 +105,9 @@ def eta(teacher_tokenizer, student_tokenizer, *, keep_spaces: bool = False) -> E
     return ExactTokenAligner(
         vocab_bytes(teacher_tokenizer), vocab_bytes(student_tokenizer), keep_spaces=keep_spaces
     )
+
+
+eta.default = True  # the aligner across vocabularies when a job names none
 
 
 @dskd.hookimpl

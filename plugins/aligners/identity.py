@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 import dskd
-from dskd.errors import PluginError
-from dskd.token_bytes import token_ids
+from dskd import PluginError
+from dskd.kit import token_ids
 
 
 class IdentityAligner:

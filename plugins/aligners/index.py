@@ -12,10 +12,11 @@ loader, and nothing is mutated.
 
 from __future__ import annotations
 
-import dskd
 import numpy as np
 import torch
-from dskd.token_bytes import teacher_to_student_map, token_ids
+
+import dskd
+from dskd.kit import teacher_to_student_map, token_ids
 
 
 class IndexAligner:

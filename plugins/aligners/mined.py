@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 import dskd
+from dskd.kit import VocabBytes, exact_byte_map, token_ids, tokenizer_fingerprint, vocab_bytes
 from dskd.plugins.aligners._edit_distance import distance_matrix, dtw_path, nearest_strings
-from dskd.teacher import tokenizer_fingerprint
-from dskd.token_bytes import VocabBytes, exact_byte_map, token_ids, vocab_bytes
 
 MAP_VERSION = "1"  # bump when the map's definition changes, so stale caches are not reused
 

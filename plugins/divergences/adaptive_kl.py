@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 import dskd
-from dskd.probability import check_unit_interval, kl_terms, paired_logprobs
+from dskd.kit import check_unit_interval, kl_terms, paired_logprobs
 
 
 def adaptive_kl(

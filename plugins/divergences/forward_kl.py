@@ -5,7 +5,7 @@
 Mean-seeking: the student is pushed to cover every token the teacher gives mass to.
 
 Shapes: `student_logits (N, V)`, `teacher_logits (N, V)` -> `(N,)` float32 (float64 for float64 input).
-Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.probability`).
+Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.kit.probability`).
 
 Sparse teacher: `teacher_logits` may be a `dskd.SparseTeacher` (top-k ids in the student vocabulary, their
 log-probabilities and the tail log-mass). The divergence is then taken over k + 1 buckets: the k ids plus one
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 import dskd
-from dskd.probability import kl_terms, paired_logprobs
-from dskd.types import SparseTeacher
+from dskd import SparseTeacher
+from dskd.kit import kl_terms, paired_logprobs
 
 
 def forward_kl(

@@ -10,7 +10,7 @@ as beta -> 0 and GJSD_beta / (1 - beta) to reverse KL as beta -> 1; like the GKD
 `log m` is a log-space mixture, exact without epsilons.
 
 Shapes: `student_logits (N, V)`, `teacher_logits (N, V)` -> `(N,)` float32 (float64 for float64 input).
-Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.probability`).
+Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.kit.probability`).
 
 Options: `beta` in [0, 1], default 0.5.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 import dskd
-from dskd.probability import check_unit_interval, kl_terms, log_mixture, paired_logprobs
+from dskd.kit import check_unit_interval, kl_terms, log_mixture, paired_logprobs
 
 
 def generalized_jsd(

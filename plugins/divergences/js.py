@@ -7,7 +7,7 @@
 which bias the value for tokens with probability near 1e-9. Bounded by log 2; symmetric.
 
 Shapes: `student_logits (N, V)`, `teacher_logits (N, V)` -> `(N,)` float32 (float64 for float64 input).
-Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.probability`).
+Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.kit.probability`).
 
 Reference: spec §2 (`js_divergence`); Lin (1991), "Divergence measures based on the Shannon entropy".
 `generalized_jsd` with `beta=0.5` gives the same value.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 import dskd
-from dskd.probability import kl_terms, log_mixture, paired_logprobs
+from dskd.kit import kl_terms, log_mixture, paired_logprobs
 
 
 def js(

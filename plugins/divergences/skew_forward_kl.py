@@ -9,7 +9,7 @@ student puts almost no mass on a teacher token. `lam = 0` is forward KL; `lam = 
 0 * (-inf) = NaN on underflowed probabilities cannot happen (spec §14.13).
 
 Shapes: `student_logits (N, V)`, `teacher_logits (N, V)` -> `(N,)` float32 (float64 for float64 input).
-Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.probability`).
+Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.kit.probability`).
 
 Options: `lam` in [0, 1], default 0.1 (the reference's `--skew-lambda`).
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 import dskd
-from dskd.probability import check_unit_interval, kl_terms, log_mixture, paired_logprobs
+from dskd.kit import check_unit_interval, kl_terms, log_mixture, paired_logprobs
 
 
 def skew_forward_kl(

@@ -6,7 +6,7 @@ Bounded in [0, 1]; symmetric. Neither reference repository implements it; this i
 fixes for it (spec §2). Where p_t,v = p_s,v the subgradient used is 0.
 
 Shapes: `student_logits (N, V)`, `teacher_logits (N, V)` -> `(N,)` float32 (float64 for float64 input).
-Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.probability`).
+Entries where either logit is non-finite contribute 0 (spec §2, v2 masking; see `dskd.kit.probability`).
 
 Reference: spec §2 ("If we add TVD, define it as 1/2 sum_v |p_t,v - p_s,v|").
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 import dskd
-from dskd.probability import paired_logprobs
+from dskd.kit import paired_logprobs
 
 
 def tvd(

@@ -17,10 +17,8 @@ from __future__ import annotations
 import torch
 
 import dskd
-from dskd.dual_space import DualSpaceSpec, dual_space_terms, paired_rows
-from dskd.errors import ModelError, PluginError
-from dskd.objective import Objective, ObjectiveContext
-from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
+from dskd import Batch, LossTerms, ModelError, PluginError, SignalRequest, TeacherSignal
+from dskd.kit import DualSpaceSpec, Objective, ObjectiveContext, dual_space_terms, paired_rows
 
 
 class Projectors(torch.nn.Module):

@@ -4,7 +4,7 @@ For different tokenizers without any token alignment: each student position atte
 positions of the same text. Queries are the student's (detached) embeddings of input and target token,
 `query([E_s(x); E_s(y)])` with `query: Linear(2 d_s -> 2 d_t)`; keys are the teacher's, `[E_t(x); E_t(y)]`,
 divided by one global std; scores are scaled by `sqrt(2 d_t)` and masked to label positions on both sides
-(`dskd.cross_model_attention`). Then, with the student head and the teacher head detached:
+(`dskd.kit.cross_model_attention`). Then, with the student head and the teacher head detached:
 
 - student space: `z_t2s = head_s(A t2s(h_t/std + E_t(y)/std))`; `projector_ce = CE(z_t2s, y)` (gold labels)
   trains t2s and query; `kd_student_space = d(z_s, sg(z_t2s))` only where `argmax z_t2s = y`;
@@ -32,15 +32,23 @@ sends only hidden states and its head, and is refused at setup (use `dskd_v2` wi
 
 from __future__ import annotations
 
-import dskd
 import torch
 import torch.nn.functional as F
-from dskd.chunked import chunked_parts
-from dskd.cross_model_attention import attention_weights, packed, padded, sequence_has
-from dskd.errors import ModelError, PluginError
-from dskd.objective import Objective, ObjectiveContext, gather_labels, gather_rows
-from dskd.row_partners import teacher_hidden
-from dskd.types import IGNORE_INDEX, Batch, LossTerms, SignalRequest, TeacherSignal
+
+import dskd
+from dskd import IGNORE_INDEX, Batch, LossTerms, ModelError, PluginError, SignalRequest, TeacherSignal
+from dskd.kit import (
+    Objective,
+    ObjectiveContext,
+    attention_weights,
+    chunked_parts,
+    gather_labels,
+    gather_rows,
+    packed,
+    padded,
+    sequence_has,
+    teacher_hidden,
+)
 
 
 class Projectors(torch.nn.Module):
@@ -163,7 +171,7 @@ def dskd_cma(context: ObjectiveContext) -> DSKDCMA:
         raise PluginError(
             "objective dskd_cma needs the teacher's hidden states, which this teacher cannot send"
         )
-    teacher_embeddings = getattr(teacher, "embeddings", None)
+    teacher_embeddings = teacher.embeddings
     if teacher_embeddings is None:
         raise ModelError(
             "objective dskd_cma attends over the teacher's input embeddings, which this teacher does not offer "

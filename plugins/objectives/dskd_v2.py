@@ -1,6 +1,6 @@
 """`dskd_v2`: DSKDv2 (arXiv 2504.11426; spec §5, and §6 across vocabularies).
 
-Terms (see `dskd.dual_space.dual_space_terms`): student-space KD against the teacher projected by a trainable
+Terms (see `dskd.kit.dual_space.dual_space_terms`): student-space KD against the teacher projected by a trainable
 t2s map, the t2s map's cross-entropy on the teacher's top-1, and teacher-space KD of the student projected
 by a closed-form s2t map, mixed with the gold CE by the engine (`kd_rate`).
 
@@ -27,10 +27,19 @@ from __future__ import annotations
 import torch
 
 import dskd
-from dskd.dual_space import DualSpaceSpec, dual_space_terms, least_squares_map, paired_rows, right_inverse_factor, shared_vocabulary
-from dskd.errors import ModelError, PluginError
-from dskd.objective import Objective, ObjectiveContext
-from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
+from dskd import Batch, LossTerms, ModelError, PluginError, SignalRequest, TeacherSignal
+from dskd.kit import (
+    Aligner,
+    DualSpaceSpec,
+    Objective,
+    ObjectiveContext,
+    dual_space_terms,
+    least_squares_map,
+    member,
+    paired_rows,
+    right_inverse_factor,
+    shared_vocabulary,
+)
 
 TERMS = {"both": (True, True), "student": (True, False), "teacher": (False, True)}
 
@@ -53,7 +62,7 @@ class DSKDv2(Objective):
         self.chunk_size = context.chunk_size
         self.same_vocab = context.same_vocab
         device = self.student_head.weight.device
-        self.vocab_map = None if context.same_vocab else context.aligner.vocab_map().to(device)
+        self.vocab_map = None if context.same_vocab else member(context.aligner, Aligner, "vocab_map")().to(device)
         student_space, teacher_space = TERMS[terms]
         self.spec = DualSpaceSpec("teacher_top1", gate_student_kd, student_space, teacher_space)
         self.shared = shared_vocabulary(self.teacher_head.vocab_size, self.student_head.vocab_size, self.vocab_map, limit=shared_vocab_limit)
@@ -108,7 +117,7 @@ def dskd_v2(context: ObjectiveContext, *, init_projector: bool = True, gate_stud
         raise PluginError(f'objective.terms must be one of {", ".join(TERMS)}, got {terms!r}')
     if shared_vocab_limit < 0:
         raise PluginError(f"objective.shared_vocab_limit must be >= 0, got {shared_vocab_limit}")
-    if not context.same_vocab and not callable(getattr(context.aligner, "vocab_map", None)):
+    if not context.same_vocab and (context.aligner is None or member(context.aligner, Aligner, "vocab_map")() is None):
         raise ModelError(
             "objective dskd_v2 with different vocabularies needs an aligner with a teacher->student vocabulary map; "
             "set aligner.name = \"eta\""

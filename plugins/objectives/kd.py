@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import dskd
-from dskd.chunked import chunked_parts
-from dskd.errors import DskdError, ModelError, PluginError
-from dskd.objective import CROSS_TOKENIZER_OBJECTIVES, Objective, ObjectiveContext, gather_labels, gather_rows
-from dskd.types import Batch, LossTerms, SignalRequest, SparseTeacher, TeacherSignal
+from dskd import Batch, DskdError, LossTerms, ModelError, PluginError, SignalRequest, SparseTeacher, TeacherSignal
+from dskd.kit import CROSS_TOKENIZER_OBJECTIVES, Objective, ObjectiveContext, chunked_parts, gather_labels, gather_rows
 
 
 class KD(Objective):

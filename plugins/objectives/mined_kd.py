@@ -22,16 +22,25 @@ one, else the lowest id, instead of whichever came first in a file.
 
 from __future__ import annotations
 
-import dskd
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dskd.chunked import chunked_parts
-from dskd.errors import ModelError, PluginError
-from dskd.objective import Objective, ObjectiveContext, gather_labels, gather_rows
-from dskd.row_partners import row_partners, teacher_hidden
-from dskd.token_bytes import exact_byte_map, vocab_bytes
-from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
+
+import dskd
+from dskd import Batch, LossTerms, ModelError, PluginError, SignalRequest, TeacherSignal
+from dskd.kit import (
+    Aligner,
+    Objective,
+    ObjectiveContext,
+    chunked_parts,
+    exact_byte_map,
+    gather_labels,
+    gather_rows,
+    member,
+    row_partners,
+    teacher_hidden,
+    vocab_bytes,
+)
 
 MASKED_LOGIT = -1e5  # the reference's "no probability" logit: exp underflows to exactly 0 in float32
 GOLD_LOGIT = 100.0  # the reference's one-hot logit; 100 - (-1e5) leaves no mass elsewhere at any tau <= 1e3
@@ -82,7 +91,7 @@ def id_table(context: ObjectiveContext) -> np.ndarray:
     student_size, teacher_size = context.student_head.vocab_size, context.teacher.head.vocab_size
     if context.aligner is None and context.same_vocab:
         return np.arange(student_size, dtype=np.int64)
-    if not callable(getattr(context.aligner, "vocab_map", None)):
+    if context.aligner is None or member(context.aligner, Aligner, "vocab_map")() is None:
         raise ModelError(
             "objective mined_kd needs an aligner with a teacher->student vocabulary map; set "
             'aligner.name = "mined" (or leave it empty to get that default)'
@@ -94,7 +103,7 @@ def id_table(context: ObjectiveContext) -> np.ndarray:
         out[: min(teacher_size, values.size)] = values[:teacher_size]
         return out
 
-    vocab_map = per_teacher_id(context.aligner.vocab_map().detach().cpu().numpy().astype(np.int64), -1)
+    vocab_map = per_teacher_id(member(context.aligner, Aligner, "vocab_map")().detach().cpu().numpy().astype(np.int64), -1)
     t_bytes, s_bytes = vocab_bytes(context.teacher_tokenizer), vocab_bytes(context.student_tokenizer)
     exact = per_teacher_id(exact_byte_map(t_bytes, s_bytes), -1)
     return student_to_teacher(vocab_map, student_size, exact, per_teacher_id(t_bytes.byte_piece, False))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 import dskd
-from dskd.objective import Objective, ObjectiveContext, student_ce_terms
-from dskd.types import Batch, LossTerms, TeacherSignal
+from dskd import Batch, LossTerms, TeacherSignal
+from dskd.kit import Objective, ObjectiveContext, student_ce_terms
 
 
 class SFT(Objective):
@@ -29,6 +29,7 @@ def sft(context: ObjectiveContext) -> SFT:
 
 
 sft.needs_teacher = False  # the config does not ask for a teacher when this objective is chosen
+sft.teacher_sft = True  # the objective the teacher_sft stage trains the teacher with
 
 
 @dskd.hookimpl

@@ -23,14 +23,20 @@ is accepted and ignored rather than refused.
 
 from __future__ import annotations
 
-import dskd
 import torch
 import torch.nn.functional as F
-from dskd.chunked import chunked_parts
-from dskd.errors import PluginError
-from dskd.objective import Objective, ObjectiveContext, gather_labels, gather_rows
-from dskd.row_partners import row_partners, teacher_hidden
-from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
+
+import dskd
+from dskd import Batch, LossTerms, PluginError, SignalRequest, TeacherSignal
+from dskd.kit import (
+    Objective,
+    ObjectiveContext,
+    chunked_parts,
+    gather_labels,
+    gather_rows,
+    row_partners,
+    teacher_hidden,
+)
 
 
 def uld_distance(

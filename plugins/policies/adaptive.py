@@ -11,9 +11,7 @@ the generation cost. Probability, buffer and generator state are checkpointed.
 from __future__ import annotations
 
 import dskd
-import dskd.errors
-from dskd.policy import PolicyContext
-from dskd.sampling_policy import StudentSampling
+from dskd.kit import PolicyContext, StudentSampling
 
 
 class Adaptive(StudentSampling):
@@ -42,7 +40,7 @@ def adaptive(context: PolicyContext, *, init_prob: float = 0.0, increase: float 
              buffer_size: int = 64, replay_prob: float = 0.5, temperature: float = 1.0, top_p: float = 1.0,
              max_new_tokens: int = 64, ce_on_gold: bool = True) -> Adaptive:
     if not 0.0 <= max_prob <= 1.0 or increase < 0:
-        raise dskd.errors.PluginError(f"policy.max_prob must be in [0, 1] and increase >= 0, got {max_prob}, {increase}")
+        raise dskd.PluginError(f"policy.max_prob must be in [0, 1] and increase >= 0, got {max_prob}, {increase}")
     return Adaptive(context, increase=increase, max_prob=max_prob, lam=min(init_prob, max_prob), temperature=temperature,
                     top_p=top_p, max_new_tokens=max_new_tokens, start_step=0, ce_on_gold=ce_on_gold,
                     buffer_size=buffer_size, replay_prob=replay_prob)

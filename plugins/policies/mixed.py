@@ -5,8 +5,7 @@ is checkpointed, so a resumed run makes the same choices."""
 from __future__ import annotations
 
 import dskd
-from dskd.policy import PolicyContext
-from dskd.sampling_policy import StudentSampling
+from dskd.kit import PolicyContext, StudentSampling
 
 
 def mixed(context: PolicyContext, *, lam: float = 0.5, temperature: float = 1.0, top_p: float = 1.0,

@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import dskd
-from dskd.policy import PolicyContext
-from dskd.types import Batch
+from dskd import Batch
+from dskd.kit import Policy, PolicyContext
 
 
-class OffPolicy:
+class OffPolicy(Policy):
     # `prepare` returns its input unchanged, so the engine may ask the teacher for a batch before the student
     # has finished the previous step (cross-step prefetch with a remote teacher).
     prefetchable = True
 
-    def prepare(self, batch: Batch, step: int) -> Batch:
+    def prepare(self, batch: Batch, step: int) -> list[Batch]:
         batch.meta.setdefault("policy", "off_policy")
-        return batch
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+        return [batch]
 
 
 def off_policy(context: PolicyContext) -> OffPolicy:
     return OffPolicy()
+
+
+off_policy.default = True  # the policy of a job that names none, and of the teacher_sft stage
 
 
 @dskd.hookimpl

@@ -9,8 +9,7 @@ stays on the dataset's responses (`ce_on_gold`, spec §7.1), each part normalise
 from __future__ import annotations
 
 import dskd
-from dskd.policy import PolicyContext
-from dskd.sampling_policy import StudentSampling
+from dskd.kit import PolicyContext, StudentSampling
 
 
 def on_policy(context: PolicyContext, *, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,

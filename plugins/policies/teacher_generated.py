@@ -15,17 +15,13 @@ import json
 from pathlib import Path
 
 import dskd
-from dskd.errors import PluginError
-from dskd.policy import PolicyContext
-from dskd.rollout import Rollouts, generation_seed, ids_text
-from dskd.token_bytes import vocab_bytes
-from dskd.types import Batch
-
+from dskd import Batch, PluginError
+from dskd.kit import Policy, PolicyContext, Rollouts, generation_seed, ids_text, vocab_bytes
 
 CACHE_FORMAT = 2  # part of the cache key: bump when a record's fields change (2: "ended")
 
 
-class TeacherGenerated:
+class TeacherGenerated(Policy):
     def __init__(self, context: PolicyContext, *, temperature: float, top_p: float, max_new_tokens: int) -> None:
         self.context = context
         self.teacher = context.teacher
@@ -43,7 +39,7 @@ class TeacherGenerated:
                     continue  # a line cut by an interrupted run; that sample is simply generated again
                 self.cache[int(record["sample_id"])] = (record["text"], bool(record["ended"]))
 
-    def prepare(self, batch: Batch, step: int) -> Batch:
+    def prepare(self, batch: Batch, step: int) -> list[Batch]:
         ids = [int(i) for i in batch.sample_ids]
         missing = [b for b, i in enumerate(ids) if i not in self.cache]
         if missing:
@@ -51,7 +47,7 @@ class TeacherGenerated:
         texts, ended = zip(*(self.cache[i] for i in ids))
         out = self.rollouts.from_texts(batch, texts, ended)
         out.meta["policy"] = "teacher_generated"
-        return out
+        return [out]
 
     def _generate(self, batch: Batch, rows: list[int]) -> None:
         tokenizer = self.teacher.tokenizer
@@ -72,11 +68,7 @@ class TeacherGenerated:
                 self.cache[sample_id] = (text, ended)
                 handle.write(json.dumps({"sample_id": sample_id, "text": text, "ended": ended}, ensure_ascii=False) + "\n")
 
-    def state_dict(self) -> dict:
-        return {}  # the on-disk cache is the state
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    # No state_dict: the on-disk sample cache is the state.
 
 
 def teacher_generated(context: PolicyContext, *, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64) -> TeacherGenerated:

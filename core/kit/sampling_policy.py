@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 
 from dskd.errors import PluginError
-from dskd.generation import sample_continuations
-from dskd.policy import PolicyContext
-from dskd.rollout import Rollouts, generation_seed, split_step
+from dskd.kit.policy import Policy, PolicyContext
+from dskd.kit.rollout import Rollouts, generation_seed, split_step
+from dskd.models.generation import sample_continuations
 from dskd.types import Batch
 
 
-class StudentSampling:
+class StudentSampling(Policy):
     def __init__(
         self,
         context: PolicyContext,
@@ -63,13 +63,13 @@ class StudentSampling:
         self.rng = np.random.default_rng(np.random.SeedSequence([context.seed, 0x0F0F]))
         self.step, self.index = -1, 0  # micro-batch counter within a step, for distinct sampling seeds
 
-    def prepare(self, batch: Batch, step: int) -> Batch | list[Batch]:
+    def prepare(self, batch: Batch, step: int) -> list[Batch]:
         if step != self.step:
             self.step, self.index = step, 0
         self.index += 1
         if step < self.start_step or self.rng.random() >= self.lam:
             batch.meta["policy"] = "off_policy"
-            return batch
+            return [batch]
         if self.buffer_size and len(self.buffer) and self.rng.random() < self.replay_prob:
             rows = self.buffer[int(self.rng.integers(len(self.buffer)))]
             sampled = self.rollouts.collate(rows, batch)

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from dskd.config import Config, plugin_options
-from dskd.errors import ModelError, PluginError
-from dskd.lm_head import head_from_model
-from dskd.models import check_vocabulary, ensure_pad_token, load_model, load_tokenizer
-from dskd.objective import ObjectiveContext, same_vocabulary, student_ce_terms
-from dskd.policy import PolicyContext
-from dskd.teacher import LocalTeacher
+from dskd.errors import PluginError
+from dskd.kit.lm_head import head_from_model
+from dskd.kit.objective import ObjectiveContext, same_vocabulary, student_ce_terms
+from dskd.kit.policy import PolicyContext
+from dskd.models.loading import check_vocabulary, ensure_pad_token, load_model, load_tokenizer
+from dskd.models.teacher import LocalTeacher
 
 
 def build_teacher(config: Config, device: torch.device, *, model_path: str | None = None, cache_dir: Path | None = None):
@@ -63,20 +63,19 @@ def bind_divergence(config: Config, registry: Any):
     fn = registry.get("divergences", config.divergence.name)
     options = plugin_options(config.divergence, fn, skip=("temperature",))
     bound = functools.partial(fn, **options)
-    bound.accepts_sparse_teacher = getattr(fn, "accepts_sparse_teacher", False)
+    bound.accepts_sparse_teacher = registry.declared("divergences", config.divergence.name, "accepts_sparse_teacher")
     return bound
 
 
 def build_aligner(config: Config, registry: Any, teacher_tokenizer: Any, student_tokenizer: Any, same_vocab: bool,
                   *, objective: str | None = None):
     """The aligner: the configured one; else the default the objective `objective` declares on its factory
-    (`default_aligner`, e.g. uld -> index, mined_kd -> mined); else none for identical vocabularies and eta
-    for different ones. `objective=None` skips the objective's default (the evaluation stage measures
-    teacher agreement with the same alignment whatever objective trained the student)."""
-    default = ""
-    if objective:
-        default = getattr(registry.get("objectives", objective), "default_aligner", "") or ""
-    name = config.aligner.name or default or ("" if same_vocab else "eta")
+    (`default_aligner`, e.g. uld -> index, mined_kd -> mined); else none for identical vocabularies and the
+    aligner that declares itself the default (eta) for different ones. `objective=None` skips the objective's
+    default (the evaluation stage measures teacher agreement with the same alignment whatever objective
+    trained the student)."""
+    default = registry.declared("objectives", objective, "default_aligner") if objective else ""
+    name = config.aligner.name or default or ("" if same_vocab else registry.default("aligners"))
     if not name:
         return None
     factory = registry.get("aligners", name)
@@ -134,7 +133,7 @@ def build_objective(config: Config, registry: Any, student: Student, teacher: An
 
 def distils(registry: Any, name: str) -> bool:
     """Whether objective `name` has distillation parts for `kd_rate` to weigh (`sft` has the CE alone)."""
-    return bool(getattr(registry.get("objectives", name), "needs_teacher", True))
+    return bool(registry.declared("objectives", name, "needs_teacher"))
 
 
 CHUNK_ELEMENTS = 1 << 24
@@ -160,7 +159,8 @@ def _missing_capabilities(request, teacher) -> str:
 
 def build_policy(config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, cache_dir: Path, prompts: tuple[str, ...] = (),
                  objective: Any = None):
-    factory = registry.get("policies", config.policy.name)
+    name = policy_name(config, registry)
+    factory = registry.get("policies", name)
     context = PolicyContext(
         student=student.model, student_tokenizer=student.tokenizer, teacher=teacher, aligner=aligner,
         data=config.data, seed=config.run.seed, prompts=prompts, objective_name=config.objective.name,
@@ -169,5 +169,10 @@ def build_policy(config: Config, registry: Any, student: Student, teacher: Any, 
     try:
         return factory(context, **plugin_options(config.policy, factory))
     except (TypeError, ValueError) as exc:
-        raise PluginError(f"policy {config.policy.name!r}: {exc}") from None
+        raise PluginError(f"policy {name!r}: {exc}") from None
+
+
+def policy_name(config: Config, registry: Any) -> str:
+    """The configured policy, or the one that declares itself the default."""
+    return config.policy.name or registry.default("policies")
 

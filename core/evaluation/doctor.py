@@ -15,19 +15,19 @@ from pathlib import Path
 from pydoc_data.topics import topics
 from typing import Any
 
-from dskd.alignment_bounds import exact_span_count, greedy_pairs
 from dskd.config import DataConfig, ModelConfig
 from dskd.console import Console
 from dskd.errors import DskdError
-from dskd.models import load_tokenizer
-from dskd.token_bytes import exact_byte_map, vocab_bytes
+from dskd.evaluation.alignment_bounds import exact_span_count, greedy_pairs
+from dskd.kit.token_bytes import exact_byte_map, vocab_bytes
+from dskd.models.loading import load_tokenizer
 
 SAMPLE_LIMIT = 200
 
 
 def _sample_texts(data: str | None) -> list[str]:
     if data:
-        from dskd.data import load_examples
+        from dskd.data.examples import load_examples
 
         examples = load_examples(data, DataConfig(), "doctor")
         return [e.response for e in examples[:SAMPLE_LIMIT] if e.response]
@@ -66,7 +66,7 @@ def _side(tokenizer, folder: str) -> dict[str, Any]:
 
 
 def diagnose(teacher_path: str, student_path: str, data: str | None = None) -> dict[str, Any]:
-    from dskd.objective import same_vocabulary
+    from dskd.kit.objective import same_vocabulary
     from dskd.registry import load_registry
 
     teacher = load_tokenizer(ModelConfig(tokenizer=teacher_path), "teacher")
@@ -87,7 +87,8 @@ def diagnose(teacher_path: str, student_path: str, data: str | None = None) -> d
     for side in ("teacher", "student"):
         if report[side]["padded_head_rows"]:
             warnings.append(f"the {side} LM head has {report[side]['padded_head_rows']} rows past its tokenizer (padding); dskd ignores them")
-    aligner = load_registry().get("aligners", "eta")(teacher, student)
+    registry = load_registry()
+    aligner = registry.get("aligners", registry.default("aligners"))(teacher, student)
     texts = _sample_texts(data)
     eta_pairs = bound = greedy = student_tokens = 0
     for text in texts:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from dskd.errors import ModelError
 from dskd.types import Batch, TeacherSignal
 

@@ -10,13 +10,14 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from dskd.batching import ResumableBatchSampler, collate
-from dskd.components import build_aligner, build_student, build_teacher
 from dskd.config import Config
-from dskd.data import load_examples
-from dskd.evaluate import generate_and_score, teacher_agreement
-from dskd.models import load_model, load_tokenizer
-from dskd.objective import same_vocabulary
+from dskd.data.batching import ResumableBatchSampler, collate
+from dskd.data.examples import load_examples
+from dskd.evaluation.scoring import generate_and_score, teacher_agreement
+from dskd.kit import Aligner, member
+from dskd.kit.objective import same_vocabulary
+from dskd.models.loading import load_model, load_tokenizer
+from dskd.run.components import build_aligner, build_student, build_teacher
 
 GENERATION_KEYS = ("exact_match", "rougeL", "avg_new_tokens", "num_examples")
 
@@ -65,7 +66,7 @@ def evaluate_stage(job, teacher_path: Path | None, final: Path | None, *, includ
     # objective=None: teacher agreement is measured with the configured (else the exact, eta) alignment, not
     # the objective's own default, so the metric means the same thing for every objective (uld's index
     # alignment would pair unrelated tokens).
-    aligner = build_aligner(config, job.registry, teacher.tokenizer, init.tokenizer, same_vocab, objective=None)
+    aligner = agreement_aligner(job, teacher.tokenizer, init.tokenizer, same_vocab)
     token_map = None if same_vocab else aligner.vocab_map()
     students = {"student_init": (init.model, init.tokenizer)} if "student_init" in include else {}
     if final is not None and "student" in include:
@@ -84,12 +85,24 @@ def evaluate_stage(job, teacher_path: Path | None, final: Path | None, *, includ
     return results
 
 
+def agreement_aligner(job, teacher_tokenizer, student_tokenizer, same_vocab: bool):
+    """The aligner teacher agreement is measured with: the configured one (else the default across
+    vocabularies), or the default one when the configured aligner has no teacher->student vocabulary map, which
+    agreement needs to compare a teacher's top-1 with a student's."""
+    aligner = build_aligner(job.config, job.registry, teacher_tokenizer, student_tokenizer, same_vocab, objective=None)
+    if same_vocab or member(aligner, Aligner, "vocab_map")() is not None:
+        return aligner
+    fallback = job.registry.default("aligners")
+    job.console.print(f"eval: aligner {job.config.aligner.name!r} has no vocabulary map; teacher agreement uses {fallback!r}")
+    return job.registry.get("aligners", fallback)(teacher_tokenizer, student_tokenizer)
+
+
 def student_agreement(job, model, tokenizer) -> dict[str, float]:
     """Teacher agreement and KL of one student against the job's configured teacher, on held-out text."""
     config = job.config
     teacher = build_teacher(config, job.device, cache_dir=job.cache_dir)
     same_vocab = same_vocabulary(teacher.tokenizer, tokenizer)
-    aligner = build_aligner(config, job.registry, teacher.tokenizer, tokenizer, same_vocab, objective=None)
+    aligner = agreement_aligner(job, teacher.tokenizer, tokenizer, same_vocab)
     try:
         return teacher_agreement(model, teacher, _held_out_batches(job, teacher, tokenizer, aligner, same_vocab),
                                  token_map=None if same_vocab else aligner.vocab_map(), student_vocab_size=len(tokenizer))

@@ -63,10 +63,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dskd.config import load_config
-    from dskd.job import run_job
     from dskd.registry import load_registry
-
-    from dskd.launch import requested_cpu_processes, spawn_processes
+    from dskd.run.job import run_job
+    from dskd.run.launch import requested_cpu_processes, spawn_processes
 
     registry = load_registry()
     config = load_config(args.config, args.overrides, registry=registry)  # bad input is reported once, here
@@ -111,8 +110,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dskd.config import load_config
-    from dskd.job import evaluate_model
     from dskd.registry import load_registry
+    from dskd.run.job import evaluate_model
 
     registry = load_registry()
     config = load_config(args.config, args.overrides, registry=registry)
@@ -125,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dskd.report import write_report
+    from dskd.evaluation.report import write_report
 
     for path in write_report(args.run_dir):
         print(path)
@@ -133,7 +132,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from dskd.doctor import run_doctor
+    from dskd.evaluation.doctor import run_doctor
 
     return run_doctor(args.teacher, args.student, data=args.data, as_json=args.json)
 

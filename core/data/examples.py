@@ -36,7 +36,9 @@ except ImportError:  # datasets < 4 names the variable-length list feature Seque
 
 from dskd.config import DataConfig
 from dskd.errors import DataError, PluginError
-from dskd.teacher import tokenizer_fingerprint
+from dskd.kit.aligner import Aligner
+from dskd.kit.contracts import member
+from dskd.models.teacher import tokenizer_fingerprint
 
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -374,7 +376,7 @@ def aligner_fingerprint(aligner: Any | None) -> str:
     changed vocabulary table invalidates the cache as surely as a changed option."""
     if aligner is None:
         return "none"
-    own = getattr(aligner, "fingerprint", None)
+    own = member(aligner, Aligner, "fingerprint")
     if isinstance(own, str) and own:
         return own
     digest = hashlib.sha256()

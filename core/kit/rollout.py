@@ -9,7 +9,7 @@ one host-side pass per micro-batch, before the batch reaches the device.
 Fixes of the reference's on-policy batch builder (spec §7.2-7.3, §14.2, §14.16): no crash on cross-tokenizer
 batches; a generated EOS is a label (the student learns when to stop); teacher sequences longer than the
 limit are cut like the student's instead of becoming ragged rows. Sampled ids become text through their exact
-bytes (`dskd.token_bytes`), not `decode`, which drops the space of a SentencePiece word-start piece at the start
+bytes (`dskd.kit.token_bytes`), not `decode`, which drops the space of a SentencePiece word-start piece at the start
 of a continuation (spec §7.3: decode/encode is not an identity); and a token of the other tokenizer that would
 merge the prompt's last characters with the sample's first is split at the boundary instead of failing.
 """
@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from dskd.batching import collate
-from dskd.data import encode_example
+from dskd.data.batching import collate
+from dskd.data.examples import encode_example
 from dskd.errors import DataError
-from dskd.objective import same_vocabulary
-from dskd.policy import PolicyContext
-from dskd.token_bytes import ByteTable, vocab_bytes
+from dskd.kit.objective import same_vocabulary
+from dskd.kit.policy import PolicyContext
+from dskd.kit.token_bytes import ByteTable, vocab_bytes
 from dskd.types import Batch
 
 
@@ -117,7 +117,7 @@ class Rollouts:
 
 def ids_text(table: ByteTable, ids: Sequence[int]) -> str:
     """The text sampled ids stand for: their tokens' bytes end to end, as UTF-8. Special tokens stand for none, and
-    so do ids past the tokenizer's vocabulary (the sampler masks padded head rows, `dskd.generation.PaddedRowsMask`,
+    so do ids past the tokenizer's vocabulary (the sampler masks padded head rows, `dskd.models.generation.PaddedRowsMask`,
     but ids given from elsewhere are not trusted)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     data, _ = table.gather(ids[(ids >= 0) & (ids < table.size)])

@@ -19,7 +19,6 @@ import torch
 from dskd.errors import ModelError
 from dskd.types import Batch, LossTerms, TeacherSignal
 
-
 # Singular values below this fraction of the largest count as zero. Heads hold float32 or fewer digits, so a
 # weaker direction is rounding, not signal; inverting it would put huge, meaningless components into the map.
 SINGULAR_RTOL = 1e-5
@@ -182,10 +181,10 @@ def dual_space_terms(
     With different vocabularies, `vocab_map` maps teacher ids to student ids (-1: none) and only pairs whose
     teacher top-1 maps ("accepted" pairs, spec §6.3) carry the KD and projector terms.
     """
-    from dskd.chunked import chunked_parts  # local: keeps this module importable without the autograd helper
-    from dskd.objective import packed_ce_terms
-
     import torch.nn.functional as F
+
+    from dskd.kit.chunked import chunked_parts  # local: keeps this module importable without the autograd helper
+    from dskd.kit.objective import packed_ce_terms
 
     same_rows = rows.student_index is None
     if same_rows:

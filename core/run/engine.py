@@ -23,25 +23,28 @@ from typing import Any
 
 import torch
 
-from dskd import checkpoint
 from dskd.config import TrainConfig
 from dskd.console import Console
-from dskd.errors import CheckpointError
-from dskd.launch import LaunchError
-from dskd.lm_head import last_hidden_state
+from dskd.errors import CheckpointError, PluginError
+from dskd.kit.contracts import member
+from dskd.kit.lm_head import last_hidden_state
+from dskd.kit.policy import Policy
 from dskd.kit.weights import LossWeights, weighting
+from dskd.models.teacher import Teacher
+from dskd.run import checkpoint
+from dskd.run.launch import LaunchError
 from dskd.types import Batch, LossTerms, TeacherSignal
 
 
 @dataclass
 class StageSpec:
-    """What one training stage needs; built by `dskd.job` from the config."""
+    """What one training stage needs; built by `dskd.run.job` from the config."""
 
     name: str  # "teacher_sft" or "distill": names the checkpoint folder and the metrics lines
     model: torch.nn.Module
-    objective: Any  # a `dskd.objective.Objective`
-    policy: Any  # a `dskd.policy.Policy`
-    teacher: Any  # a `dskd.teacher.Teacher`, or None
+    objective: Any  # a `dskd.kit.objective.Objective`
+    policy: Any  # a `dskd.kit.policy.Policy`
+    teacher: Any  # a `dskd.models.teacher.Teacher`, or None
     make_batches: Callable[[int], Iterator[Batch]]  # consumed-batch count -> this process's batches from there on
     train: TrainConfig
     run_dir: Path
@@ -121,7 +124,7 @@ class Meter:
 
 class SignalFetcher:
     """Asks the teacher for the signal of micro-batch i+1 while the student computes i, when the teacher
-    can answer asynchronously (`score_async`); otherwise the call is simply made when the signal is needed."""
+    can answer asynchronously (`Teacher.score_async`); otherwise the call is made when the signal is needed."""
 
     def __init__(self, teacher: Any, request: Any) -> None:
         self.teacher = teacher
@@ -132,9 +135,8 @@ class SignalFetcher:
         if not self.active:
             return None
         args = (batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, self.request)
-        if hasattr(self.teacher, "score_async"):
-            return self.teacher.score_async(*args)
-        return lambda: self.teacher.score(*args)
+        future = member(self.teacher, Teacher, "score_async")(*args)
+        return future if future is not None else (lambda: self.teacher.score(*args))
 
     @staticmethod
     def result(handle) -> TeacherSignal | None:
@@ -208,8 +210,9 @@ class Trainer:
                 f"not FSDP or DeepSpeed ZeRO-3"
             )
         self.fetcher = SignalFetcher(spec.teacher, spec.objective.request)
-        # Cross-step prefetch needs a policy whose output is its input (off_policy) and an asynchronous teacher.
-        self._can_prefetch = bool(getattr(spec.policy, "prefetchable", False)) and self.fetcher.active and hasattr(spec.teacher, "score_async")
+        # Cross-step prefetch needs a policy whose output is its input (off_policy); a synchronous teacher's call
+        # is merely deferred to when the signal is needed.
+        self._can_prefetch = bool(member(spec.policy, Policy, "prefetchable")) and self.fetcher.active
         self._prefetched: dict[int, Any] = {}
         self.state = TrainState()
         self.ckpt_root = spec.run_dir / "checkpoints" / spec.name
@@ -270,7 +273,12 @@ class Trainer:
         out: list[Batch] = []
         for batch in window:
             prepared = self.spec.policy.prepare(batch, self.state.step)
-            out.extend(prepared if isinstance(prepared, list) else [prepared])
+            if not isinstance(prepared, list):
+                raise PluginError(
+                    f"policy {type(self.spec.policy).__name__}.prepare returned {type(prepared).__name__}, but a policy "
+                    f"returns a list of batches (e.g. [batch]); see docs/plugins.md, Policies"
+                )
+            out.extend(prepared)
         return out
 
     def _average_projector_grads(self) -> None:
@@ -358,13 +366,11 @@ class Trainer:
                     if waited is not None:  # share of the interval the student spent waiting for the teacher
                         metrics["perf/teacher_wait_fraction"] = waited / max((now - last_log_time) * self.accelerator.num_processes, 1e-9)
                     last_log_time, last_log_tokens = now, self.state.tokens
-                    stats = getattr(self.spec.teacher, "stats", None)
-                    if stats is not None:  # a remote teacher's client counters (this process's client)
-                        metrics.update({f"teacher/{name}": value for name, value in stats().items()})
+                    if self.spec.teacher is not None:  # e.g. a remote teacher's client counters (this process's)
+                        stats = member(self.spec.teacher, Teacher, "stats")()
+                        metrics.update({f"teacher/{name}": value for name, value in stats.items()})
                     self._log({"stage": self.spec.name, "step": step, **metrics})
-                    observe = getattr(self.spec.policy, "observe", None)
-                    if observe is not None:  # adaptive policies react to the training curve
-                        observe(step, metrics)
+                    member(self.spec.policy, Policy, "observe")(step, metrics)  # adaptive policies react to the curve
                     progress.update(step, metrics)
                 if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < total:
                     self._save()

@@ -40,7 +40,7 @@ def _pad(
 
 
 def collate(rows: Sequence[dict[str, Any]], *, student_pad_id: int, teacher_pad_id: int) -> Batch:
-    """One micro-batch from rows of `dskd.data.tokenize_split`, with its packed-row indices filled in.
+    """One micro-batch from rows of `dskd.data.examples.tokenize_split`, with its packed-row indices filled in.
 
     `alignment` rows are `(b, teacher_label_position, student_label_position)`, where a label position is
     `prompt_len - 1 + label_index`: the position whose hidden state predicts that label token.

@@ -29,7 +29,7 @@ _PUNCTUATION = frozenset(string.punctuation)
 @functools.cache
 def _rouge_scorer():
     # Building a RougeScorer sets up the Porter stemmer, which is slow; one instance is reused (it keeps no
-    # state between calls). Imported here so that importing dskd.metrics stays cheap.
+    # state between calls). Imported here so that importing dskd.evaluation.metrics stays cheap.
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

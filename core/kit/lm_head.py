@@ -52,7 +52,7 @@ class LMHead:
         return z
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The head's tensors by name, to pass to `dskd.chunked.chunked_loss` as shared inputs (so a trainable
+        """The head's tensors by name, to pass to `dskd.kit.chunked.chunked_loss` as shared inputs (so a trainable
         head receives its gradient there); `with_tensors` rebuilds the head from them inside the chunk."""
         return {"weight": self.weight} if self.bias is None else {"weight": self.weight, "bias": self.bias}
 

@@ -16,16 +16,16 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from dskd.config import DataConfig
-from dskd.data import encode_prompt
+from dskd.data.examples import encode_prompt
 from dskd.errors import DataError, DskdError
-from dskd.generation import sample_continuations
-from dskd.lm_head import head_from_model, last_hidden_state
-from dskd.metrics import References, score_corpus
+from dskd.evaluation.metrics import References, score_corpus
+from dskd.kit.lm_head import head_from_model, last_hidden_state
+from dskd.models.generation import sample_continuations
 from dskd.types import Batch, SignalRequest
 
 
 def _encode_prompt(tokenizer, prompt: str, max_prompt_length: int = 0) -> list[int]:
-    """Prompt ids exactly as training encodes prompts (`dskd.data.encode_prompt`): BOS where the tokenizer adds
+    """Prompt ids exactly as training encodes prompts (`dskd.data.examples.encode_prompt`): BOS where the tokenizer adds
     one, the text with special-token strings kept as data, and the last `max_prompt_length` ids (0: all)."""
     return encode_prompt(tokenizer, prompt, DataConfig(max_prompt_length=max_prompt_length or sys.maxsize))
 
@@ -119,7 +119,7 @@ def teacher_agreement(
     student_vocab_size: int | None = None,
     chunk_rows: int = 256,
 ) -> dict[str, float]:
-    """Teacher-forced agreement of `student` with `teacher` (a `dskd.teacher.Teacher`) on held-out `batches`.
+    """Teacher-forced agreement of `student` with `teacher` (a `dskd.models.teacher.Teacher`) on held-out `batches`.
 
     Returns `teacher_agreement`, the percentage (0-100) of compared positions where the student's argmax
     equals the teacher's, and `teacher_kl`, the mean per-position KL(teacher || student) in nats.

@@ -12,46 +12,57 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Protocol, runtime_checkable
+from concurrent.futures import Future
 
 import torch
 
-from dskd.lm_head import LMHead, head_from_model, last_hidden_state
+from dskd.kit.lm_head import LMHead, head_from_model, last_hidden_state
 from dskd.types import SignalRequest, TeacherSignal
 
 CAPABILITIES = frozenset({"hidden_states", "top_k", "logits", "generate"})
 
 
-@runtime_checkable
-class Teacher(Protocol):
-    """What the engine and the objectives need from a teacher, local or remote.
-
-    Optional attribute (not part of the protocol, so teachers without it still conform): `embeddings`, the
-    teacher's input-embedding weight `(V_t, d_t)`, detached, on the student's device, or None. Objectives that
-    attend over token embeddings (`dskd_cma`) read it with `getattr(teacher, "embeddings", None)` and refuse
-    at setup when it is missing.
-    """
+class Teacher:
+    """What the engine and the objectives need from a teacher, local or remote (`LocalTeacher`, the gRPC
+    `RemoteTeacher`). Members with a default here are optional."""
 
     tokenizer: object  # a transformers tokenizer (fast)
     head: LMHead  # the teacher's LM head over its tokenizer's vocabulary, on the student's device
     fingerprint: str
     capabilities: frozenset[str]
 
-    @property
-    def hidden_size(self) -> int: ...
+    embeddings: torch.Tensor | None = None
+    """The input-embedding weight `(V_t, d_t)`, detached, on the student's device, or None when the teacher
+    cannot offer it (a gRPC teacher sends hidden states and its head only). Objectives that attend over token
+    embeddings (`dskd_cma`) refuse at setup without it."""
 
     @property
-    def vocab_size(self) -> int: ...
+    def hidden_size(self) -> int:
+        return self.head.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.vocab_size
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest) -> TeacherSignal:
         """Signal for `rows` (flat positions `b * T + t` into the `(B, T)` ids), in the order given."""
-        ...
+        raise NotImplementedError
+
+    def score_async(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest) -> Future | None:
+        """Start `score` and return a future of its signal; None (the default) when the teacher answers only
+        synchronously, and the engine then calls `score` when it needs the signal."""
+        return None
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
         """Sampled continuations (token ids, without the prompt) of each prompt."""
-        ...
+        raise NotImplementedError
 
-    def close(self) -> None: ...
+    def stats(self) -> dict[str, float]:
+        """Counters logged as `teacher/<name>` at each log interval (a remote teacher's calls, retries, ...)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the teacher holds (channels, threads)."""
 
 
 def model_fingerprint(model: torch.nn.Module, tokenizer, dtype: torch.dtype | str, model_id: str = "", revision: str = "") -> str:
@@ -151,7 +162,7 @@ def compute_signal(
     return signal
 
 
-class LocalTeacher:
+class LocalTeacher(Teacher):
     """An HF causal LM in the student's process: frozen, in eval mode, every call under `inference_mode`."""
 
     capabilities = CAPABILITIES
@@ -196,7 +207,7 @@ class LocalTeacher:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-        from dskd.generation import sample_continuations  # generation helpers live beside evaluation
+        from dskd.models.generation import sample_continuations  # generation helpers live beside evaluation
 
         return sample_continuations(
             self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed

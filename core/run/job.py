@@ -20,17 +20,27 @@ from typing import Any
 
 import torch
 
-from dskd.batching import ResumableBatchSampler, collate, make_loader
-from dskd.components import Student, build_aligner, build_objective, build_policy, build_student, build_teacher, distils
 from dskd.config import Config
 from dskd.console import Console
-from dskd.data import load_examples, tokenize_split
-from dskd.engine import StageSpec, Trainer
+from dskd.data.batching import ResumableBatchSampler, collate, make_loader
+from dskd.data.examples import load_examples, tokenize_split
 from dskd.errors import DskdError
-from dskd.launch import make_accelerator
-from dskd.models import load_model, load_tokenizer, save_pretrained_atomic
-from dskd.objective import same_vocabulary
-from dskd.teacher import tokenizer_fingerprint
+from dskd.kit import Objective, member
+from dskd.kit.objective import same_vocabulary
+from dskd.models.loading import load_model, load_tokenizer, save_pretrained_atomic
+from dskd.models.teacher import tokenizer_fingerprint
+from dskd.run.components import (
+    Student,
+    build_aligner,
+    build_objective,
+    build_policy,
+    build_student,
+    build_teacher,
+    distils,
+    policy_name,
+)
+from dskd.run.engine import StageSpec, Trainer
+from dskd.run.launch import make_accelerator
 
 OUTPUTS = ("checkpoints", "final", "teacher", "results.json", "metrics.jsonl")
 
@@ -101,12 +111,13 @@ class Job:
         tokenizer = load_tokenizer(cfg.teacher, "teacher")
         model = load_model(cfg.teacher, "teacher", seed=cfg.run.seed + 1).to(self.device)
         teacher_as_student = Student(model, tokenizer)
-        objective, ce_terms = build_objective(cfg, self.registry, teacher_as_student, None, None, name="sft")
+        objective, ce_terms = build_objective(cfg, self.registry, teacher_as_student, None, None,
+                                              name=self.registry.default("objectives", "teacher_sft"))
         dataset = self.tokenized("train", tokenizer, None)
         sft = cfg.teacher_sft
         train = dataclasses.replace(cfg.train, max_steps=sft.steps, lr=sft.lr, batch_size=sft.batch_size,
                                     warmup_steps=sft.warmup_steps, grad_accum=1)
-        policy = self.registry.get("policies", "off_policy")(None)
+        policy = self.registry.get("policies", self.registry.default("policies"))(None)
         spec = StageSpec("teacher_sft", model, objective, policy, None,
                          self.batches(dataset, sft.batch_size, tokenizer.pad_token_id, tokenizer.pad_token_id),
                          train, self.run_dir, cfg.run.log_every, {"tokenizer": tokenizer_fingerprint(tokenizer)},
@@ -124,15 +135,15 @@ class Job:
         same_vocab = same_vocabulary(teacher.tokenizer, student.tokenizer)
         aligner = build_aligner(cfg, self.registry, teacher.tokenizer, student.tokenizer, same_vocab, objective=cfg.objective.name)
         objective, ce_terms = build_objective(cfg, self.registry, student, teacher, aligner)
-        describe = getattr(objective, "describe", None)
-        if describe is not None:
-            self.console.print(f"distill: {cfg.objective.name}: {describe()}")
+        description = member(objective, Objective, "describe")()
+        if description:
+            self.console.print(f"distill: {cfg.objective.name}: {description}")
         examples = self.examples("train")
         policy = build_policy(cfg, self.registry, student, teacher, aligner, cache_dir=self.cache_dir,
                               prompts=tuple(e.prompt for e in examples), objective=objective)
         dataset = self.tokenized("train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples)
         self.console.print(
-            f"distill: objective {cfg.objective.name}, divergence {cfg.divergence.name}, policy {cfg.policy.name}, "
+            f"distill: objective {cfg.objective.name}, divergence {cfg.divergence.name}, policy {policy_name(cfg, self.registry)}, "
             f"{'same vocabulary' if same_vocab else f'aligner {type(aligner).__name__}'}, teacher {teacher.fingerprint[:12]}"
         )
         spec = StageSpec(
@@ -152,7 +163,7 @@ class Job:
         return final
 
     def evaluate(self, teacher_path: Path | None, final: Path | None) -> dict[str, Any]:
-        from dskd.evaluation_stage import evaluate_stage
+        from dskd.evaluation.stage import evaluate_stage
 
         results = evaluate_stage(self, teacher_path, final)
         if self.accelerator.is_main_process:
@@ -190,7 +201,7 @@ def evaluate_model(config: Config, model_dir: str, *, teacher_dir: str | None = 
     """`dskd eval`: generation metrics of a saved model on the configured evaluation split and, with a teacher
     (`teacher_dir`, or a pretrained or remote teacher in the config), its top-1 agreement with that teacher and
     per-token KL to it on held-out text."""
-    from dskd.evaluation_stage import generation_metrics, student_agreement
+    from dskd.evaluation.stage import generation_metrics, student_agreement
 
     tokenizer = load_tokenizer(dataclasses.replace(config.student, tokenizer=model_dir, model=model_dir), "model")
     model = load_model(dataclasses.replace(config.student, model=model_dir), "model")

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dskd.chunked import chunked_parts
-from dskd.lm_head import LMHead
+from dskd.kit.chunked import chunked_parts
+from dskd.kit.lm_head import LMHead
 from dskd.types import Batch, LossTerms, SignalRequest, TeacherSignal
 
 
@@ -28,7 +28,7 @@ class ObjectiveContext:
     student: torch.nn.Module
     student_tokenizer: Any
     student_head: LMHead  # a live view of the trainable head (gradients flow into it)
-    teacher: Any  # a `dskd.teacher.Teacher`, or None for objectives that need none (sft)
+    teacher: Any  # a `dskd.models.teacher.Teacher`, or None for objectives that need none (sft)
     divergence: Callable[..., torch.Tensor]  # the configured divergence, options bound; call with temperature=
     divergence_name: str
     temperature: float
