@@ -12,9 +12,13 @@ hook. A plugin implements any subset of them with `@dskd.hookimpl`:
 Calling conventions of what is registered (public API, ARCHITECTURE §3):
 
 - divergence: `fn(student_logits, teacher_logits, *, temperature=1.0, **options) -> (N,) float32`
-- aligner: `factory(teacher_tokenizer, student_tokenizer, **options)` -> object with `align(t_ids, s_ids)`
-- policy: `factory(context, **options)` -> object with `prepare(batch, step) -> Batch`
-- objective: `factory(context, **options)` -> object with `compute(...) -> LossTerms`
+- aligner: `factory(teacher_tokenizer, student_tokenizer, **options)` -> a `dskd.kit.Aligner`
+  (`align(teacher_ids, student_ids) -> Alignment`, optional `vocab_map()`, `fingerprint`)
+- policy: `factory(context, **options)` -> a `dskd.kit.Policy` (`prepare(batch, step) -> list[Batch]`, ...)
+- objective: `factory(context, **options)` -> a `dskd.kit.Objective`
+  (`compute(batch, student_hidden, signal) -> LossTerms` of unweighted parts, ...)
+
+docs/plugins.md lists every optional member and the factory declarations (`dskd.registry.DECLARATIONS`).
 
 Options are the keyword parameters with defaults of `fn` / `factory`; the config validates them by name and
 by the type of their defaults, so a plugin declares its options simply by writing its signature.

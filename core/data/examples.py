@@ -36,8 +36,6 @@ except ImportError:  # datasets < 4 names the variable-length list feature Seque
 
 from dskd.config import DataConfig
 from dskd.errors import DataError, PluginError
-from dskd.kit.aligner import Aligner
-from dskd.kit.contracts import member
 from dskd.models.teacher import tokenizer_fingerprint
 
 ALPACA = (
@@ -376,6 +374,8 @@ def aligner_fingerprint(aligner: Any | None) -> str:
     changed vocabulary table invalidates the cache as surely as a changed option."""
     if aligner is None:
         return "none"
+    from dskd.kit import Aligner, member  # local: the kit's sampling helpers import this module
+
     own = member(aligner, Aligner, "fingerprint")
     if isinstance(own, str) and own:
         return own

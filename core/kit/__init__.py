@@ -21,94 +21,76 @@ each piece in use.
 - `loss_terms_on_batch`: an objective of a job, computed on one batch of texts outside the engine.
 """
 
-from dskd.kit.aligner import Aligner
-from dskd.kit.chunked import chunked_loss, chunked_parts, dense_loss
-from dskd.kit.contracts import member
-from dskd.kit.cross_model_attention import attention_weights, packed, padded, sequence_has
-from dskd.kit.dual_space import (
-    DualSpaceSpec,
-    dual_space_terms,
-    least_squares_map,
-    paired_rows,
-    right_inverse_factor,
-    shared_vocabulary,
-)
-from dskd.kit.lm_head import LMHead, head_from_model, last_hidden_state
-from dskd.kit.objective import (
-    CROSS_TOKENIZER_OBJECTIVES,
-    Objective,
-    ObjectiveContext,
-    gather_labels,
-    gather_rows,
-    packed_ce_terms,
-    student_ce_terms,
-)
-from dskd.kit.policy import Policy, PolicyContext
-from dskd.kit.probability import check_temperature, check_unit_interval, kl_terms, log_mixture, paired_logprobs
-from dskd.kit.rollout import Rollouts, generation_seed, ids_text, split_step
-from dskd.kit.row_partners import row_partners, teacher_hidden
-from dskd.kit.sampling_policy import StudentSampling
-from dskd.kit.token_bytes import (
-    SPACE,
-    ByteTable,
-    VocabBytes,
-    exact_byte_map,
-    teacher_to_student_map,
-    token_ids,
-    vocab_bytes,
-)
-from dskd.kit.weights import LossWeights, objective_loss, weighting
-from dskd.models.teacher import tokenizer_fingerprint
+import importlib
 
-__all__ = [
-    "CROSS_TOKENIZER_OBJECTIVES",
-    "SPACE",
-    "Aligner",
-    "ByteTable",
-    "DualSpaceSpec",
-    "LMHead",
-    "LossWeights",
-    "Objective",
-    "ObjectiveContext",
-    "Policy",
-    "PolicyContext",
-    "Rollouts",
-    "StudentSampling",
-    "VocabBytes",
-    "attention_weights",
-    "check_temperature",
-    "check_unit_interval",
-    "chunked_loss",
-    "chunked_parts",
-    "dense_loss",
-    "dual_space_terms",
-    "exact_byte_map",
-    "gather_labels",
-    "gather_rows",
-    "generation_seed",
-    "head_from_model",
-    "ids_text",
-    "kl_terms",
-    "last_hidden_state",
-    "least_squares_map",
-    "log_mixture",
-    "member",
-    "objective_loss",
-    "packed",
-    "packed_ce_terms",
-    "padded",
-    "paired_logprobs",
-    "paired_rows",
-    "right_inverse_factor",
-    "row_partners",
-    "sequence_has",
-    "shared_vocabulary",
-    "split_step",
-    "student_ce_terms",
-    "teacher_hidden",
-    "teacher_to_student_map",
-    "token_ids",
-    "tokenizer_fingerprint",
-    "vocab_bytes",
-    "weighting",
-]
+# Names load on first use (PEP 562): the kit's helpers build on dskd's internals, which themselves use small
+# kit modules, so importing everything here eagerly would make import cycles out of ordinary imports.
+_EXPORTS = {
+    "Aligner": "dskd.kit.aligner",
+    "BatchLoss": "dskd.kit.batch_loss",
+    "ByteTable": "dskd.kit.token_bytes",
+    "CROSS_TOKENIZER_OBJECTIVES": "dskd.kit.objective",
+    "DualSpaceSpec": "dskd.kit.dual_space",
+    "LMHead": "dskd.kit.lm_head",
+    "LossWeights": "dskd.kit.weights",
+    "Objective": "dskd.kit.objective",
+    "ObjectiveContext": "dskd.kit.objective",
+    "Policy": "dskd.kit.policy",
+    "PolicyContext": "dskd.kit.policy",
+    "Rollouts": "dskd.kit.rollout",
+    "SPACE": "dskd.kit.token_bytes",
+    "StudentSampling": "dskd.kit.sampling_policy",
+    "VocabBytes": "dskd.kit.token_bytes",
+    "attention_weights": "dskd.kit.cross_model_attention",
+    "check_temperature": "dskd.kit.probability",
+    "check_unit_interval": "dskd.kit.probability",
+    "chunked_loss": "dskd.kit.chunked",
+    "chunked_parts": "dskd.kit.chunked",
+    "dense_loss": "dskd.kit.chunked",
+    "dual_space_terms": "dskd.kit.dual_space",
+    "exact_byte_map": "dskd.kit.token_bytes",
+    "gather_labels": "dskd.kit.objective",
+    "gather_rows": "dskd.kit.objective",
+    "generation_seed": "dskd.kit.rollout",
+    "head_from_model": "dskd.kit.lm_head",
+    "ids_text": "dskd.kit.rollout",
+    "kl_terms": "dskd.kit.probability",
+    "last_hidden_state": "dskd.kit.lm_head",
+    "least_squares_map": "dskd.kit.dual_space",
+    "log_mixture": "dskd.kit.probability",
+    "loss_terms_on_batch": "dskd.kit.batch_loss",
+    "member": "dskd.kit.contracts",
+    "objective_loss": "dskd.kit.weights",
+    "packed": "dskd.kit.cross_model_attention",
+    "packed_ce_terms": "dskd.kit.objective",
+    "padded": "dskd.kit.cross_model_attention",
+    "paired_logprobs": "dskd.kit.probability",
+    "paired_rows": "dskd.kit.dual_space",
+    "right_inverse_factor": "dskd.kit.dual_space",
+    "row_partners": "dskd.kit.row_partners",
+    "sequence_has": "dskd.kit.cross_model_attention",
+    "shared_vocabulary": "dskd.kit.dual_space",
+    "split_step": "dskd.kit.rollout",
+    "student_ce_terms": "dskd.kit.objective",
+    "teacher_hidden": "dskd.kit.row_partners",
+    "teacher_to_student_map": "dskd.kit.token_bytes",
+    "token_ids": "dskd.kit.token_bytes",
+    "tokenizer_fingerprint": "dskd.models.teacher",
+    "vocab_bytes": "dskd.kit.token_bytes",
+    "weighting": "dskd.kit.weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dskd.kit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
