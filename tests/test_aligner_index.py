@@ -110,8 +110,15 @@ def sft_like(context):  # an objective factory that declares no default aligner
     raise AssertionError("not called by build_aligner")
 
 
+def with_declaration(factory, **declared):
+    for key, value in declared.items():
+        setattr(factory, key, value)
+    return factory
+
+
 REGISTRY = Registry(
-    aligners={n: Recorder(n) for n in ("eta", "index", "mined")},
+    # eta declares itself the default across vocabularies, as the built-in does.
+    aligners={n: with_declaration(Recorder(n), default=n == "eta") for n in ("eta", "index", "mined")},
     objectives={"uld": uld, "mined_kd": mined_kd, "kd": sft_like},
 )
 

@@ -122,7 +122,7 @@ def test_defaults_are_the_documented_ones():
     assert config.objective.name == "kd" and config.objective.kd_rate == 0.5 and config.objective.options == {}
     assert config.divergence.name == "forward_kl"
     assert config.aligner.name == ""
-    assert config.policy.name == "off_policy"
+    assert config.policy.name == ""  # the policy that declares itself the default (off_policy)
     assert config.teacher.address == () and config.teacher.wire_dtype == "bfloat16"
     assert config.eval.seeds == (0,)
 

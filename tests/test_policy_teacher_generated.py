@@ -33,7 +33,8 @@ def teacher(name: str, seed: int) -> CountingTeacher:
 
 def prepare(pair: str, teacher_, cache_dir, **settings):
     policy = teacher_generated(policy_context(pair, teacher=teacher_, cache_dir=str(cache_dir)), **{**SETTINGS, **settings})
-    return policy, policy.prepare(dataclasses.replace(example_batch(pair), meta={}), 0)
+    [batch] = policy.prepare(dataclasses.replace(example_batch(pair), meta={}), 0)  # one batch of teacher samples
+    return policy, batch
 
 
 @pytest.mark.parametrize("pair", ["same", "different"])

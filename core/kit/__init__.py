@@ -4,7 +4,7 @@ A plugin, built-in or third-party, imports only `dskd` (hooks, errors, the value
 and `dskd.kit` (this package): everything else in `dskd` may change without notice. docs/plugins.md shows
 each piece in use.
 
-- Contracts, with the defaults of their optional members: `Objective`, `Aligner`, `Policy`, and the contexts
+- Contracts, with the defaults of their optional members: `Objective`, `Aligner`, `Policy`, `Teacher`, and the contexts
   their factories receive (`ObjectiveContext`, `PolicyContext`).
 - Losses: `chunked_parts` / `chunked_loss` (row chunks, gradients taken chunk by chunk), `dense_loss` (the
   oracle), `LossWeights`, `weighting` and `objective_loss` (how the engine weights an objective's parts),
@@ -40,6 +40,7 @@ _EXPORTS = {
     "Rollouts": "dskd.kit.rollout",
     "SPACE": "dskd.kit.token_bytes",
     "StudentSampling": "dskd.kit.sampling_policy",
+    "Teacher": "dskd.models.teacher",
     "VocabBytes": "dskd.kit.token_bytes",
     "attention_weights": "dskd.kit.cross_model_attention",
     "check_temperature": "dskd.kit.probability",

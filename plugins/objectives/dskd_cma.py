@@ -40,10 +40,12 @@ from dskd import IGNORE_INDEX, Batch, LossTerms, ModelError, PluginError, Signal
 from dskd.kit import (
     Objective,
     ObjectiveContext,
+    Teacher,
     attention_weights,
     chunked_parts,
     gather_labels,
     gather_rows,
+    member,
     packed,
     padded,
     sequence_has,
@@ -171,7 +173,7 @@ def dskd_cma(context: ObjectiveContext) -> DSKDCMA:
         raise PluginError(
             "objective dskd_cma needs the teacher's hidden states, which this teacher cannot send"
         )
-    teacher_embeddings = teacher.embeddings
+    teacher_embeddings = member(teacher, Teacher, "embeddings")
     if teacher_embeddings is None:
         raise ModelError(
             "objective dskd_cma attends over the teacher's input embeddings, which this teacher does not offer "
