@@ -22,6 +22,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -147,6 +148,24 @@ def announce(event: str, **fields) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
+def address_in_use(host: str, port: int) -> bool:
+    """Whether binding `host:port` fails with EADDRINUSE (gRPC's own bind error does not say why)."""
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def write_port_file(path: str, port: int) -> None:
     tmp = Path(f"{path}.tmp")
     tmp.write_text(f"{port}\n")
@@ -157,7 +176,13 @@ async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: Server
     worker = ModelWorker(
         teacher.model, teacher.head, teacher.tokenizer, max_batch_tokens=limits.max_batch_tokens, batching=not args.no_batching, max_queue=args.max_queue
     )
-    options = [("grpc.max_send_message_length", limits.max_message_bytes), ("grpc.max_receive_message_length", limits.max_message_bytes)]
+    options = [
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        # gRPC sets SO_REUSEPORT by default: a second server (another model, no token) could then bind this
+        # port too and the kernel would hand it a share of new connections. Bind exclusively.
+        ("grpc.so_reuseport", 0),
+    ]
     # The token is checked first (outermost): a caller without it learns nothing, not even that its bytes were bad.
     interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.aio.server(options=options, interceptors=[*interceptors, MalformedRequestInterceptor()])
@@ -169,6 +194,8 @@ async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: Server
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as error:
+        if address_in_use(args.host, args.port):
+            raise ServerSetupError(f"cannot listen on {address}: address in use (another process holds port {args.port}); stop it or pick another --port") from None
         raise ServerSetupError(f"cannot listen on {address} ({error}); pick another --port or --host") from None
     replica_id = args.replica_id or f"{socket.gethostname()}:{port}"
     description = describe(
@@ -232,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         credentials = server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
         if token and credentials is None and not is_loopback(args.host):
             log.warning("the bearer token travels in plaintext on %s; add --tls-cert/--tls-key", args.host)
+        if address_in_use(args.host, args.port):
+            # Checked again at the real bind; this one only spares loading a large model for nothing.
+            raise ServerSetupError(f"cannot listen on {bind_address(args.host, args.port)}: address in use (another process holds port {args.port}); stop it or pick another --port")
         teacher = load_teacher(args)
         limits = limits_for(args, teacher)
         return asyncio.run(serve(args, teacher, limits, token, credentials))
