@@ -158,6 +158,8 @@ def address_in_use(host: str, port: int) -> bool:
         return False
     for family, kind, proto, _, sockaddr in infos:
         with socket.socket(family, kind, proto) as probe:
+            # As gRPC does, so connections of a previous server in TIME_WAIT do not count as "in use".
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(sockaddr)
             except OSError as error:
