@@ -7,6 +7,8 @@ Run directory (`run.output_dir`):
     teacher/            the SFT'd teacher (stage teacher_sft), Hugging Face format
     final/              the distilled student, Hugging Face format (AutoModelForCausalLM.from_pretrained)
     results.json        {"teacher": {...}, "student_init": {...}, "student": {...}} (stage eval)
+    finished.json       the config the run finished with, written atomically after everything else: a run that
+                        has it is read-only (`--resume` with the same config does nothing, with another is refused)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dskd.objective import same_vocabulary
 from dskd.teacher import tokenizer_fingerprint
 
 OUTPUTS = ("checkpoints", "final", "teacher", "results.json", "metrics.jsonl")
+FINISHED = "finished.json"
 
 
 class Job:
@@ -56,17 +59,46 @@ class Job:
         return self.accelerator.device
 
     # -- run directory -----------------------------------------------------------------------------------------
-    def prepare_run_dir(self) -> None:
+    def prepare_run_dir(self) -> bool:
+        """Check and create the run directory; False when it holds this very run, finished (nothing to do)."""
         existing = [name for name in OUTPUTS if (self.run_dir / name).exists()]
         if existing and not self.resume:
             raise DskdError(
                 f"run.output_dir {self.run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                 f"or choose another directory (--set run.output_dir=...)"
             )
+        finished = self.finished_config() if self.resume else None
+        if finished is not None:
+            changed = _changed_keys(finished, self.config.to_dict())
+            if changed:
+                raise DskdError(
+                    f"run.output_dir {self.run_dir} holds a finished run, which is never changed, and this config differs from "
+                    f"it in {', '.join(changed)}; run it in another directory (--set run.output_dir=...)"
+                )
+            self.console.print(f"{self.run_dir} holds this run, finished; nothing to do (its results are in {self.run_dir / 'results.json'})")
+            return False
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(self.run_dir / "config.json", self.config.to_dict())
+        return True
+
+    def finished_config(self) -> dict[str, Any] | None:
+        """The config a finished run in `run_dir` ran with, or None while it is not finished.
+
+        Finished means `finished.json`, written last and atomically. Runs from before that marker count as
+        finished once they have `results.json` (the evaluation, always the last stage), with their config.json.
+        """
+        marker, results, config = self.run_dir / FINISHED, self.run_dir / "results.json", self.run_dir / "config.json"
+        try:
+            if marker.exists():
+                return json.loads(marker.read_text())["config"]
+            if results.exists() and config.exists():
+                return json.loads(config.read_text())
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise DskdError(f"{marker if marker.exists() else config} cannot be read ({error}); the run directory is damaged, "
+                            f"run in another directory (--set run.output_dir=...)") from None
+        return None
 
     # -- data ------------------------------------------------------------------------------------------------------
     def examples(self, split: str):
@@ -167,7 +199,9 @@ class Job:
             handle.write(json.dumps(record) + "\n")
 
     def run(self) -> dict[str, Any]:
-        self.prepare_run_dir()
+        if not self.prepare_run_dir():
+            results = self.run_dir / "results.json"
+            return json.loads(results.read_text()) if results.exists() else {}
         stages = self.config.run.stages
         teacher_path = self.teacher_sft() if "teacher_sft" in stages else None
         if teacher_path is None and (self.run_dir / "teacher" / "config.json").exists():
@@ -176,6 +210,9 @@ class Job:
         if final is None and (self.run_dir / "final" / "config.json").exists():
             final = self.run_dir / "final"
         results = self.evaluate(teacher_path, final) if "eval" in stages else {}
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:  # last, so that its presence means every output above is complete
+            _write_json(self.run_dir / FINISHED, {"config": self.config.to_dict()})
         self.console.print(f"run directory: {self.run_dir}")
         return results
 
@@ -199,6 +236,19 @@ def evaluate_model(config: Config, model_dir: str, *, teacher_dir: str | None = 
         job = Job(config, registry)
         metrics.update(student_agreement(job, model.to(job.device), tokenizer))
     return metrics
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two configs (as written to JSON); the run directory itself is not
+    compared, so a run moved or reached by another path is still the same run."""
+
+    def flat(table: dict[str, Any]) -> dict[str, Any]:
+        table = json.loads(json.dumps(table))
+        return {f"{name}.{key}": value for name, values in table.items() if isinstance(values, dict) for key, value in values.items()}
+
+    before, after = flat(old), flat(new)
+    keys = sorted(k for k in before.keys() | after.keys() if k != "run.output_dir" and before.get(k) != after.get(k))
+    return [f"{k} ({before[k]!r} -> {after[k]!r})" if k in before and k in after else k for k in keys]
 
 
 def _write_json(path: Path, data: Any) -> None:
