@@ -29,6 +29,10 @@ def load_tokenizer(cfg: ModelConfig, role: str):
         ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"the {role} tokenizer at {source!r} has no fast backend; dskd needs tokenizer.json (a fast tokenizer) for offsets and alignment")
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer from a folder with only tokenizer_config.json; every prompt
+        # would then tokenise to nothing and fail later as "the prompt is empty".
+        raise ModelError(f"the {role} tokenizer at {source!r} has no vocabulary (it encodes text to nothing); point {role}.tokenizer at a folder with tokenizer.json")
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the {role} tokenizer at {source!r} has no EOS token; set eos_token in its tokenizer_config.json")
     return ensure_pad_token(tokenizer)

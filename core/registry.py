@@ -111,6 +111,18 @@ def _allowed(ep_name: str, dist_name: str) -> bool:
     return ep_name.lower() in wanted or dist_name.lower() in wanted
 
 
+def unmatched_load_names() -> list[str]:
+    """Names in DSKD_LOAD_PLUGINS that match no installed plugin (entry point or distribution): a typo or a
+    package that is not installed, which would otherwise silently load nothing."""
+    raw = os.environ.get(LOAD_ENV)
+    if not raw:
+        return []
+    known = set()
+    for ep, dist_name, _ in _entry_points():
+        known.update((ep.name.lower(), dist_name.lower()))
+    return [name for name in (item.strip() for item in raw.split(",")) if name and name.lower() not in known]
+
+
 def make_plugin_manager(extra_plugins: Iterable[Any] = (), *, entry_points: bool = True) -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]]]:
     """A loaded and checked `PluginManager("dskd")`, plus plugin name -> (package, version)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
