@@ -19,6 +19,7 @@ from dskd.errors import ModelError, PluginError
 from dskd.lm_head import head_from_model
 from dskd.models import check_vocabulary, ensure_pad_token, load_model, load_tokenizer
 from dskd.objective import ObjectiveContext, same_vocabulary
+from dskd.plugin_checks import CheckedAligner, checked_divergence, describe
 from dskd.policy import PolicyContext
 from dskd.teacher import LocalTeacher
 
@@ -62,7 +63,8 @@ def bind_divergence(config: Config, registry: Any):
     """The configured divergence with its options bound; capability attributes are carried over."""
     fn = registry.get("divergences", config.divergence.name)
     options = plugin_options(config.divergence, fn, skip=("temperature",))
-    bound = functools.partial(fn, **options)
+    # Checked on its first call, so a plugin returning the wrong shape is named instead of failing inside an objective.
+    bound = functools.partial(checked_divergence(fn, describe(registry, "divergences", config.divergence.name)), **options)
     bound.accepts_sparse_teacher = getattr(fn, "accepts_sparse_teacher", False)
     return bound
 
@@ -82,7 +84,8 @@ def build_aligner(config: Config, registry: Any, teacher_tokenizer: Any, student
     factory = registry.get("aligners", name)
     options = plugin_options(config.aligner, factory)
     try:
-        return factory(teacher_tokenizer, student_tokenizer, **options)
+        # Every alignment, of the dataset and of sampled responses alike, is checked against the contract.
+        return CheckedAligner(factory(teacher_tokenizer, student_tokenizer, **options), describe(registry, "aligners", name))
     except PluginError:
         raise
     except (TypeError, ValueError) as exc:

@@ -26,7 +26,7 @@ import torch
 from dskd import checkpoint
 from dskd.config import TrainConfig
 from dskd.console import Console
-from dskd.errors import CheckpointError
+from dskd.errors import CheckpointError, DskdError
 from dskd.launch import LaunchError
 from dskd.lm_head import last_hidden_state
 from dskd.types import Batch, LossTerms, TeacherSignal
@@ -158,6 +158,19 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def require_finite(model: torch.nn.Module, extra: torch.nn.Module | None, what: str) -> None:
+    """Raise a `DskdError` instead of saving `what` when a parameter of `model` (or `extra`) is NaN or infinite.
+    One device->host copy for all parameters."""
+    named = list(model.named_parameters()) + ([] if extra is None else [(f"projectors.{n}", p) for n, p in extra.named_parameters()])
+    if not named:
+        return
+    finite = torch.stack([p.detach().isfinite().all().to(named[0][1].device) for _, p in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DskdError(f"not saving the {what}: its weights are not finite ({listed}); lower train.lr, or resume from an earlier checkpoint")
+
+
 def _parameter_storage(model: torch.nn.Module) -> list[tuple[int, tuple[int, ...]]]:
     return [(p.data_ptr(), tuple(p.shape)) for p in model.parameters()]
 
@@ -209,6 +222,7 @@ class Trainer:
         self._can_prefetch = bool(getattr(spec.policy, "prefetchable", False)) and self.fetcher.active and hasattr(spec.teacher, "score_async")
         self._prefetched: dict[int, Any] = {}
         self.state = TrainState()
+        self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient norm
         self.ckpt_root = spec.run_dir / "checkpoints" / spec.name
         self.metrics_path = spec.run_dir / "metrics.jsonl"
 
@@ -222,6 +236,7 @@ class Trainer:
                 meter.add_local(f"policy/{batch.meta['policy']}", 1.0)
         denominator = self._normalise(window)
         pending = ahead if ahead is not None else self._submit(window[0])
+        step_loss = torch.zeros((), device=acc.device)
         for i, batch in enumerate(window):
             waited = time.perf_counter()
             signal = self.fetcher.result(pending)
@@ -237,20 +252,50 @@ class Trainer:
                 else:
                     terms = objective.compute(batch, hidden, signal, denominator)
             acc.backward(terms.loss)
+            step_loss = step_loss + terms.loss.detach()
             meter.add(terms, ce=batch.ce, kd=batch.kd)
             if batch.aligned_rows is not None:
                 meter.add_host("train/align_ratio_num", float(batch.aligned_rows.shape[0]))
                 meter.add_host("train/align_ratio_den", float(batch.student_rows.shape[0]))
             self.state.tokens += int(batch.student_attention_mask.sum())
         self._average_projector_grads()
-        if self.train_cfg.clip_grad > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            acc.clip_grad_norm_(params, self.train_cfg.clip_grad)
-        self.optimizer.step()
-        self.scheduler.step()
+        if self._finite_step(step_loss, meter):
+            self.optimizer.step()
+            self.scheduler.step()
+            objective.on_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
-        objective.on_optimizer_step()
         self.state.step += 1
+
+    def _finite_step(self, step_loss: torch.Tensor, meter: Meter) -> bool:
+        """Clip, and say whether this step's update may be applied: its loss and gradient norm are finite.
+
+        A non-finite step is skipped (no optimizer or schedule step) and counted; `train.max_bad_steps` of them in a
+        row stop the run before its weights are saved. The norm covers the student's gradients (all-reduced by DDP)
+        and the projectors' (averaged above), so it is the same on every process; the local losses are folded in
+        and summed over processes, so every process takes the same decision. That is one host sync per step.
+        """
+        acc = self.accelerator
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.train_cfg.clip_grad > 0:
+            norm = acc.clip_grad_norm_(params, self.train_cfg.clip_grad)
+        else:  # no clipping: the norm alone, without touching the gradients
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # 0 * x is NaN for an infinite or NaN x, so `probe` is finite exactly when the norm and the loss are.
+        probe = (torch.as_tensor(norm, device=acc.device).float() + 0.0 * step_loss.float()).reshape(1)
+        if acc.num_processes > 1:
+            probe = acc.reduce(probe, reduction="sum")
+        finite = math.isfinite(probe.item())
+        meter.add_local("train/skipped_steps", 0.0 if finite else 1.0)  # the same on every process
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        if self.bad_steps >= self.train_cfg.max_bad_steps:
+            saved = checkpoint.checkpoints(self.ckpt_root)  # none is written during a run of skipped steps
+            kept = f"the last checkpoint, {saved[-1]}, is kept" if saved else "nothing was saved"
+            raise DskdError(
+                f"{self.spec.name}: the loss or gradient norm was not finite for {self.bad_steps} steps in a row "
+                f"(steps {self.state.step + 2 - self.bad_steps}-{self.state.step + 1}, updates skipped); stopped, {kept}; "
+                f"lower train.lr, check the divergence and objective options, or raise train.max_bad_steps"
+            )
+        return finite
 
     def _ce_alone(self, batch: Batch) -> bool:
         """A batch of a split step that trains only the CE, for an objective that can compute it without teacher."""
@@ -357,7 +402,8 @@ class Trainer:
                     if observe is not None:  # adaptive policies react to the training curve
                         observe(step, metrics)
                     progress.update(step, metrics)
-                if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < total:
+                # Not during a run of skipped steps: their checkpoints would rotate out the last good step's.
+                if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < total and not self.bad_steps:
                     self._save()
         self._save()
         elapsed = time.perf_counter() - start
@@ -381,6 +427,9 @@ class Trainer:
 
     def _save(self) -> None:
         self.accelerator.wait_for_everyone()
+        # Never a checkpoint of non-finite weights: it would replace (prune) the last good one. The weights are the
+        # same on every process, so every process raises here or none does.
+        require_finite(self.accelerator.unwrap_model(self.model), self.projectors, f"{self.spec.name} checkpoint in {self.ckpt_root}")
         # Every process keeps its own RNG and data position; the main process also writes the shared state.
         rank = self.accelerator.process_index
         manifest = {"stage": self.spec.name, "state": vars(self.state).copy(), "fingerprints": self.spec.fingerprints,

@@ -27,7 +27,7 @@ from dskd.components import Student, build_aligner, build_objective, build_polic
 from dskd.config import Config
 from dskd.console import Console
 from dskd.data import load_examples, tokenize_split
-from dskd.engine import StageSpec, Trainer
+from dskd.engine import StageSpec, Trainer, require_finite
 from dskd.errors import DskdError
 from dskd.launch import make_accelerator
 from dskd.models import load_model, load_tokenizer, save_pretrained_atomic
@@ -143,6 +143,7 @@ class Job:
                          self.batches(dataset, sft.batch_size, tokenizer.pad_token_id, tokenizer.pad_token_id),
                          train, self.run_dir, cfg.run.log_every, {"tokenizer": tokenizer_fingerprint(tokenizer)})
         trained = Trainer(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
+        require_finite(trained, None, f"fine-tuned teacher in {target}")
         if self.accelerator.is_main_process:
             save_pretrained_atomic(trained, tokenizer, target)
         self.accelerator.wait_for_everyone()
@@ -164,7 +165,7 @@ class Job:
         dataset = self.tokenized("train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples)
         self.console.print(
             f"distill: objective {cfg.objective.name}, divergence {cfg.divergence.name}, policy {cfg.policy.name}, "
-            f"{'same vocabulary' if same_vocab else f'aligner {type(aligner).__name__}'}, teacher {teacher.fingerprint[:12]}"
+            f"{'same vocabulary' if same_vocab else getattr(aligner, 'label', f'aligner {type(aligner).__name__}')}, teacher {teacher.fingerprint[:12]}"
         )
         spec = StageSpec(
             "distill", student.model, objective, policy, teacher,
@@ -175,6 +176,7 @@ class Job:
         )
         trained = Trainer(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
         final = self.run_dir / "final"
+        require_finite(trained, None, f"distilled student in {final}")  # no final/ (and so no results.json) of NaN weights
         if self.accelerator.is_main_process:
             save_pretrained_atomic(trained, student.tokenizer, final)
         self.accelerator.wait_for_everyone()

@@ -153,7 +153,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
                  "num_workers": 2, "cache_dir": "data-cache"},
         "train": {"max_steps": 9, "batch_size": 2, "grad_accum": 4, "lr": 0.001, "projector_lr": 0.003,
                   "weight_decay": 0.0, "warmup_steps": 2, "schedule": "linear", "min_lr_ratio": 0.1,
-                  "clip_grad": 0.5, "precision": "bf16", "save_every": 3, "keep_checkpoints": 1, "chunk_size": 16},
+                  "clip_grad": 0.5, "precision": "bf16", "save_every": 3, "keep_checkpoints": 1, "max_bad_steps": 5, "chunk_size": 16},
         "objective": {"name": "kd", "kd_rate": 0.25, "temperature": 2.0, "teacher_signal": "top_k", "top_k": 8},
         "divergence": {"name": "skew_forward_kl", "lam": 0.3},
         "aligner": {"name": ""},
