@@ -36,7 +36,7 @@ def build_teacher(config: Config, device: torch.device, *, model_path: str | Non
             if not token:
                 raise PluginError(f"teacher.auth_token_env names {t.auth_token_env!r} but that environment variable is not set; export it with the servers' token")
         teacher = RemoteTeacher(
-            list(t.address), auth_token=token, tls_ca_file=t.tls_ca_file or None, timeout_s=t.timeout_s,
+            list(t.address), auth_token=token, tls_ca_file=t.tls_ca_file or None, timeout_s=t.timeout_s, retry_timeout_s=t.retry_timeout_s,
             wire_dtype=t.wire_dtype, cache_dir=t.cache_dir or (str(cache_dir) if cache_dir else None), device=device,
         )
         ensure_pad_token(teacher.tokenizer)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ import torch
 from dskd import checkpoint
 from dskd.config import TrainConfig
 from dskd.console import Console
-from dskd.errors import CheckpointError, DskdError
+from dskd.errors import CheckpointError, DskdError, TeacherError
 from dskd.launch import LaunchError
 from dskd.lm_head import last_hidden_state
 from dskd.types import Batch, LossTerms, TeacherSignal
@@ -223,6 +226,7 @@ class Trainer:
         self._prefetched: dict[int, Any] = {}
         self.state = TrainState()
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient norm
+        self._saved_step = -1  # the step of the newest checkpoint on disk (written or resumed from)
         self.ckpt_root = spec.run_dir / "checkpoints" / spec.name
         self.metrics_path = spec.run_dir / "metrics.jsonl"
 
@@ -368,10 +372,12 @@ class Trainer:
         start = time.perf_counter()
         tokens_at_start = self.state.tokens
         last_log_time, last_log_tokens = start, self.state.tokens
-        with self.console.progress(self.spec.name, total, self.state.step) as progress:
+        last_save = time.monotonic()
+        with self.console.progress(self.spec.name, total, self.state.step) as progress, self._stop_requests() as stop:
             upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)]
             while self.state.step < total:
                 window = upcoming
+                before = TrainState(**vars(self.state)), checkpoint.rng_state()  # to checkpoint this step's start
                 self.state.consumed += len(window)
                 # Take the next step's data now and, when the policy's batches do not depend on the student and
                 # the teacher answers asynchronously, start its teacher call: a remote teacher then computes step
@@ -379,7 +385,10 @@ class Trainer:
                 upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step + 1 < total else []
                 if upcoming and self._can_prefetch:
                     self._prefetched[id(upcoming[0])] = self._submit(upcoming[0])
-                self.train_step(window, meter)
+                try:
+                    self.train_step(window, meter)
+                except TeacherError as error:
+                    raise self._checkpoint_before_stopping(error, *before) from None
                 step = self.state.step
                 if step % self.spec.log_every == 0 or step == total:
                     now = time.perf_counter()
@@ -402,10 +411,18 @@ class Trainer:
                     if observe is not None:  # adaptive policies react to the training curve
                         observe(step, metrics)
                     progress.update(step, metrics)
+                by_steps = bool(self.train_cfg.save_every) and step % self.train_cfg.save_every == 0
                 # Not during a run of skipped steps: their checkpoints would rotate out the last good step's.
-                if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < total and not self.bad_steps:
+                if step < total and not self.bad_steps and (by_steps or (step % self.spec.log_every == 0 and self._save_is_due(last_save))):
                     self._save()
-        self._save()
+                    last_save = time.monotonic()
+                if stop.is_set() and step < total:
+                    if self._saved_step != step:
+                        self._save()
+                    self.console.warn(f"{self.spec.name}: stopped at step {step}, checkpointed in {self.ckpt_root}; continue with --resume")
+                    raise KeyboardInterrupt
+        if self._saved_step != self.state.step:  # a resumed, already finished stage is not written again
+            self._save()
         elapsed = time.perf_counter() - start
         self.console.print(
             f"{self.spec.name}: {total} steps, {(self.state.tokens - tokens_at_start) / max(elapsed, 1e-9):.0f} tokens/s per process"
@@ -437,14 +454,71 @@ class Trainer:
         root = self.ckpt_root if rank == 0 else self.ckpt_root / f"rank-{rank}"
         objects = self._objects() if rank == 0 else {"rng": checkpoint.rng_state(), "policy": self.spec.policy.state_dict()}
         checkpoint.save(root, self.state.step, objects, manifest, keep=self.train_cfg.keep_checkpoints)
+        self._saved_step = self.state.step
         self.accelerator.wait_for_everyone()
+
+    def _save_is_due(self, last_save: float) -> bool:
+        """`train.save_every_minutes` passed since the last checkpoint. Asked only at log steps: with several
+        processes every one must save at the same step, so rank 0's clock decides, in one small collective."""
+        minutes = self.train_cfg.save_every_minutes
+        if not minutes:
+            return False
+        due = time.monotonic() - last_save >= 60.0 * minutes
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            due = bool(broadcast(torch.tensor([float(due)], device=self.accelerator.device), from_process=0).item())
+        return due
+
+    @contextlib.contextmanager
+    def _stop_requests(self):
+        """Ctrl-C or SIGTERM (a preempted job) during the stage: finish the step, checkpoint it, then stop; a second
+        signal stops at once. Only in a single process: under a launcher the processes would see the signal at
+        different steps, and a checkpoint needs all of them at the same one."""
+        requested = threading.Event()
+        if self.accelerator.num_processes > 1 or threading.current_thread() is not threading.main_thread():
+            yield requested
+            return
+
+        def handler(signum, frame) -> None:
+            if requested.is_set():
+                raise KeyboardInterrupt
+            requested.set()
+            sys.stderr.write(f"{self.spec.name}: stopping after this step to checkpoint it (signal again to stop at once)\n")
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield requested
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _checkpoint_before_stopping(self, error: TeacherError, state: TrainState, rng: dict[str, Any]) -> TeacherError:
+        """The teacher stayed away past `teacher.retry_timeout_s`: checkpoint the last completed step and say how to go on.
+
+        The failed step changed neither weights, optimizer nor schedule (the teacher answers before the update), so
+        the checkpoint is that step's start: the data position and RNG taken before it. A policy's own state is the
+        current one (at most one step of its sampling ahead)."""
+        if self.accelerator.num_processes > 1:  # the other processes wait in this step's collectives: no checkpoint now
+            return TeacherError(f"{error}; continue from the last periodic checkpoint with --resume once the teacher answers again")
+        self.state = state
+        checkpoint.set_rng_state(rng)
+        if self._saved_step != state.step:
+            self._save()
+        return TeacherError(f"{error}; step {state.step} is checkpointed in {self.ckpt_root}: once the teacher answers again, continue with --resume")
 
     def _resume(self, force: bool) -> None:
         # Every process picks the same step: the newest whose parts (rank 0's and each other rank's) are all intact.
         parts = [self.ckpt_root / f"rank-{r}" for r in range(1, self.accelerator.num_processes)]
         found = checkpoint.latest(self.ckpt_root, warn=self.console.warn, companions=[p for p in parts if p.is_dir()])
         if found is None:
+            if checkpoint.checkpoints(self.ckpt_root):  # the run got somewhere: step 0 would train over its metrics
+                raise CheckpointError(
+                    f"every checkpoint under {self.ckpt_root} is unusable (each named above); restore an intact one, "
+                    f"or start afresh in another directory (--set run.output_dir=...)"
+                )
             self.console.print(f"{self.spec.name}: no checkpoint to resume from; starting at step 0")
+            self._truncate_metrics(0)  # lines of an attempt that died before its first checkpoint
             return
         manifest = found.manifest
         if manifest.get("world_size", 1) != self.accelerator.num_processes:
@@ -479,6 +553,7 @@ class Trainer:
         self.spec.policy.load_state_dict(policy)
         checkpoint.set_rng_state(rng)
         self.state = TrainState(**manifest["state"])
+        self._saved_step = self.state.step
         self._truncate_metrics(self.state.step)
         self.console.print(f"{self.spec.name}: resumed from {found.path.name} (step {self.state.step})")
 
