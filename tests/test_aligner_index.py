@@ -132,4 +132,6 @@ def test_build_aligner_uses_the_objectives_default_only_when_none_is_configured(
     configured, objective, same_vocab, expected
 ):
     config = Config(aligner=AlignerConfig(name=configured), objective=ObjectiveConfig(name=objective or "kd"))
-    assert build_aligner(config, REGISTRY, None, None, same_vocab, objective=objective) == expected
+    built = build_aligner(config, REGISTRY, None, None, same_vocab, objective=objective)
+    # A built aligner comes wrapped so that its pairs are checked (`dskd.plugin_checks.CheckedAligner`).
+    assert (None if built is None else built.aligner) == expected

@@ -8,6 +8,7 @@ The plugins are those of `tests/broken_plugins_src/dskd_broken_plugins`: in proc
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import sys
 
 import pytest
@@ -123,6 +124,10 @@ def test_a_wrapped_aligner_keeps_its_attributes_and_fingerprint(registry):
     raw = registry.get("aligners", "eta")(tokenizer("mistral"), tokenizer("gpt2"))
     assert aligner_fingerprint(eta) == aligner_fingerprint(raw)  # the data cache of an unwrapped aligner stays valid
     assert torch.equal(eta.vocab_map(), raw.vocab_map())
+    # Data-loader workers receive it pickled; the copy still checks, and still names the plugin.
+    copy = pickle.loads(pickle.dumps(built))
+    with pytest.raises(PluginError, match=r"^aligner 'broken' \(plugin 'dskd_broken_plugins'"):
+        copy.align([1, 2, 3], [4, 5])
 
 
 @pytest.mark.integration
