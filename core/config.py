@@ -69,6 +69,8 @@ class TeacherConfig(ModelConfig):
     """Dtype of hidden states and log-probabilities on the wire: "bfloat16" or "float32"."""
     cache_dir: str = ""
     """Where a remote teacher's tokenizer and LM head are cached (by fingerprint). Empty: ~/.cache/dskd."""
+    dtype: str = "auto"
+    """Weights dtype of an in-process teacher: "auto" (float32 on CPU, bfloat16 on CUDA, as a teacher server by default), "float32" or "bfloat16"."""
 
 
 @dataclass(frozen=True)
@@ -421,7 +423,7 @@ def check_values(config: Config) -> list[ConfigProblem]:
         need(blocker is None, "run.output_dir", f"{blocker} is a file, not a directory", "choose another run directory (--set run.output_dir=...)")
     need(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}", "use e.g. 10")
     for table, m in (("student", config.student), ("teacher", t)):
-        need(m.dtype in ("float32", "bfloat16"), f"{table}.dtype", f"unknown dtype {m.dtype!r}", 'use "float32" or "bfloat16"')
+        need(m.dtype in ("float32", "bfloat16", "auto"), f"{table}.dtype", f"unknown dtype {m.dtype!r}", 'use "auto", "float32" or "bfloat16"')
     # Only stages that build a student need one: a job of just teacher_sft trains the teacher alone.
     need(bool(config.student.model or config.student.config) or set(r.stages) <= {"teacher_sft"}, "student", "neither model nor config is set", "set student.model (pretrained) or student.config (random init)")
     need(t.wire_dtype in ("bfloat16", "float32"), "teacher.wire_dtype", f"unknown dtype {t.wire_dtype!r}", 'use "bfloat16" or "float32"')

@@ -30,7 +30,7 @@ from dskd.data import load_examples, tokenize_split
 from dskd.engine import StageSpec, Trainer, require_finite
 from dskd.errors import DskdError
 from dskd.launch import make_accelerator
-from dskd.models import load_model, load_tokenizer, save_pretrained_atomic
+from dskd.models import load_model, load_tokenizer, save_pretrained_atomic, teacher_dtype
 from dskd.objective import same_vocabulary
 from dskd.teacher import tokenizer_fingerprint
 
@@ -131,7 +131,9 @@ class Job:
             return target
         cfg = self.config
         tokenizer = load_tokenizer(cfg.teacher, "teacher")
-        model = load_model(cfg.teacher, "teacher", seed=cfg.run.seed + 1).to(self.device)
+        # Trained weights stay float32 ("auto" is an inference default; AdamW on bfloat16 weights loses updates).
+        sft_cfg = dataclasses.replace(cfg.teacher, dtype="float32") if cfg.teacher.dtype == "auto" else cfg.teacher
+        model = load_model(sft_cfg, "teacher", seed=cfg.run.seed + 1).to(self.device)
         teacher_as_student = Student(model, tokenizer)
         objective = build_objective(cfg, self.registry, teacher_as_student, None, None, name="sft")
         dataset = self.tokenized("train", tokenizer, None)
@@ -165,7 +167,8 @@ class Job:
         dataset = self.tokenized("train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples)
         self.console.print(
             f"distill: objective {cfg.objective.name}, divergence {cfg.divergence.name}, policy {cfg.policy.name}, "
-            f"{'same vocabulary' if same_vocab else getattr(aligner, 'label', f'aligner {type(aligner).__name__}')}, teacher {teacher.fingerprint[:12]}"
+            f"{'same vocabulary' if same_vocab else getattr(aligner, 'label', f'aligner {type(aligner).__name__}')}, teacher {teacher.fingerprint[:12]}, "
+            f"teacher dtype {teacher_dtype(teacher)}"
         )
         spec = StageSpec(
             "distill", student.model, objective, policy, teacher,

@@ -37,6 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 
 from dskd.errors import DskdError, ModelError  # noqa: E402
 from dskd.lm_head import LMHead, head_from_model  # noqa: E402
+from dskd.models import default_dtype  # noqa: E402
 from dskd.protos import teacher_pb2_grpc as pb_grpc  # noqa: E402
 from dskd.servers.batcher import ModelWorker  # noqa: E402
 from dskd.servers.health_status import DrainableHealthServicer  # noqa: E402
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (printed, see --port-file)")
     p.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype of the model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype of the model (default: bfloat16 on CUDA, float32 on CPU, as an in-process teacher)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward, and per request")
     p.add_argument("--max-seq-len", type=int, default=None, help="longest sequence accepted (default: the model's, capped by --max-batch-tokens)")
@@ -103,8 +104,11 @@ def load_teacher(args: argparse.Namespace) -> LoadedTeacher:
         AutoTokenizer,
     )
 
-    dtype = DTYPES[args.dtype]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype is None:  # the one rule an in-process teacher follows too (dskd.models.default_dtype)
+        args.dtype = default_dtype(device)
+        log.info("compute dtype %s (the default on %s; --dtype to change)", args.dtype, device.type)
+    dtype = DTYPES[args.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
         model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, dtype=dtype)
@@ -219,7 +223,7 @@ async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: Server
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    announce("listening", host=args.host, port=port, fingerprint=teacher.fingerprint, tls=credentials is not None)
+    announce("listening", host=args.host, port=port, fingerprint=teacher.fingerprint, tls=credentials is not None, dtype=args.dtype)
     if args.port_file:
         write_port_file(args.port_file, port)
     # The worker thread starts only after the warm-up, so the model has one user at a time.
