@@ -73,7 +73,7 @@ class Job:
             if changed:
                 raise DskdError(
                     f"run.output_dir {self.run_dir} holds a finished run, which is never changed, and this config differs from "
-                    f"it in {', '.join(changed)}; run it in another directory (--set run.output_dir=...)"
+                    f"it in {_listed(changed)}; run it in another directory (--set run.output_dir=...)"
                 )
             self.console.print(f"{self.run_dir} holds this run, finished; nothing to do (its results are in {self.run_dir / 'results.json'})")
             return False
@@ -252,8 +252,15 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         return {f"{name}.{key}": value for name, values in table.items() if isinstance(values, dict) for key, value in values.items()}
 
     before, after = flat(old), flat(new)
-    keys = sorted(k for k in before.keys() | after.keys() if k != "run.output_dir" and before.get(k) != after.get(k))
+    # Values changed first, then keys only one side has (a config written by another dskd version).
+    keys = sorted((k for k in before.keys() | after.keys() if k != "run.output_dir" and before.get(k) != after.get(k)),
+                  key=lambda k: (not (k in before and k in after), k))
     return [f"{k} ({before[k]!r} -> {after[k]!r})" if k in before and k in after else k for k in keys]
+
+
+def _listed(keys: list[str], most: int = 6) -> str:
+    # One readable line even when a config from another dskd version differs in dozens of keys.
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def _write_json(path: Path, data: Any) -> None:
