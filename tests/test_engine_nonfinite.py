@@ -85,12 +85,13 @@ class Poisonable:
         register("kl_or_nan", self.kl_or_nan)
 
 
-def test_one_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("clip_grad", [1.0, 0.0])  # without clipping the norm is still measured
+def test_one_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch, clip_grad):
     # The plugin divergence is NaN during step 2 only.
     poisonable = Poisonable()
     registry = load_registry(extra_plugins=[poisonable])
     path = write_job(tmp_path, objective="kd", steps=4)
-    job = Job(load_config(path, ["divergence.name=kl_or_nan"], registry=registry), registry)
+    job = Job(load_config(path, ["divergence.name=kl_or_nan", f"train.clip_grad={clip_grad}"], registry=registry), registry)
     job.prepare_run_dir()
     original = Trainer.train_step
     before: dict[str, torch.Tensor] = {}
