@@ -69,7 +69,7 @@ class Job:
             )
         finished = self.finished_config() if self.resume else None
         if finished is not None:
-            changed = _changed_keys(finished, self.config.to_dict())
+            changed = _changed_keys(finished, self.config.to_dict(), self._job_dir())
             if changed:
                 raise DskdError(
                     f"run.output_dir {self.run_dir} holds a finished run, which is never changed, and this config differs from "
@@ -83,8 +83,12 @@ class Job:
             _write_json(self.run_dir / "config.json", self.config.to_dict())
         return True
 
+    def _job_dir(self) -> str:
+        # Paths in a config are resolved against its TOML file's folder; recorded so that a moved job still matches.
+        return str(Path(self.config.source).resolve().parent) if self.config.source else ""
+
     def finished_config(self) -> dict[str, Any] | None:
-        """The config a finished run in `run_dir` ran with, or None while it is not finished.
+        """`{"config": ..., "job_dir": ...}` of the finished run in `run_dir`, or None while it is not finished.
 
         Finished means `finished.json`, written last and atomically. Runs from before that marker count as
         finished once they have `results.json` (the evaluation, always the last stage), with their config.json.
@@ -92,9 +96,10 @@ class Job:
         marker, results, config = self.run_dir / FINISHED, self.run_dir / "results.json", self.run_dir / "config.json"
         try:
             if marker.exists():
-                return json.loads(marker.read_text())["config"]
+                finished = json.loads(marker.read_text())
+                return {"config": dict(finished["config"]), "job_dir": str(finished.get("job_dir", ""))}
             if results.exists() and config.exists():
-                return json.loads(config.read_text())
+                return {"config": json.loads(config.read_text()), "job_dir": ""}
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise DskdError(f"{marker if marker.exists() else config} cannot be read ({error}); the run directory is damaged, "
                             f"run in another directory (--set run.output_dir=...)") from None
@@ -217,7 +222,7 @@ class Job:
         results = self.evaluate(teacher_path, final) if "eval" in stages else {}
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:  # last, so that its presence means every output above is complete
-            _write_json(self.run_dir / FINISHED, {"config": self.config.to_dict()})
+            _write_json(self.run_dir / FINISHED, {"config": self.config.to_dict(), "job_dir": self._job_dir()})
         self.console.print(f"run directory: {self.run_dir}")
         return results
 
@@ -243,15 +248,22 @@ def evaluate_model(config: Config, model_dir: str, *, teacher_dir: str | None = 
     return metrics
 
 
-def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two configs (as written to JSON); the run directory itself is not
-    compared, so a run moved or reached by another path is still the same run."""
+def _changed_keys(finished: dict[str, Any], new: dict[str, Any], job_dir: str) -> list[str]:
+    """Dotted keys whose values differ between a finished run's config and `new` (as written to JSON). The run
+    directory itself is not compared, and paths inside each job's folder are compared relative to it, so a job
+    folder moved or copied elsewhere with its run is still the same run."""
 
-    def flat(table: dict[str, Any]) -> dict[str, Any]:
+    def flat(table: dict[str, Any], base: str) -> dict[str, Any]:
         table = json.loads(json.dumps(table))
-        return {f"{name}.{key}": value for name, values in table.items() if isinstance(values, dict) for key, value in values.items()}
+        out = {}
+        for name, values in table.items():
+            for key, value in (values.items() if isinstance(values, dict) else ()):
+                if base and isinstance(value, str) and value.startswith(base + os.sep):
+                    value = "<job folder>" + value[len(base):]
+                out[f"{name}.{key}"] = value
+        return out
 
-    before, after = flat(old), flat(new)
+    before, after = flat(finished["config"], finished["job_dir"]), flat(new, job_dir)
     # Values changed first, then keys only one side has (a config written by another dskd version).
     keys = sorted((k for k in before.keys() | after.keys() if k != "run.output_dir" and before.get(k) != after.get(k)),
                   key=lambda k: (not (k in before and k in after), k))

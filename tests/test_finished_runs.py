@@ -64,8 +64,11 @@ def test_resuming_a_finished_run_with_another_config_is_refused_and_touches_noth
 
 
 def test_resuming_a_finished_run_unchanged_does_nothing_and_says_so(tmp_path):
-    job, run_dir, before = _finished_run(tmp_path)
-    again = _dskd(tmp_path, str(job), "--set", "train.save_every=1", "--resume")
+    job, run_dir, before = _finished_run(tmp_path / "first")
+    # The job folder moved with its run (its data and model paths resolve elsewhere now): still the same run.
+    (tmp_path / "first").rename(tmp_path / "moved")
+    job, run_dir = tmp_path / "moved" / job.name, tmp_path / "moved" / "run"
+    again = _dskd(tmp_path / "moved", str(job), "--set", "train.save_every=1", "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to do" in again.stdout, again.stdout[-3000:]
     # No checkpoint (rng.pt), weight, metric line (a second eval line) or result rewritten.
