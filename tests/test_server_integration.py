@@ -155,7 +155,7 @@ def test_bad_score_request_is_invalid_argument_naming_the_field(setup, case):
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
-    [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"prompts": pack_sequences([[1, VOCAB]])}, "prompts.ids")],
+    [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": -0.5}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"prompts": pack_sequences([[1, VOCAB]])}, "prompts.ids")],
 )
 def test_bad_generate_request_is_invalid_argument(setup, overrides, field):
     request = pb.GenerateRequest(**{"prompts": pack_sequences([[1, 2]]), "max_new_tokens": 2, "temperature": 1.0, "top_p": 1.0, **overrides})
