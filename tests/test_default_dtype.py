@@ -21,17 +21,10 @@ from tiny_job import write_job
 REGISTRY = load_registry()
 
 
-def test_the_default_rule_is_float32_on_cpu_and_bfloat16_on_cuda():
+def test_the_default_rule_is_float32_on_cpu_and_bfloat16_on_cuda(tmp_path):
     assert default_dtype(torch.device("cpu")) == "float32"
     assert default_dtype(torch.device("cuda", 0)) == "bfloat16"
-    assert load_config(write_job_tmp()).teacher.dtype == "auto"
-
-
-def write_job_tmp():
-    import tempfile
-    from pathlib import Path
-
-    return write_job(Path(tempfile.mkdtemp(prefix="dskd-dtype-")))
+    assert load_config(write_job(tmp_path)).teacher.dtype == "auto"
 
 
 def _losses(tmp, overrides, capsys) -> tuple[list[dict], str]:
