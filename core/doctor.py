@@ -94,10 +94,11 @@ def diagnose(teacher_path: str, student_path: str, data: str | None = None) -> d
             warnings.append(f"the {side} LM head has {report[side]['padded_head_rows']} rows past its tokenizer (padding); dskd ignores them")
     aligner = load_registry().get("aligners", "eta")(teacher, student)
     texts = _sample_texts(data)
-    eta_pairs = bound = greedy = greedy_exact = student_tokens = 0
+    eta_pairs = bound = greedy = greedy_exact = student_tokens = mismatches = 0
     for text in texts:
         t_ids, s_ids = _label_ids(teacher, text), _label_ids(student, text)
         eta_pairs += len(aligner.align(t_ids, s_ids))
+        mismatches += bool(getattr(aligner, "text_differs", lambda *_: False)(t_ids, s_ids))
         exact = set(exact_span_pairs(teacher, student, text)) | {(len(t_ids) - 1, len(s_ids) - 1)}
         found = greedy_pairs(teacher.convert_ids_to_tokens(t_ids), student.convert_ids_to_tokens(s_ids), teacher.eos_token, student.eos_token)
         bound += len(exact)
@@ -111,7 +112,11 @@ def diagnose(teacher_path: str, student_path: str, data: str | None = None) -> d
         "eta_pairs": eta_pairs, "exact_span_pairs": bound, "eta_recall": eta_pairs / max(bound, 1),
         "eta_ratio": eta_pairs / max(student_tokens, 1), "reference_greedy_pairs": greedy,
         "reference_greedy_exact_pairs": greedy_exact, "reference_greedy_ratio": greedy_exact / max(student_tokens, 1),
+        "normalisation_mismatches": mismatches,
     }
+    if mismatches:
+        warnings.append(f"in {mismatches} of {len(texts)} samples the two tokenizers decode to different text (a normaliser such "
+                        "as NFC/NFKC, or a special-token string); ETA pairs around the difference, the tokens it touches stay unpaired")
     report["warnings"] = warnings
     report["recommended"] = _recommend(same, report)
     return report
