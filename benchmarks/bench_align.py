@@ -43,6 +43,28 @@ NAMES = ("gpt2", "tinyllama", "mistral")
 MINED_LENGTH = 256
 
 
+# GPT-2's pre-tokenizer regex, which Qwen2 runs as a `Split` step before a regex-free ByteLevel.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def nfc_byte_level_tokenizer(folder: Path):
+    """A Qwen2-style tokenizer built offline: GPT-2's vocabulary behind an NFC normaliser and a
+    `Sequence` pre-tokenizer (Split, then ByteLevel), saved to `folder` and loaded from there."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers import Regex
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_file(str(TOKENIZERS / "gpt2" / "tokenizer.json"))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GPT2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def corpus() -> list[str]:
     """Every non-blank paragraph of the help topics, in a fixed order."""
     paragraphs = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +63,15 @@ class TeacherConfig(ModelConfig):
     """CA certificate (PEM) to verify the servers' TLS certificates. Empty: plaintext."""
     timeout_s: float = 120.0
     """Deadline of one teacher call, in seconds."""
+    retry_timeout_s: float = 300.0
+    """How long, in seconds, to keep retrying while no teacher server answers (a restart, a network outage), with a
+    capped exponential backoff, before the run checkpoints and stops (resume it with --resume). 0: give up at once."""
     wire_dtype: str = "bfloat16"
     """Dtype of hidden states and log-probabilities on the wire: "bfloat16" or "float32"."""
     cache_dir: str = ""
     """Where a remote teacher's tokenizer and LM head are cached (by fingerprint). Empty: ~/.cache/dskd."""
+    dtype: str = "auto"
+    """Weights dtype of an in-process teacher: "auto" (float32 on CPU, bfloat16 on CUDA, as a teacher server by default), "float32" or "bfloat16"."""
 
 
 @dataclass(frozen=True)
@@ -133,9 +139,13 @@ class TrainConfig:
     precision: str = "fp32"
     """"fp32" or "bf16" (autocast; losses are always computed in float32)."""
     save_every: int = 0
-    """Optimizer steps between resumable checkpoints (0: only at the end)."""
+    """Optimizer steps between resumable checkpoints (0: by time only, see save_every_minutes)."""
+    save_every_minutes: float = 10.0
+    """Minutes between resumable checkpoints, so that a crash costs at most this much training (0: by steps only)."""
     keep_checkpoints: int = 2
     """Resumable checkpoints kept on disk (the newest)."""
+    max_bad_steps: int = 3
+    """Consecutive steps with a non-finite loss or gradient norm (each skipped, no update) after which the run stops."""
     chunk_size: int = 0
     """Token rows per chunk of the loss (bounds the memory of full-vocabulary logits). 0: 2**24 / vocabulary rows."""
 
@@ -407,20 +417,30 @@ def check_values(config: Config) -> list[ConfigProblem]:
     r, t, d, tr, o, e = config.run, config.teacher, config.data, config.train, config.objective, config.eval
     for stage in r.stages:
         need(stage in STAGES, "run.stages", f"unknown stage {stage!r}", f"use any of {', '.join(STAGES)}")
+    need(bool(r.stages), "run.stages", "is empty, so the run would do nothing", 'use e.g. ["distill", "eval"]')
     need(bool(r.output_dir), "run.output_dir", "is empty", "set a run directory, e.g. runs/my-job")
+    if r.output_dir:
+        blocker = _file_in_the_way(Path(r.output_dir))
+        need(blocker is None, "run.output_dir", f"{blocker} is a file, not a directory", "choose another run directory (--set run.output_dir=...)")
     need(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}", "use e.g. 10")
     for table, m in (("student", config.student), ("teacher", t)):
-        need(m.dtype in ("float32", "bfloat16"), f"{table}.dtype", f"unknown dtype {m.dtype!r}", 'use "float32" or "bfloat16"')
-    need(bool(config.student.model or config.student.config), "student", "neither model nor config is set", "set student.model (pretrained) or student.config (random init)")
+        need(m.dtype in ("float32", "bfloat16", "auto"), f"{table}.dtype", f"unknown dtype {m.dtype!r}", 'use "auto", "float32" or "bfloat16"')
+    # Only stages that build a student need one: a job of just teacher_sft trains the teacher alone.
+    need(bool(config.student.model or config.student.config) or set(r.stages) <= {"teacher_sft"}, "student", "neither model nor config is set", "set student.model (pretrained) or student.config (random init)")
     need(t.wire_dtype in ("bfloat16", "float32"), "teacher.wire_dtype", f"unknown dtype {t.wire_dtype!r}", 'use "bfloat16" or "float32"')
     need(t.timeout_s > 0, "teacher.timeout_s", f"must be > 0, got {t.timeout_s}", "use e.g. 120")
+    need(t.retry_timeout_s >= 0, "teacher.retry_timeout_s", f"must be >= 0, got {t.retry_timeout_s}", "use e.g. 300 (seconds), or 0 to give up at once")
     for address in t.address:
         host, sep, port = address.rpartition(":")
         need(bool(sep and host and port.isdigit()), "teacher.address", f"{address!r} is not host:port", 'write e.g. "127.0.0.1:50051"')
     if "teacher_sft" in r.stages:
         need(config.teacher_sft.steps > 0, "teacher_sft.steps", "must be > 0 when the teacher_sft stage runs", "set steps or drop the stage")
+        sft = config.teacher_sft
+        need(sft.warmup_steps <= sft.steps, "teacher_sft.warmup_steps", f"{sft.warmup_steps} is longer than the stage ({sft.steps} steps), so the learning rate never reaches its peak", f"use at most {sft.steps}")
         need(not t.address, "run.stages", "teacher_sft needs an in-process teacher", "remove teacher.address or the teacher_sft stage")
     need(bool(d.train) or "distill" not in r.stages, "data.train", "is empty", "point it at a JSONL file")
+    if not d.prompt_field:
+        p.extend(_template_problems(d.template))
     need(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}", "use e.g. 512")
     need(0 < d.max_prompt_length < d.max_length, "data.max_prompt_length", f"must be in (0, max_length), got {d.max_prompt_length}", "use e.g. half of max_length")
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 or more")
@@ -431,12 +451,16 @@ def check_values(config: Config) -> list[ConfigProblem]:
     need(tr.projector_lr > 0, "train.projector_lr", f"must be > 0, got {tr.projector_lr}", "use e.g. 1e-3")
     need(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}", "use e.g. 0.01")
     need(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}", "use 0 or more")
+    if "distill" in r.stages:
+        need(tr.warmup_steps <= tr.max_steps, "train.warmup_steps", f"{tr.warmup_steps} is longer than the run (train.max_steps {tr.max_steps}), so the learning rate never reaches its peak", f"use at most {tr.max_steps}")
     need(tr.schedule in ("cosine", "linear", "constant"), "train.schedule", f"unknown schedule {tr.schedule!r}", 'use "cosine", "linear" or "constant"')
     need(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {tr.min_lr_ratio}", "use e.g. 0.1")
     need(tr.clip_grad >= 0, "train.clip_grad", f"must be >= 0, got {tr.clip_grad}", "use 1.0, or 0 to disable")
     need(tr.precision in ("fp32", "bf16"), "train.precision", f"unknown precision {tr.precision!r}", 'use "fp32" or "bf16"')
-    need(tr.save_every >= 0, "train.save_every", f"must be >= 0, got {tr.save_every}", "use 0 (end only) or a step interval")
+    need(tr.save_every >= 0, "train.save_every", f"must be >= 0, got {tr.save_every}", "use 0 (by time only) or a step interval")
+    need(tr.save_every_minutes >= 0, "train.save_every_minutes", f"must be >= 0, got {tr.save_every_minutes}", "use e.g. 10, or 0 to save by steps only")
     need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {tr.keep_checkpoints}", "use e.g. 2")
+    need(tr.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {tr.max_bad_steps}", "use e.g. 3")
     need(tr.chunk_size >= 0, "train.chunk_size", f"must be >= 0, got {tr.chunk_size}", "use 0 (automatic) or e.g. 256")
     need(0 <= o.kd_rate <= 1, "objective.kd_rate", f"must be in [0, 1], got {o.kd_rate}", "use e.g. 0.5")
     need(o.temperature > 0, "objective.temperature", f"must be > 0, got {o.temperature}", "use e.g. 1.0 or 2.0")
@@ -454,7 +478,37 @@ def check_values(config: Config) -> list[ConfigProblem]:
         value = getattr(getattr(config, table), key)
         if key in ("train", "valid", "test", "tls_ca_file", "config") and value:
             need(Path(value).exists(), f"{table}.{key}", f"file not found: {value}", "check the path (relative paths start at the config file's folder)")
+        if key in ("train", "valid", "test") and value and Path(value).exists():
+            # A folder or a pipe would be opened by the data loader and fail there, after the models load.
+            kind = "a directory" if Path(value).is_dir() else "not a regular file (a pipe, socket or device)"
+            need(Path(value).is_file(), f"{table}.{key}", f"{value} is {kind}", "point it at a JSONL file")
     return p
+
+
+# `{word}` in a custom template: only these two are substituted; any other would reach the model verbatim.
+TEMPLATE_FIELDS = ("instruction", "context")
+_TEMPLATE_WORD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _template_problems(template: str) -> list[ConfigProblem]:
+    if template == "alpaca":
+        return []
+    out = []
+    unknown = sorted({name for name in _TEMPLATE_WORD.findall(template) if name not in TEMPLATE_FIELDS})
+    if unknown:
+        out.append(ConfigProblem("data.template", f"unknown placeholder {', '.join('{' + n + '}' for n in unknown)}",
+                                 'use only {instruction} and {context}, or "alpaca"'))
+    if "{instruction}" not in template:
+        out.append(ConfigProblem("data.template", "has no {instruction}", 'use "alpaca" or a string with {instruction} (and {context})'))
+    return out
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The path itself or the nearest existing folder above it, when that is a file (mkdir would fail)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
@@ -493,6 +547,14 @@ def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
                 ok, _ = _coerce(value, tp)
                 if not ok:
                     problems.append(ConfigProblem(f"{table}.{key}", f"expected {_type_name(tp)}, got {value!r}", f"the default is {default!r}"))
+                    continue
+            # A plugin may declare closed ranges of numeric options: `fn.option_ranges = {"lam": (0.0, 1.0)}`.
+            bounds = registry.declared(family, section.name, "option_ranges").get(key)
+            if bounds is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                low, high = bounds
+                if not ((low is None or value >= low) and (high is None or value <= high)):
+                    problems.append(ConfigProblem(f"{table}.{key}", f"{value} is outside [{low}, {high}], the range {table} {section.name!r} declares",
+                                                  f"use a value in [{low}, {high}]"))
     return problems
 
 

@@ -29,10 +29,10 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 DECLARATIONS: dict[str, dict[str, Any]] = {
-    "divergences": {"accepts_sparse_teacher": False},
-    "aligners": {"default": False},
-    "policies": {"default": False},
-    "objectives": {"needs_teacher": True, "default_aligner": "", "teacher_sft": False},
+    "divergences": {"accepts_sparse_teacher": False, "option_ranges": {}},
+    "aligners": {"default": False, "option_ranges": {}},
+    "policies": {"default": False, "option_ranges": {}},
+    "objectives": {"needs_teacher": True, "default_aligner": "", "teacher_sft": False, "option_ranges": {}},
 }
 """What a registered factory (or divergence function) may declare as an attribute, with the value assumed when it
 does not (docs/plugins.md explains each):
@@ -42,7 +42,8 @@ does not (docs/plugins.md explains each):
 - policy `default`: the policy of a job that names none, and of the teacher_sft stage (built-in: off_policy);
 - objective `needs_teacher`: False for an objective without distillation parts (no teacher, no `kd_rate`);
 - objective `default_aligner`: the aligner it uses when the job names none (uld: index, mined_kd: mined);
-- objective `teacher_sft`: the objective the teacher_sft stage trains the teacher with (built-in: sft).
+- objective `teacher_sft`: the objective the teacher_sft stage trains the teacher with (built-in: sft);
+- any plugin `option_ranges`: `{option: (low, high)}`, inclusive, None for an open end; checked by validation.
 """
 
 
@@ -144,6 +145,18 @@ def _allowed(ep_name: str, dist_name: str) -> bool:
         return True
     wanted = {item.strip().lower() for item in raw.split(",") if item.strip()}
     return ep_name.lower() in wanted or dist_name.lower() in wanted
+
+
+def unmatched_load_names() -> list[str]:
+    """Names in DSKD_LOAD_PLUGINS that match no installed plugin (entry point or distribution): a typo or a
+    package that is not installed, which would otherwise silently load nothing."""
+    raw = os.environ.get(LOAD_ENV)
+    if not raw:
+        return []
+    known = set()
+    for ep, dist_name, _ in _entry_points():
+        known.update((ep.name.lower(), dist_name.lower()))
+    return [name for name in (item.strip() for item in raw.split(",")) if name and name.lower() not in known]
 
 
 def make_plugin_manager(extra_plugins: Iterable[Any] = (), *, entry_points: bool = True) -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]]]:

@@ -21,12 +21,12 @@ from functools import reduce
 
 import torch
 
-from dskd.models.generation import sample_continuations
 from dskd.kit.lm_head import LMHead
+from dskd.models.generation import sample_continuations
+from dskd.models.teacher import compute_signal
 from dskd.protos import teacher_pb2 as pb
 from dskd.servers.validation import GenerateInput, ScoreInput
 from dskd.servers.wire import tensor_bytes
-from dskd.models.teacher import compute_signal
 from dskd.types import SignalRequest
 
 
@@ -127,12 +127,15 @@ class ModelWorker:
         return job.future
 
     def warm_up(self, num_tokens: int, seq_len: int) -> None:
-        """One forward at the full token budget (and top-k), so a budget that does not fit fails at start-up."""
+        """One forward at the full token budget, so a budget that does not fit fails at start-up.
+
+        The LM head and top-k run on one chunk of rows only: serving runs them chunk by chunk, so one chunk
+        already reaches their peak memory, and all rows at a 151k vocabulary took 40-75 s on CPU."""
         seq_len = max(1, min(seq_len, num_tokens))
         rows = max(1, num_tokens // seq_len)
         ids = torch.arange(rows * seq_len, dtype=torch.int64).remainder(self.head.vocab_size).reshape(rows, seq_len)
         mask = torch.ones_like(ids)
-        flat = torch.arange(rows * seq_len, dtype=torch.int64)
+        flat = torch.arange(min(rows * seq_len, self.chunk_rows), dtype=torch.int64)
         request = SignalRequest(hidden_states=True, top_k=min(8, self.head.vocab_size))
         compute_signal(self.model, self.head, ids.to(self.device), mask.to(self.device), flat.to(self.device), request, chunk_rows=self.chunk_rows)
 

@@ -8,8 +8,10 @@ parts with `torch.frombuffer` into float32 tensors on the client's device; `scor
 helper thread so the engine can fetch batch i+1 while the student computes batch i.
 
 Failures are never papered over: UNAVAILABLE, or a stream that breaks after it started, is retried whole on
-another replica (scoring is a pure function, so that is safe); anything else, and running out of attempts,
-raises a `TeacherError` that names the address and what to do.
+another replica (scoring is a pure function, so that is safe). When every replica is down the client keeps
+trying, with a capped exponential backoff and a warning per wait, for `retry_timeout_s` (a restarted server is
+back within that); anything else, and an outage longer than that, raises a `TeacherError` that names the
+address and what to do.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from dskd.errors import TeacherError
 from dskd.kit.lm_head import LMHead
+from dskd.models.teacher import Teacher, tokenizer_fingerprint, topk_with_tail
 from dskd.protos import teacher_pb2 as pb
 from dskd.servers.replicas import Replica, ReplicaSet, teacher_error
 from dskd.servers.score_plan import (
@@ -48,7 +51,6 @@ from dskd.servers.wire import (
     pack_sequences,
     wire_dtype,
 )
-from dskd.models.teacher import Teacher, tokenizer_fingerprint, topk_with_tail
 from dskd.types import SignalRequest, TeacherSignal
 
 log = logging.getLogger("dskd.remote_teacher")
@@ -58,6 +60,9 @@ DTYPE_NAMES = {pb.BF16: "bfloat16", pb.FP16: "float16", pb.FP32: "float32"}
 # value near -20 is only known to about 0.08.
 TOLERANCE = {"exact": (1e-3, 1e-4), "half": (0.05, 2.0**-6)}
 T = TypeVar("T")
+# Longest pause between two attempts while every replica is down: short enough that a restarted server is used
+# within seconds, long enough not to spin on a dead address.
+RETRY_BACKOFF_MAX_S = 5.0
 
 
 class _BrokenStream(Exception):
@@ -81,6 +86,7 @@ class RemoteTeacher(Teacher):
         prefetch_workers: int = 2,
         self_check: bool = True,
         bench_seconds: float = 5.0,
+        retry_timeout_s: float = 0.0,
     ) -> None:
         self.addresses = _parse_addresses(addresses)
         if wire_dtype not in ("bfloat16", "float32"):
@@ -93,6 +99,9 @@ class RemoteTeacher(Teacher):
         self.max_attempts = max(1, int(max_attempts))
         self.prefetch_workers = max(1, int(prefetch_workers))
         self.bench_seconds = bench_seconds
+        if not retry_timeout_s >= 0:
+            raise TeacherError(f"retry_timeout_s {retry_timeout_s} must be >= 0 (0: give up after max_attempts)")
+        self.retry_timeout_s = float(retry_timeout_s)
         roots = _read_ca(tls_ca_file)
         self._replicas = ReplicaSet([Replica(a, auth_token=auth_token, root_certificates=roots) for a in self.addresses])
         self._cache = TeacherCache(cache_dir)
@@ -376,12 +385,19 @@ class RemoteTeacher(Teacher):
         return assembler.tensors(), header, trailer
 
     def _call(self, fn: Callable[[Replica], T], what: str) -> T:
-        """`fn` on the next replica; on UNAVAILABLE or a broken stream, again on another one."""
+        """`fn` on the next replica; on UNAVAILABLE or a broken stream, again on another one.
+
+        Gives up after `max_attempts` (at least one per replica) only once `retry_timeout_s` has also passed
+        since the first failure: an outage of every replica (a restart, a network blip) is waited out.
+        """
         replicas = self._replicas.replicas
         attempts = max(self.max_attempts, len(replicas))
         tried: set[str] = set()
         last: TeacherError | None = None
-        for attempt in range(attempts):
+        failed_since: float | None = None
+        pause = 0.2
+        attempt = 0
+        while True:
             replica = self._replicas.pick(exclude=tried)
             if attempt:
                 with self._lock:
@@ -389,6 +405,8 @@ class RemoteTeacher(Teacher):
             try:
                 result = fn(replica)
                 replica.answered()
+                if failed_since is not None and time.monotonic() - failed_since >= 1.0:
+                    log.warning("teacher at %s answered again after %.0f s; continuing", replica.address, time.monotonic() - failed_since)
                 return result
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
@@ -398,14 +416,26 @@ class RemoteTeacher(Teacher):
                 last = error.args[0]
             except WireFormatError as error:
                 last = TeacherError(f"teacher at {replica.address}: the {what} answer was malformed ({error}); see the server's log")
+            now = time.monotonic()
+            failed_since = now if failed_since is None else failed_since
+            waited = now - failed_since
+            attempt += 1
             replica.bench(self.bench_seconds)
             tried.add(replica.address)
+            if attempt >= attempts and waited >= self.retry_timeout_s:
+                break
             if len(tried) == len(replicas):
+                # Every replica failed once: wait before the next round, doubling up to a cap, never past the
+                # deadline (so a short retry_timeout_s is honoured to within a pause).
                 tried.clear()
-                time.sleep(min(0.2 * 2**attempt, 2.0))  # every replica failed once: give them a moment
-            if attempt + 1 < attempts:
-                log.warning("%s; retrying (%d/%d)", last, attempt + 2, attempts)
-        raise TeacherError(f"{last} [gave up after {attempts} attempts over {', '.join(self.addresses)}]")
+                delay = pause if attempt < attempts else min(pause, max(self.retry_timeout_s - waited, 0.0))
+                pause = min(pause * 2, RETRY_BACKOFF_MAX_S)
+                log.warning("%s; no replica answers: attempt %d in %.1f s (down for %.0f s; giving up after retry_timeout_s = %.0f s)",
+                            last, attempt + 1, delay, waited, self.retry_timeout_s)
+                time.sleep(delay)
+            else:
+                log.warning("%s; retrying on another replica", last)
+        raise TeacherError(f"{last} [gave up after {attempt} attempts in {time.monotonic() - failed_since:.0f} s over {', '.join(self.addresses)}]")
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:

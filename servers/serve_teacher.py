@@ -22,6 +22,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -36,6 +37,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 
 from dskd.errors import DskdError, ModelError  # noqa: E402
 from dskd.kit.lm_head import LMHead, head_from_model  # noqa: E402
+from dskd.models.loading import default_dtype  # noqa: E402
+from dskd.models.teacher import model_fingerprint, tokenizer_fingerprint  # noqa: E402
 from dskd.protos import teacher_pb2_grpc as pb_grpc  # noqa: E402
 from dskd.servers.batcher import ModelWorker  # noqa: E402
 from dskd.servers.health_status import DrainableHealthServicer  # noqa: E402
@@ -52,7 +55,6 @@ from dskd.servers.security import (  # noqa: E402
 from dskd.servers.servicer import SERVICE_NAME, TeacherServicer, describe  # noqa: E402
 from dskd.servers.validation import ServerLimits  # noqa: E402
 from dskd.servers.wire import MAX_MESSAGE_BYTES  # noqa: E402
-from dskd.models.teacher import model_fingerprint, tokenizer_fingerprint  # noqa: E402
 
 log = logging.getLogger("dskd.serve_teacher")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -65,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (printed, see --port-file)")
     p.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype of the model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype of the model (default: bfloat16 on CUDA, float32 on CPU, as an in-process teacher)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward, and per request")
     p.add_argument("--max-seq-len", type=int, default=None, help="longest sequence accepted (default: the model's, capped by --max-batch-tokens)")
@@ -102,8 +104,11 @@ def load_teacher(args: argparse.Namespace) -> LoadedTeacher:
         AutoTokenizer,
     )
 
-    dtype = DTYPES[args.dtype]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype is None:  # the one rule an in-process teacher follows too (dskd.models.loading.default_dtype)
+        args.dtype = default_dtype(device)
+        log.info("compute dtype %s (the default on %s; --dtype to change)", args.dtype, device.type)
+    dtype = DTYPES[args.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
         model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, dtype=dtype)
@@ -147,6 +152,26 @@ def announce(event: str, **fields) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
+def address_in_use(host: str, port: int) -> bool:
+    """Whether binding `host:port` fails with EADDRINUSE (gRPC's own bind error does not say why)."""
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC does, so connections of a previous server in TIME_WAIT do not count as "in use".
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def write_port_file(path: str, port: int) -> None:
     tmp = Path(f"{path}.tmp")
     tmp.write_text(f"{port}\n")
@@ -157,7 +182,13 @@ async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: Server
     worker = ModelWorker(
         teacher.model, teacher.head, teacher.tokenizer, max_batch_tokens=limits.max_batch_tokens, batching=not args.no_batching, max_queue=args.max_queue
     )
-    options = [("grpc.max_send_message_length", limits.max_message_bytes), ("grpc.max_receive_message_length", limits.max_message_bytes)]
+    options = [
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        # gRPC sets SO_REUSEPORT by default: a second server (another model, no token) could then bind this
+        # port too and the kernel would hand it a share of new connections. Bind exclusively.
+        ("grpc.so_reuseport", 0),
+    ]
     # The token is checked first (outermost): a caller without it learns nothing, not even that its bytes were bad.
     interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.aio.server(options=options, interceptors=[*interceptors, MalformedRequestInterceptor()])
@@ -169,6 +200,8 @@ async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: Server
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as error:
+        if address_in_use(args.host, args.port):
+            raise ServerSetupError(f"cannot listen on {address}: address in use (another process holds port {args.port}); stop it or pick another --port") from None
         raise ServerSetupError(f"cannot listen on {address} ({error}); pick another --port or --host") from None
     replica_id = args.replica_id or f"{socket.gethostname()}:{port}"
     description = describe(
@@ -190,7 +223,7 @@ async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: Server
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    announce("listening", host=args.host, port=port, fingerprint=teacher.fingerprint, tls=credentials is not None)
+    announce("listening", host=args.host, port=port, fingerprint=teacher.fingerprint, tls=credentials is not None, dtype=args.dtype)
     if args.port_file:
         write_port_file(args.port_file, port)
     # The worker thread starts only after the warm-up, so the model has one user at a time.
@@ -232,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         credentials = server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
         if token and credentials is None and not is_loopback(args.host):
             log.warning("the bearer token travels in plaintext on %s; add --tls-cert/--tls-key", args.host)
+        if address_in_use(args.host, args.port):
+            # Checked again at the real bind; this one only spares loading a large model for nothing.
+            raise ServerSetupError(f"cannot listen on {bind_address(args.host, args.port)}: address in use (another process holds port {args.port}); stop it or pick another --port")
         teacher = load_teacher(args)
         limits = limits_for(args, teacher)
         return asyncio.run(serve(args, teacher, limits, token, credentials))

@@ -153,10 +153,12 @@ def validate_generate(request: pb.GenerateRequest, limits: ServerLimits) -> Gene
         raise RequestError("max_new_tokens", f"{request.max_new_tokens} is outside [1, {limits.max_new_tokens}]")
     if not np.isfinite(request.temperature) or request.temperature < 0:
         raise RequestError("temperature", f"{request.temperature} must be >= 0 (0 = greedy)")
-    if not (0 < request.top_p <= 1):
-        raise RequestError("top_p", f"{request.top_p} must be in (0, 1]")
+    # proto3 cannot tell an unset float from 0, and a nucleus of mass 0 means nothing: 0 is "no filter" (1).
+    top_p = float(request.top_p) or 1.0
+    if not (0 < top_p <= 1):
+        raise RequestError("top_p", f"{request.top_p} must be in (0, 1] (or unset: no nucleus filter)")
     prompts = validate_tokens(request.prompts, "prompts", limits, max_len=limits.max_seq_len - int(request.max_new_tokens))
     padded = int(len(prompts.lengths) * (prompts.lengths.max() + request.max_new_tokens))
     if padded > limits.max_batch_tokens:
         raise RequestError("prompts", f"{padded} padded tokens with max_new_tokens exceed max_batch_tokens {limits.max_batch_tokens}; send fewer prompts")
-    return GenerateInput(prompts.sequences(), int(request.max_new_tokens), float(request.temperature), float(request.top_p), int(request.seed))
+    return GenerateInput(prompts.sequences(), int(request.max_new_tokens), float(request.temperature), top_p, int(request.seed))

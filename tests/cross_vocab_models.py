@@ -14,13 +14,6 @@ import functools
 from pathlib import Path
 
 import torch
-from dskd.data.batching import collate
-from dskd.config import DataConfig
-from dskd.data.examples import Example, tokenize_split
-from dskd.kit.lm_head import head_from_model
-from dskd.kit.objective import ObjectiveContext
-from dskd.models.teacher import LocalTeacher
-from dskd.types import Batch
 from objective_checks import assert_rel, gradients, log_softmax64, run_objective  # noqa: F401  (re-exported)
 from transformers import (
     AutoTokenizer,
@@ -29,6 +22,14 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+from dskd.config import DataConfig
+from dskd.data.batching import collate
+from dskd.data.examples import Example, tokenize_split
+from dskd.kit.lm_head import head_from_model
+from dskd.kit.objective import ObjectiveContext
+from dskd.models.teacher import LocalTeacher
+from dskd.types import Batch
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"
 STUDENT_HIDDEN = 16

@@ -18,13 +18,13 @@ import functools
 from pathlib import Path
 
 import torch
+from objective_checks import assert_rel, run_objective  # noqa: F401  (re-exported for the tests)
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dskd.kit.lm_head import head_from_model
 from dskd.kit.objective import ObjectiveContext
 from dskd.models.teacher import LocalTeacher
 from dskd.types import IGNORE_INDEX, Batch
-from objective_checks import assert_rel, run_objective  # noqa: F401  (re-exported for the tests)
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"
 STUDENT_HIDDEN = 16

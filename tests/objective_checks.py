@@ -6,12 +6,12 @@ and shares no code with `dskd`: it is the oracle the chunked float32 losses are 
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
 
-from dskd.kit.weights import objective_loss
+import torch
+
 from dskd.kit.lm_head import last_hidden_state
+from dskd.kit.weights import objective_loss
 from dskd.types import Batch, LossTerms
 
 

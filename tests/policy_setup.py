@@ -18,22 +18,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cross_vocab_models import EXAMPLES, tiny_gpt2, tiny_llama
+from tiny_job import TOKENIZERS, llama_config, write_job
 from transformers import AutoTokenizer
 
-from cross_vocab_models import EXAMPLES, tiny_gpt2, tiny_llama
-from dskd.data.batching import collate
 from dskd.config import DataConfig, load_config
+from dskd.data.batching import collate
 from dskd.data.examples import tokenize_split
-from dskd.run.job import Job
-from dskd.models.loading import ensure_pad_token
 from dskd.kit.objective import same_vocabulary
-from dskd.plugins.aligners.eta import eta
 from dskd.kit.policy import PolicyContext
-from dskd.registry import load_registry
-from dskd.models.teacher import LocalTeacher
 from dskd.kit.token_bytes import vocab_bytes
+from dskd.models.loading import ensure_pad_token
+from dskd.models.teacher import LocalTeacher
+from dskd.plugins.aligners.eta import eta
+from dskd.registry import load_registry
+from dskd.run.job import Job
 from dskd.types import Batch
-from tiny_job import TOKENIZERS, llama_config, write_job
 
 REGISTRY = load_registry()
 PAIRS = {"same": ("tinyllama", "tinyllama"), "different": ("gpt2", "mistral"), "sentencepiece_student": ("tinyllama", "gpt2")}

@@ -8,7 +8,6 @@ string matching (spec §6.2), which ETA must reproduce where the reference is we
 from __future__ import annotations
 
 import pickle
-import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from dskd.errors import DataError
-from dskd.plugins.aligners import eta as eta_module
+from dskd.evaluation.alignment_bounds import exact_span_pairs
 from dskd.kit.token_bytes import teacher_to_student_map
+from dskd.plugins.aligners import eta as eta_module
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"
 NAMES = ("gpt2", "tinyllama", "mistral")
@@ -41,7 +41,7 @@ def aligner(teacher: str, student: str, keep_spaces: bool = False):
 def label_ids(name: str, text: str) -> list[int]:
     """What the data pipeline passes: the response tokens followed by EOS."""
     tok = tokenizer(name)
-    return tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return tok(text, add_special_tokens=False, split_special_tokens=True).input_ids + [tok.eos_token_id]
 
 
 def pairs_of(teacher: str, student: str, text: str, **options) -> list[tuple[int, int]]:
@@ -51,56 +51,14 @@ def pairs_of(teacher: str, student: str, text: str, **options) -> list[tuple[int
     return [tuple(p) for p in found.pairs.tolist()]
 
 
-# --- oracle 1: spans from character offsets
-# -----------------------------------------------------------
-
-
-def stripped_byte_count(name: str, piece: str) -> int:
-    """Non-space bytes a piece stands for, read from its spelling (no `dskd.kit.token_bytes`)."""
-    if name == "gpt2":  # byte-level: one character per byte, `Ġ` is the space
-        return len(piece) - piece.count("Ġ")
-    if m := re.fullmatch(r"<0x([0-9A-F]{2})>", piece):
-        return 0 if m.group(1) == "20" else 1
-    return len(piece.replace("▁", "").encode())
-
-
-def offset_spans(name: str, text: str) -> list[tuple[int, int]]:
-    """Each token's `[start, end)` in the text's UTF-8 bytes without spaces, from `offset_mapping`.
-
-    Tokens that split one character (byte-fallback pieces, GPT-2's partial-UTF-8 tokens) share its
-    character offsets; such a run divides the character's bytes among its tokens in order.
-    """
-    tok = tokenizer(name)
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    pieces, offsets = tok.convert_ids_to_tokens(enc.input_ids), enc.offset_mapping
-    before = [0]
-    for ch in text:
-        before.append(before[-1] + (0 if ch == " " else len(ch.encode())))
-    spans, k = [], 0
-    while k < len(pieces):
-        stop, end = k + 1, offsets[k][1]
-        while stop < len(pieces) and offsets[stop][0] < end:
-            end = max(end, offsets[stop][1])
-            stop += 1
-        start, total = before[offsets[k][0]], before[end] - before[offsets[k][0]]
-        counts = [stripped_byte_count(name, p) for p in pieces[k:stop]] if stop - k > 1 else [total]
-        assert sum(counts) == total, (text, pieces[k:stop])
-        for n in counts:
-            spans.append((start, start + n))
-            start += n
-        k = stop
-    return spans
+# --- oracle 1: spans on the original text from character offsets (`dskd.evaluation.alignment_bounds`, no byte
+# tables)
 
 
 def offset_pairs(teacher: str, student: str, text: str) -> list[tuple[int, int]]:
-    t_spans, s_spans = offset_spans(teacher, text), offset_spans(student, text)
-    student_at = {span: j for j, span in enumerate(s_spans) if span[1] > span[0]}
-    found = [
-        (i, student_at[span])
-        for i, span in enumerate(t_spans)
-        if span[1] > span[0] and span in student_at
-    ]
-    return found + [(len(t_spans), len(s_spans))]  # both end with EOS and all text matched
+    found = exact_span_pairs(tokenizer(teacher), tokenizer(student), text)
+    n_t, n_s = len(label_ids(teacher, text)), len(label_ids(student, text))
+    return found + [(n_t - 1, n_s - 1)]  # both end with EOS
 
 
 # --- oracle 2: the reference's greedy string matching (spec §6.2)
@@ -183,11 +141,11 @@ def test_pairs_are_exactly_the_tokens_with_equal_byte_spans(teacher, student, te
         aligner(teacher, student).student.table,
     )
     for i, j in found.pairs[:-1].tolist():
-        t_bytes, s_bytes = (
-            t_table.token(t_ids[i]).replace(b" ", b""),
-            s_table.token(s_ids[j]).replace(b" ", b""),
-        )
-        assert t_bytes == s_bytes != b""
+        t_bytes, s_bytes = t_table.token(t_ids[i]), s_table.token(s_ids[j])
+        if t_bytes.strip(b" "):
+            assert t_bytes.strip(b" ") == s_bytes.strip(b" ")
+        else:  # tokens of spaces only pair with the same spaces
+            assert t_bytes == s_bytes != b""
 
 
 @pytest.mark.parametrize(("teacher", "student"), PAIRS)
@@ -256,13 +214,29 @@ def test_truncated_sequences_align_their_common_text_without_eos():
     assert found == [[i, j] for i, j in offset_pairs("gpt2", "mistral", text) if i < 5]
 
 
-def test_alignment_stops_where_a_tokenizer_rewrote_the_text():
-    # SentencePiece reads a literal "▁" as a space, so from there on the two sides spell different
-    # bytes.
+def test_alignment_resynchronises_after_a_literal_marker_the_tokenizer_rewrote():
+    # SentencePiece reads a literal "▁" as a space, so there the two sides spell different bytes;
+    # the words after it still pair (the old aligner stopped at the first differing byte).
     text = "ab x\u2581y cd"
     found = pairs_of("gpt2", "mistral", text)
     t_raw = tokenizer("gpt2").convert_ids_to_tokens(label_ids("gpt2", text))
-    assert [t_raw[i] for i, _ in found] == ["ab", "Ġx"]
+    assert [t_raw[i] for i, _ in found] == ["ab", "Ġx", "y", "Ġcd", "<|endoftext|>"]
+    # On the original text Mistral's "▁y" covers the marker too, so the bound has no ("y", "▁y") pair:
+    # ETA finds all the bound's pairs, and that one because Mistral spells the marker as a space.
+    bound = offset_pairs("gpt2", "mistral", text)
+    assert set(bound) <= set(found) and len(found) == len(bound) + 1
+
+
+@pytest.mark.parametrize(("teacher", "student"), [("mistral", "tinyllama"), ("tinyllama", "mistral")])
+def test_lone_space_tokens_before_digits_pair_as_the_paper_defines(teacher, student):
+    # SentencePiece writes "12" as "▁", "1", "2": the three "▁" stand for the same space after the
+    # same text on both sides, so every token and EOS pair (the paper's 17; the old default gave 14).
+    text = "The total is 12 plus 7, which makes 19."
+    t_raw = tokenizer(teacher).convert_ids_to_tokens(label_ids(teacher, text))
+    assert t_raw.count("▁") == 3
+    found = pairs_of(teacher, student, text)
+    assert len(found) == len(t_raw) == 17
+    assert found == greedy_pairs(teacher, student, text) == offset_pairs(teacher, student, text)
 
 
 def test_keep_spaces_compares_spaces_too():

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 from cross_vocab_models import make_batch, tokenizer
-from dskd.run.components import build_aligner
+
 from dskd.config import AlignerConfig, Config, ObjectiveConfig
 from dskd.errors import DataError
 from dskd.plugins.aligners.index import dskd_register_aligners, index
 from dskd.plugins.objectives.mined_kd import mined_kd
 from dskd.plugins.objectives.uld import uld
 from dskd.registry import Registry
+from dskd.run.components import build_aligner
 
 TEXT = "Hello wörld 😀\nagain"
 
@@ -139,4 +140,6 @@ def test_build_aligner_uses_the_objectives_default_only_when_none_is_configured(
     configured, objective, same_vocab, expected
 ):
     config = Config(aligner=AlignerConfig(name=configured), objective=ObjectiveConfig(name=objective or "kd"))
-    assert build_aligner(config, REGISTRY, None, None, same_vocab, objective=objective) == expected
+    built = build_aligner(config, REGISTRY, None, None, same_vocab, objective=objective)
+    # A built aligner comes wrapped so that its pairs are checked (`dskd.run.plugin_checks.CheckedAligner`).
+    assert (None if built is None else built.aligner) == expected

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from dskd.kit.token_bytes import exact_byte_map, vocab_bytes
 from dskd.plugins.aligners import mined as mined_module
 from dskd.plugins.aligners._edit_distance import dtw_path, nearest_strings
 from dskd.plugins.aligners.mined import MinEditAligner
-from dskd.kit.token_bytes import exact_byte_map, vocab_bytes
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"
 CORPUS = [

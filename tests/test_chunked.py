@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dual_space_models import assert_rel
 
 import dskd
-from dual_space_models import assert_rel
 from dskd.kit.chunked import chunked_loss, dense_loss
 
 N, V, D_S, D_T = 7, 37, 5, 6

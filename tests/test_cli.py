@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dskd.run.cli import EXIT_USER_ERROR, main
 from dskd.registry import LOAD_ENV
+from dskd.run.cli import EXIT_USER_ERROR, main
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JOB = REPO / "dskd.toml"

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_job import TOKENIZERS, write_job
 
 

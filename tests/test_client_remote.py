@@ -7,12 +7,12 @@ import socket
 
 import pytest
 import torch
+from teacher_server_harness import save_tiny_teacher, start_servers, stop_servers
 
 from dskd.errors import TeacherError
-from dskd.servers.client import RemoteTeacher
 from dskd.models.teacher import LocalTeacher, Teacher
+from dskd.servers.client import RemoteTeacher
 from dskd.types import SignalRequest
-from teacher_server_harness import save_tiny_teacher, start_servers, stop_servers
 
 pytestmark = pytest.mark.integration
 

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_text_aligner import EqualTextAligner
 from transformers import AutoTokenizer
 
-from dskd.data.batching import collate
 from dskd.config import DataConfig
+from dskd.data.batching import collate
 from dskd.data.examples import load_examples, tokenize_split
 from dskd.types import IGNORE_INDEX
-
-from data_text_aligner import EqualTextAligner
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ROWS = [

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dskd.data.batching import ResumableBatchSampler, collate, make_loader
 from dskd.config import DataConfig
+from dskd.data.batching import ResumableBatchSampler, collate, make_loader
 from dskd.data.examples import load_examples, tokenize_split
 from dskd.errors import CheckpointError, DataError
 from dskd.types import Batch

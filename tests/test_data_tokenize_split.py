@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_text_aligner import EqualTextAligner
 from transformers import AutoTokenizer
 
 from dskd.config import DataConfig
@@ -21,8 +22,6 @@ from dskd.data.examples import (
 )
 from dskd.errors import DataError, PluginError
 from dskd.types import Alignment
-
-from data_text_aligner import EqualTextAligner
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

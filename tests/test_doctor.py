@@ -42,3 +42,16 @@ def test_doctor_json_cli_and_missing_folder_error(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dskd", "doctor", "--teacher", str(tmp_path / "nope"), "--student", str(TOKENIZERS / "gpt2")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--teacher" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_doctor_compares_greedy_like_for_like_and_tokenises_special_strings_as_training(tmp_path):
+    # Mistral/TinyLlama write "12" as "▁", "1", "2"; a literal "<unk>" is text in training (split_special_tokens).
+    data = tmp_path / "d.jsonl"
+    rows = ["Use <unk> here, then 12 plus 7 is 19.", "x  1 and   3 spaces", "The total is 12 plus 7, which makes 19."]
+    data.write_text("\n".join(json.dumps({"instruction": "i", "response": r}) for r in rows) + "\n")
+    a = diagnose(str(TOKENIZERS / "mistral"), str(TOKENIZERS / "tinyllama"), str(data))["alignment"]
+    assert a["eta_recall"] == 1.0 and a["normalisation_mismatches"] == 0
+    # Greedy's exact pairs are a subset of the exact spans ETA finds; its other pairs are counted apart.
+    assert a["reference_greedy_exact_pairs"] <= a["eta_pairs"] <= a["student_tokens"]
+    assert a["reference_greedy_exact_pairs"] <= a["reference_greedy_pairs"]
+    assert a["reference_greedy_ratio"] == a["reference_greedy_exact_pairs"] / a["student_tokens"]

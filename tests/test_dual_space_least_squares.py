@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dual_space_models import assert_rel, make_context, student_and_teacher, tokenizer
+
 from dskd.kit.dual_space import least_squares_map, right_inverse_factor
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.objectives.dskd_v2 import dskd_v2

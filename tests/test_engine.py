@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
+from tiny_job import write_job
 
-from dskd.run import checkpoint
 from dskd.config import load_config
+from dskd.registry import load_registry
+from dskd.run import checkpoint
 from dskd.run.engine import Trainer
 from dskd.run.job import Job
-from dskd.registry import load_registry
-from tiny_job import write_job
 
 REGISTRY = load_registry()
 

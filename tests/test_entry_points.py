@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from dskd import hookspecs
 from dskd.registry import FAMILIES, load_registry

@@ -9,8 +9,8 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig
 from dskd.config import DataConfig
 from dskd.data.examples import encode_example
 from dskd.errors import DataError, DskdError
-from dskd.evaluation.scoring import _encode_prompt, generate_and_score, teacher_agreement
 from dskd.evaluation.metrics import corpus_exact_match, corpus_rouge_l
+from dskd.evaluation.scoring import _encode_prompt, generate_and_score, teacher_agreement
 from dskd.models.teacher import LocalTeacher
 from dskd.types import IGNORE_INDEX, Batch
 

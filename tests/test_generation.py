@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cross_vocab_models import tiny_llama
-from dskd.models.generation import PaddedRowsMask, sample_continuations
 from policy_setup import tokenizer
+
+from dskd.models.generation import PaddedRowsMask, sample_continuations
 
 PROMPTS = [[1, 450, 1234, 310], [1, 29871, 13], [1, 22172]]
 

@@ -16,10 +16,10 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
+from teacher_server_harness import health_status, save_tiny_teacher, start_servers, stop_servers
 
 from dskd.protos import teacher_pb2 as pb
 from dskd.servers.wire import MAX_MESSAGE_BYTES, int32_bytes, pack_sequences
-from teacher_server_harness import health_status, save_tiny_teacher, start_servers, stop_servers
 
 pytestmark = pytest.mark.integration
 TOKEN = "hostile-test-token-7c1d"

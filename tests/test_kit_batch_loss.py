@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from objective_checks import log_softmax64
+from tiny_job import write_job
 
 from dskd.config import load_config
 from dskd.kit import loss_terms_on_batch
 from dskd.run.components import build_student, build_teacher
 from dskd.types import IGNORE_INDEX
-from objective_checks import log_softmax64
-from tiny_job import write_job
 
 SAMPLES = [("### Instruction:\nName a colour.\n### Response:\n", "Blue."),
            ("### Instruction:\nAdd 2 and 3.\n### Response:\n", "The sum is 5.")]

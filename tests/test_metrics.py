@@ -4,7 +4,14 @@ import pytest
 from rouge_score import rouge_scorer
 
 from dskd.errors import DskdError
-from dskd.evaluation.metrics import corpus_exact_match, corpus_rouge_l, exact_match, normalize_answer, rouge_l, score_corpus
+from dskd.evaluation.metrics import (
+    corpus_exact_match,
+    corpus_rouge_l,
+    exact_match,
+    normalize_answer,
+    rouge_l,
+    score_corpus,
+)
 
 # Built independently of dskd.evaluation.metrics: the scorer the published numbers come from.
 ORACLE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

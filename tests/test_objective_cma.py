@@ -27,13 +27,14 @@ from cross_vocab_models import (
     run_objective,
     tokenizer,
 )
-from dskd.kit.cross_model_attention import attention_weights, padded, sequence_has
+from objective_checks import divergence_oracle
+
 from dskd.errors import ModelError, PluginError
+from dskd.kit.cross_model_attention import attention_weights, padded, sequence_has
 from dskd.plugins.aligners.index import index
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.divergences.reverse_kl import reverse_kl
 from dskd.plugins.objectives.dskd_cma import dskd_cma
-from objective_checks import divergence_oracle
 
 DENOMINATOR = 19.0  # not the local token count, so a locally normalised term would show
 DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl}
@@ -61,7 +62,8 @@ def oracle(student, teacher, projectors, batch, *, divergence: str, temperature:
         )
     h_s, z_s, h_t, z_t = out_s.hidden_states[-1], out_s.logits, out_t.hidden_states[-1], out_t.logits
     emb_s, emb_t = student.get_input_embeddings().weight.detach(), teacher.get_input_embeddings().weight
-    formal = lambda ids, mask: torch.where(mask, ids, torch.zeros_like(ids))
+    def formal(ids, mask):
+        return torch.where(mask, ids, torch.zeros_like(ids))
     e_s = torch.cat([emb_s[formal(batch.student_input_ids, m_s)], emb_s[formal(y_s, m_s)]], -1)
     e_t_y = emb_t[formal(y_t, m_t)]
     e_t = torch.cat([emb_t[formal(batch.teacher_input_ids, m_t)], e_t_y], -1)

@@ -8,16 +8,16 @@ from dataclasses import replace
 
 import pytest
 import torch
+from dual_space_models import make_batch, make_context, student_and_teacher, tiny_llama, tiny_tokenizer, tokenizer
 from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
-from dual_space_models import make_batch, make_context, student_and_teacher, tiny_llama, tiny_tokenizer, tokenizer
 from dskd.errors import ModelError, PluginError
 from dskd.kit.lm_head import head_from_model, last_hidden_state, verify_head
 from dskd.kit.objective import same_vocabulary
+from dskd.models.teacher import LocalTeacher
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.objectives.dskd import dskd_objective
 from dskd.plugins.objectives.dskd_v2 import dskd_v2
-from dskd.models.teacher import LocalTeacher
 from dskd.types import SignalRequest
 
 FACTORIES = {"dskd": dskd_objective, "dskd_v2": dskd_v2}

@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dual_space_models import (
+    assert_rel,
+    make_batch,
+    make_context,
+    run_objective,
+    split_batch,
+    student_and_teacher,
+    tiny_tokenizer,
+)
+from test_objective_dskd_terms import DENOMINATOR, oracle
 
-from dual_space_models import (assert_rel, make_batch, make_context, run_objective, split_batch, student_and_teacher,
-                               tiny_tokenizer)
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.objectives.dskd import dskd_objective
 from dskd.plugins.objectives.dskd_v2 import dskd_v2
-from test_objective_dskd_terms import DENOMINATOR, oracle
 
 
 @pytest.fixture(scope="module")

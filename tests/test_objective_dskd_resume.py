@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dual_space_models import make_batch, make_context, run_objective, student_and_teacher, tiny_student, tiny_tokenizer
-from dskd.run import checkpoint
+
+from dskd.models.teacher import LocalTeacher
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.objectives.dskd import dskd_objective
 from dskd.plugins.objectives.dskd_v2 import dskd_v2
-from dskd.models.teacher import LocalTeacher
+from dskd.run import checkpoint
 
 FACTORIES = {"v1": dskd_objective, "v2": dskd_v2}
 

@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dual_space_models import (
+    assert_rel,
+    make_batch,
+    make_context,
+    run_objective,
+    student_and_teacher,
+    tiny_tokenizer,
+    tokenizer,
+)
+from objective_checks import divergence_oracle, log_softmax64
 
-from dual_space_models import (assert_rel, make_batch, make_context, run_objective, student_and_teacher, tiny_tokenizer,
-                               tokenizer)
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.divergences.reverse_kl import reverse_kl
 from dskd.plugins.objectives.dskd import dskd_objective
 from dskd.plugins.objectives.dskd_v2 import dskd_v2
-from objective_checks import divergence_oracle, log_softmax64
 
 DENOMINATOR = 11.0  # not the local token count, so a term normalised locally would show
 

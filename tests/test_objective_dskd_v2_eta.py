@@ -7,7 +7,6 @@ import functools
 
 import numpy as np
 import torch
-
 from cross_vocab_models import (
     assert_rel,
     gradients,
@@ -19,6 +18,7 @@ from cross_vocab_models import (
     tokenizer,
     valid_outputs,
 )
+
 from dskd.plugins.aligners.eta import eta
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.objectives.dskd_v2 import dskd_v2

@@ -29,6 +29,7 @@ from cross_vocab_models import (
     run_objective,
     tokenizer,
 )
+
 from dskd.errors import ModelError, PluginError
 from dskd.plugins.aligners.index import index
 from dskd.plugins.aligners.mined import mined

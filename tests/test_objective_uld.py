@@ -14,7 +14,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from objective_checks import Result
 from cross_vocab_models import (
     assert_rel,
     gradients,
@@ -26,9 +25,11 @@ from cross_vocab_models import (
     tokenizer,
     valid_outputs,
 )
+from objective_checks import Result
+
 from dskd.errors import ModelError, PluginError
-from dskd.kit.weights import objective_loss
 from dskd.kit.lm_head import last_hidden_state
+from dskd.kit.weights import objective_loss
 from dskd.plugins.aligners.index import index
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.divergences.reverse_kl import reverse_kl

@@ -13,11 +13,11 @@ import math
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 from dskd.kit.chunked import chunked_loss, dense_loss

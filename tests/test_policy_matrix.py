@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from policy_setup import make_job, metrics, write_policy_job
 
 STEPS = 3

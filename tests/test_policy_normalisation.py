@@ -16,13 +16,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cross_vocab_models import make_batch, make_context, models, run_objective, tokenizer, valid_outputs
+from policy_setup import make_job, metrics, write_policy_job
+from tiny_job import llama_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cross_vocab_models import make_batch, make_context, models, run_objective, tokenizer, valid_outputs
-from dskd.run.engine import Trainer
-from dskd.kit.weights import LossWeights, weighting
 from dskd.kit.lm_head import last_hidden_state
 from dskd.kit.objective import student_ce_terms
+from dskd.kit.weights import LossWeights, weighting
+from dskd.models.teacher import LocalTeacher
 from dskd.plugins.aligners.eta import eta
 from dskd.plugins.aligners.index import index
 from dskd.plugins.aligners.mined import mined
@@ -32,10 +34,8 @@ from dskd.plugins.objectives.dskd_v2 import dskd_v2
 from dskd.plugins.objectives.kd import kd
 from dskd.plugins.objectives.mined_kd import mined_kd
 from dskd.plugins.objectives.uld import uld
-from dskd.models.teacher import LocalTeacher
+from dskd.run.engine import Trainer
 from dskd.types import IGNORE_INDEX
-from policy_setup import make_job, metrics, write_policy_job
-from tiny_job import llama_config
 
 KD_RATE = 0.7  # not 0.5, so that swapping the CE and KD weights would show
 TEMPERATURE = 2.0  # tiny_job's

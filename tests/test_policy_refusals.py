@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from cross_vocab_models import make_context
+from policy_setup import make_job, policy_context, tiny_model, tokenizer, write_policy_job
 
 from dskd.errors import DskdError, ModelError, PluginError
+from dskd.models.teacher import LocalTeacher
 from dskd.plugins.divergences.forward_kl import forward_kl
 from dskd.plugins.objectives.sft import sft
 from dskd.plugins.policies.adaptive import adaptive
@@ -16,8 +17,6 @@ from dskd.plugins.policies.mixed import mixed
 from dskd.plugins.policies.off_policy import off_policy
 from dskd.plugins.policies.on_policy import on_policy
 from dskd.plugins.policies.teacher_generated import teacher_generated
-from dskd.models.teacher import LocalTeacher
-from policy_setup import make_job, policy_context, tiny_model, tokenizer, write_policy_job
 
 SAMPLING_POLICIES = {"on_policy": on_policy, "mixed": mixed, "adaptive": adaptive}
 

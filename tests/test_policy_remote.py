@@ -7,12 +7,12 @@ import json
 import math
 
 import pytest
+from policy_setup import make_job, metrics, text_bytes, write_policy_job
+from teacher_server_harness import save_tiny_teacher, start_servers, stop_servers
 
 from dskd.data.examples import load_examples
 from dskd.kit.rollout import generation_seed
 from dskd.models.teacher import LocalTeacher
-from policy_setup import make_job, metrics, text_bytes, write_policy_job
-from teacher_server_harness import save_tiny_teacher, start_servers, stop_servers
 
 pytestmark = pytest.mark.integration
 SAMPLING = {"max_new_tokens": 6}

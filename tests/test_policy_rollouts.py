@@ -13,13 +13,13 @@ import dataclasses
 import functools
 
 import pytest
-
 from cross_vocab_models import EXAMPLES
+from policy_setup import CFG, PAIRS, example_batch, policy_context, text_bytes, tokenizer
+
 from dskd.data.examples import encode_example
 from dskd.kit.policy import PolicyContext
 from dskd.kit.rollout import Rollouts, split_step
 from dskd.types import IGNORE_INDEX
-from policy_setup import CFG, PAIRS, example_batch, policy_context, text_bytes, tokenizer
 
 # One response per example of `EXAMPLES` (whose prompts end with "\n"): a leading space (a SentencePiece
 # word-start piece), two leading newlines (GPT-2 merges them with the prompt's last one), non-ASCII text, an emoji.

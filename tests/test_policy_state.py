@@ -8,12 +8,12 @@ import io
 
 import pytest
 import torch
+from policy_setup import example_batch, make_job, metrics, policy_context, write_policy_job
 
-from dskd.run.engine import Trainer
 from dskd.plugins.policies.adaptive import adaptive
 from dskd.plugins.policies.mixed import mixed
 from dskd.plugins.policies.on_policy import on_policy
-from policy_setup import example_batch, make_job, metrics, policy_context, write_policy_job
+from dskd.run.engine import Trainer
 
 SAMPLING = {"max_new_tokens": 5}
 

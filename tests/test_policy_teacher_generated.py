@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
-from dskd.plugins.policies.teacher_generated import teacher_generated
-from dskd.models.teacher import LocalTeacher
 from policy_setup import PAIRS, PROMPTS, example_batch, policy_context, text_bytes, tiny_model, tokenizer
+
+from dskd.models.teacher import LocalTeacher
+from dskd.plugins.policies.teacher_generated import teacher_generated
 
 SETTINGS = {"max_new_tokens": 5, "temperature": 1.0}
 

@@ -155,7 +155,7 @@ def test_valid_generate_request_unpacks_prompts():
         ({"max_new_tokens": 9}, "max_new_tokens"),
         ({"temperature": -0.5}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
-        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": -0.1}, "top_p"),  # 0 is proto3 for unset: no nucleus filter
         ({"top_p": 1.5}, "top_p"),
         ({"prompts": pack_sequences([[1, 100]])}, "prompts.ids"),
         ({"prompts": pack_sequences([list(range(13))])}, "prompts.lengths"),  # 13 + 4 new > max_seq_len 16

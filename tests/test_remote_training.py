@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from dskd.config import load_config
-from dskd.run.job import Job
-from dskd.registry import load_registry
 from teacher_server_harness import save_tiny_teacher, start_servers, stop_servers
 from tiny_job import write_job
+
+from dskd.config import load_config
+from dskd.registry import load_registry
+from dskd.run.job import Job
 
 REGISTRY = load_registry()
 

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_job import write_job
 
 from dskd.config import load_config
-from dskd.run.job import run_job
 from dskd.registry import load_registry
-from tiny_job import write_job
+from dskd.run.job import run_job
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_job import write_job
 
 pytestmark = pytest.mark.integration
@@ -123,6 +122,7 @@ def test_two_processes_resume_together_from_the_newest_step_both_saved_intact(ru
     crashed = tmp_path / "two"
     shutil.copytree(runs[1].parent, crashed)
     shutil.rmtree(crashed / "run" / "final")
+    (crashed / "run" / "finished.json").unlink()  # as if it had died before its end: a finished run is never resumed
     broken = crashed / "run" / "checkpoints" / "distill" / "rank-1" / f"step-{STEPS:08d}"
     (broken / "rng.pt").write_bytes(b"garbage")
     done = _run(_accelerate(2, "--multi_gpu", "-m", "dskd", "run", str(crashed / "job.toml"), *_overrides(2), "--resume"), crashed)

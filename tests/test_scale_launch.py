@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from dskd.run.launch import LaunchError, check_cpu_launch, launched_world_size, make_accelerator, requested_cpu_processes
+from dskd.run.launch import (
+    LaunchError,
+    check_cpu_launch,
+    launched_world_size,
+    make_accelerator,
+    requested_cpu_processes,
+)
 
 
 def test_world_size_is_read_from_torchrun_or_mpi_variables():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dskd.kit.lm_head import head_from_model
+from dskd.models.teacher import topk_with_tail
 from dskd.protos import teacher_pb2 as pb
 from dskd.servers.batcher import (
     DeadlineExpiredError,
@@ -19,7 +20,6 @@ from dskd.servers.batcher import (
 )
 from dskd.servers.validation import ScoreInput
 from dskd.servers.wire import Packed, bytes_tensor
-from dskd.models.teacher import topk_with_tail
 from dskd.types import SignalRequest
 
 VOCAB = 96

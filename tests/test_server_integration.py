@@ -12,13 +12,6 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2
-
-from dskd.errors import TeacherError
-from dskd.protos import teacher_pb2 as pb
-from dskd.protos import teacher_pb2_grpc as pb_grpc
-from dskd.servers.client import RemoteTeacher
-from dskd.servers.wire import MAX_MESSAGE_BYTES, PART_BYTES, int32_bytes, pack_sequences
-from dskd.types import SignalRequest
 from teacher_server_harness import (
     REPO,
     SERVE_SCRIPT,
@@ -29,6 +22,13 @@ from teacher_server_harness import (
     start_servers,
     stop_servers,
 )
+
+from dskd.errors import TeacherError
+from dskd.protos import teacher_pb2 as pb
+from dskd.protos import teacher_pb2_grpc as pb_grpc
+from dskd.servers.client import RemoteTeacher
+from dskd.servers.wire import MAX_MESSAGE_BYTES, PART_BYTES, int32_bytes, pack_sequences
+from dskd.types import SignalRequest
 
 pytestmark = pytest.mark.integration
 TOKEN = "test-token-4f1e"
@@ -155,7 +155,7 @@ def test_bad_score_request_is_invalid_argument_naming_the_field(setup, case):
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
-    [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"prompts": pack_sequences([[1, VOCAB]])}, "prompts.ids")],
+    [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": -0.5}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"prompts": pack_sequences([[1, VOCAB]])}, "prompts.ids")],
 )
 def test_bad_generate_request_is_invalid_argument(setup, overrides, field):
     request = pb.GenerateRequest(**{"prompts": pack_sequences([[1, 2]]), "max_new_tokens": 2, "temperature": 1.0, "top_p": 1.0, **overrides})

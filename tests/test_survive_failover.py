@@ -10,14 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from teacher_server_harness import (
+    ServerProcess,
+    launch_server,
+    save_tiny_teacher,
+    start_servers,
+    stop_servers,
+    wait_serving,
+)
+from tiny_job import write_job
 
 from dskd.config import load_config
-from dskd.run.job import Job
 from dskd.registry import load_registry
+from dskd.run.job import Job
 from dskd.servers.client import RemoteTeacher
 from dskd.types import SignalRequest
-from teacher_server_harness import ServerProcess, launch_server, save_tiny_teacher, start_servers, stop_servers, wait_serving
-from tiny_job import write_job
 
 pytestmark = pytest.mark.integration
 REGISTRY = load_registry()

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_job import TOKENIZERS, write_job
 
 from dskd.run import checkpoint
-from tiny_job import TOKENIZERS, write_job
 
 STEPS = 30
 SAVE_EVERY = 2
@@ -134,7 +134,9 @@ def test_with_only_broken_checkpoints_resume_names_them_and_finds_none(tmp_path)
 def test_resume_with_another_student_tokenizer_is_refused_unless_forced(tmp_path):
     job = write_job(tmp_path)
     _run([sys.executable, "-m", "dskd", "run", str(job), "--set", "train.max_steps=2", "--set", "train.save_every=1"], tmp_path)
+    # As if it had died before its end (a finished run, with finished.json, is never resumed with changes).
     shutil.rmtree(tmp_path / "run" / "final")
+    (tmp_path / "run" / "finished.json").unlink()
     # Mistral's tokenizer has the same 32000 ids as TinyLlama's, so the models still fit: only the fingerprint tells.
     other = ["--set", f"student.tokenizer={TOKENIZERS / 'mistral'}", "--set", "train.max_steps=3", "--resume"]
     refused = subprocess.run([sys.executable, "-m", "dskd", "run", str(job), *other], cwd=tmp_path, env=_env(),
@@ -179,3 +181,57 @@ def test_a_teacher_read_from_a_moved_folder_keeps_its_fingerprint(tmp_path):
     with torch.no_grad():
         loaded.model.norm.weight[0] += 1e-3  # any change to the weights is still seen
     assert model_fingerprint(loaded, tokenizer, torch.float32) != fingerprints[0]
+
+
+def _teacher_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(run_dir / "teacher", dtype=torch.float32).state_dict()
+
+
+@pytest.mark.integration
+def test_an_interrupted_teacher_sft_checkpoints_and_resumes_to_the_teacher_of_an_uninterrupted_run(tmp_path):
+    # Default checkpointing (no train.save_every): Ctrl-C must still keep the steps done, and --resume must
+    # continue the SFT (not restart it, not skip to distillation) and reach the same teacher bit for bit.
+    sft_steps = 40
+    extra = f"\n[teacher_sft]\nsteps = {sft_steps}\nbatch_size = 4\nlr = 1e-3\n"
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    command = ["--set", "train.max_steps=1", "--set", "run.deterministic=true"]
+    job = write_job(straight, stages=("teacher_sft", "distill"), extra=extra)
+    _run([sys.executable, "-m", "dskd", "run", str(job), *command], straight)
+
+    job = write_job(stopped, stages=("teacher_sft", "distill"), extra=extra)
+    metrics = stopped / "run" / "metrics.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "dskd", "run", str(job), *command], cwd=stopped, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + WAIT
+    while process.poll() is None and time.monotonic() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if len(lines) >= 3:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=WAIT)
+    assert process.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    assert "--resume" in stderr
+    saved = checkpoint.latest(stopped / "run" / "checkpoints" / "teacher_sft", warn=lambda _: None)
+    assert saved is not None, stderr[-3000:]
+    assert 3 <= saved.manifest["step"] < sft_steps
+    assert not (stopped / "run" / "teacher").exists()
+
+    resumed = _run([sys.executable, "-m", "dskd", "run", str(job), *command, "--resume"], stopped)
+    assert f"teacher_sft: resumed from step-{saved.manifest['step']:08d}" in resumed.stdout
+    expected, got = _teacher_weights(straight / "run"), _teacher_weights(stopped / "run")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if json.loads(line)["stage"] == "teacher_sft"]
+    assert steps == list(range(1, sft_steps + 1))
+
+
+@pytest.mark.integration
+def test_checkpoints_are_written_every_save_every_minutes_without_a_step_interval(tmp_path):
+    job = write_job(tmp_path, steps=4)
+    # A tiny interval: every logged step is due. keep_checkpoints high enough to see them all.
+    _run([sys.executable, "-m", "dskd", "run", str(job), "--set", "train.save_every_minutes=1e-6", "--set", "train.keep_checkpoints=10"], tmp_path)
+    assert _completed_steps(tmp_path / "run" / "checkpoints" / "distill") == [1, 2, 3, 4]

@@ -111,8 +111,8 @@ def _read_rows(
     if not str(path) or str(path) == ".":
         raise DataError(f"data.{split} is not set; point it at a JSONL file (one JSON object per line)")
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "not found"
-        raise DataError(f"{where}: file {what}; set data.{split} to a JSONL file (one JSON object per line)")
+        what = "is a directory" if path.is_dir() else "is not a regular file (a pipe, socket or device)" if path.exists() else "not found"
+        raise DataError(f"{where}: {what}; set data.{split} to a JSONL file (one JSON object per line)")
     try:
         with path.open("rb") as handle:
             empty = not handle.read(1 << 16).strip()
@@ -122,6 +122,7 @@ def _read_rows(
         ) from None
     if empty:
         raise DataError(f"{where}: split is empty; add samples or point data.{split} at another file")
+    _check_utf8(path, where)
     try:
         rows = Dataset.from_json(str(path), split="train")
     except Exception as exc:  # datasets wraps pyarrow's parse errors; find the offending line ourselves
@@ -137,6 +138,19 @@ def _read_rows(
         # the response "5" comes back as the integer 5. Such files are read with the json module instead.
         return rows.column_names, _read_json_lines(path)
     return rows.column_names, rows
+
+
+def _check_utf8(path: Path, where: str) -> None:
+    """Name the first line that is not UTF-8: pyarrow reads such bytes and fails only when a row is used."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{where}: line {number} is not UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+                    f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
 
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:

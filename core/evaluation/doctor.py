@@ -18,7 +18,7 @@ from typing import Any
 from dskd.config import DataConfig, ModelConfig
 from dskd.console import Console
 from dskd.errors import DskdError
-from dskd.evaluation.alignment_bounds import exact_span_count, greedy_pairs
+from dskd.evaluation.alignment_bounds import exact_span_pairs, greedy_pairs
 from dskd.kit.token_bytes import exact_byte_map, vocab_bytes
 from dskd.models.loading import load_tokenizer
 
@@ -34,6 +34,11 @@ def _sample_texts(data: str | None) -> list[str]:
     # Real prose with newlines, digits and punctuation that ships with every Python.
     paragraphs = [p.strip("\n") for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key]) if p.strip()]
     return paragraphs[:SAMPLE_LIMIT] + ["Café crème: 3½ €, naïve façade 😀 — 東京\n\tdone."]
+
+
+def _label_ids(tokenizer, text: str) -> list[int]:
+    """A response's label ids as training makes them (`dskd.data.examples`: literal special-token strings are text), then EOS."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def _model_rows(folder: str) -> int | None:
@@ -90,19 +95,29 @@ def diagnose(teacher_path: str, student_path: str, data: str | None = None) -> d
     registry = load_registry()
     aligner = registry.get("aligners", registry.default("aligners"))(teacher, student)
     texts = _sample_texts(data)
-    eta_pairs = bound = greedy = student_tokens = 0
+    eta_pairs = bound = greedy = greedy_exact = student_tokens = mismatches = 0
     for text in texts:
-        t_ids = teacher(text, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]
-        s_ids = student(text, add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+        t_ids, s_ids = _label_ids(teacher, text), _label_ids(student, text)
         eta_pairs += len(aligner.align(t_ids, s_ids))
-        bound += exact_span_count(teacher, student, text)
-        greedy += len(greedy_pairs(teacher.convert_ids_to_tokens(t_ids), student.convert_ids_to_tokens(s_ids), teacher.eos_token, student.eos_token))
+        mismatches += bool(getattr(aligner, "text_differs", lambda *_: False)(t_ids, s_ids))
+        exact = set(exact_span_pairs(teacher, student, text)) | {(len(t_ids) - 1, len(s_ids) - 1)}
+        found = greedy_pairs(teacher.convert_ids_to_tokens(t_ids), student.convert_ids_to_tokens(s_ids), teacher.eos_token, student.eos_token)
+        bound += len(exact)
+        greedy += len(found)
+        # Like for like with ETA: only the greedy pairs whose spans on the original text coincide, not its
+        # pairs of space-only tokens at different places or of runs of different length.
+        greedy_exact += len(exact.intersection(found))
         student_tokens += len(s_ids)
     report["alignment"] = {
         "samples": len(texts), "source": data or "pydoc_data.topics paragraphs", "student_tokens": student_tokens,
         "eta_pairs": eta_pairs, "exact_span_pairs": bound, "eta_recall": eta_pairs / max(bound, 1),
-        "eta_ratio": eta_pairs / max(student_tokens, 1), "reference_greedy_ratio": greedy / max(student_tokens, 1),
+        "eta_ratio": eta_pairs / max(student_tokens, 1), "reference_greedy_pairs": greedy,
+        "reference_greedy_exact_pairs": greedy_exact, "reference_greedy_ratio": greedy_exact / max(student_tokens, 1),
+        "normalisation_mismatches": mismatches,
     }
+    if mismatches:
+        warnings.append(f"in {mismatches} of {len(texts)} samples the two tokenizers decode to different text (a normaliser such "
+                        "as NFC/NFKC, or a special-token string); ETA pairs around the difference, the tokens it touches stay unpaired")
     report["warnings"] = warnings
     report["recommended"] = _recommend(same, report)
     return report
@@ -136,7 +151,8 @@ def run_doctor(teacher: str, student: str, *, data: str | None = None, as_json: 
                   f"({v['overlap_of_teacher']:.1%} of the teacher's, {v['overlap_of_student']:.1%} of the student's)")
     console.print(f"ETA on {a['samples']} samples ({a['source']}): {a['eta_pairs']} pairs of {a['exact_span_pairs']} exact spans "
                   f"(recall {a['eta_recall']:.3f}); {a['eta_ratio']:.1%} of student tokens aligned; "
-                  f"the reference's greedy matching: {a['reference_greedy_ratio']:.1%}")
+                  f"the reference's greedy matching: {a['reference_greedy_exact_pairs']} exact pairs "
+                  f"({a['reference_greedy_ratio']:.1%} of student tokens) of the {a['reference_greedy_pairs']} it makes")
     for warning in report["warnings"]:
         console.warn(warning)
     aligner = f" with aligner {r['aligner']}" if r["aligner"] else ""

@@ -30,8 +30,11 @@ def _encode_prompt(tokenizer, prompt: str, max_prompt_length: int = 0) -> list[i
     return encode_prompt(tokenizer, prompt, DataConfig(max_prompt_length=max_prompt_length or sys.maxsize))
 
 
-def _check_context(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> None:
-    context = getattr(model.config, "max_position_embeddings", None)
+def _check_context(model, prompts: list[list[int]], max_new_tokens: int) -> None:
+    if isinstance(model, torch.nn.Module):
+        context = getattr(model.config, "max_position_embeddings", None)
+    else:  # a remote teacher: the longest sequence its server accepts
+        context = getattr(getattr(model, "limits", None), "max_seq_len", None)
     longest = max(len(p) for p in prompts)
     if context and longest + max_new_tokens > context:
         raise DskdError(
@@ -41,7 +44,7 @@ def _check_context(model: torch.nn.Module, prompts: list[list[int]], max_new_tok
 
 
 def generate_and_score(
-    model: torch.nn.Module,
+    model,
     tokenizer,
     prompts: list[str],
     references: list[References],
@@ -54,6 +57,8 @@ def generate_and_score(
     max_prompt_length: int = 0,
 ) -> dict:
     """Generate an answer to every prompt, once per seed, and score it against its references.
+
+    `model` is a causal LM, or a teacher (`dskd.models.teacher.Teacher`, e.g. a remote one) that generates itself.
 
     Answers are decoded with `skip_special_tokens=True` and stripped. Returns the means over seeds of
     `exact_match` and `rougeL` (0-100) and `avg_new_tokens` (generated tokens per prompt, the stopping EOS
@@ -83,10 +88,13 @@ def generate_and_score(
         if temperature == 0 and greedy_rows is not None:
             rows = greedy_rows
         else:
-            rows = sample_continuations(
-                model, tokenizer, encoded,
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-            )  # fmt: skip
+            if isinstance(model, torch.nn.Module):
+                rows = sample_continuations(
+                    model, tokenizer, encoded,
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                )  # fmt: skip
+            else:  # a remote teacher generates on its server, in requests it sizes to the server's limits
+                rows = model.generate(encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
             greedy_rows = rows if temperature == 0 else None
         texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
         if predictions is None:

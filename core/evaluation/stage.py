@@ -59,8 +59,11 @@ def evaluate_stage(job, teacher_path: Path | None, final: Path | None, *, includ
         pass
     elif hasattr(teacher, "model"):
         results["teacher"] = generation_metrics(config, teacher.model, teacher.tokenizer)
+    elif "generate" in getattr(teacher, "capabilities", ()):
+        # A remote teacher generates on its server (Generate): the same metrics as an in-process one.
+        results["teacher"] = generation_metrics(config, teacher, teacher.tokenizer)
     else:
-        console.print("eval: the teacher is remote; its generation metrics are not measured here")
+        console.print("eval: the remote teacher does not offer Generate; its generation metrics are not measured")
     init = build_student(config, device, fresh=True)
     same_vocab = same_vocabulary(teacher.tokenizer, init.tokenizer)
     # objective=None: teacher agreement is measured with the configured (else the exact, eta) alignment, not

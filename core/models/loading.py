@@ -13,6 +13,30 @@ from dskd.errors import ModelError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def default_dtype(device: torch.device | str) -> str:
+    """The one default compute dtype of a teacher, in process or on a server: bfloat16 on CUDA (fast, and what
+    large teachers are trained in), float32 elsewhere (bfloat16 on CPU is several times slower). One rule for
+    both, so a remote teacher gives the losses of the same teacher in process without flags."""
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """`name` as a torch dtype; "auto" is `default_dtype` of `device` (default: cuda when available)."""
+    if name == "auto":
+        name = default_dtype(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return DTYPES[name]
+
+
+def teacher_dtype(teacher) -> str:
+    """The compute dtype a built teacher runs in (in process: its weights; remote: what the server reports)."""
+    model = getattr(teacher, "model", None)
+    if model is not None:
+        return str(next(model.parameters()).dtype).removeprefix("torch.")
+    info = getattr(teacher, "info", None)
+    names = {1: "bfloat16", 2: "float16", 3: "float32"}
+    return names.get(int(getattr(info, "compute_dtype", 0)), "unknown")
+
+
 def load_tokenizer(cfg: ModelConfig, role: str):
     """The fast tokenizer of a student or teacher, with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
@@ -29,6 +53,10 @@ def load_tokenizer(cfg: ModelConfig, role: str):
         ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"the {role} tokenizer at {source!r} has no fast backend; dskd needs tokenizer.json (a fast tokenizer) for offsets and alignment")
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer from a folder with only tokenizer_config.json; every prompt
+        # would then tokenise to nothing and fail later as "the prompt is empty".
+        raise ModelError(f"the {role} tokenizer at {source!r} has no vocabulary (it encodes text to nothing); point {role}.tokenizer at a folder with tokenizer.json")
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the {role} tokenizer at {source!r} has no EOS token; set eos_token in its tokenizer_config.json")
     return ensure_pad_token(tokenizer)
@@ -42,11 +70,11 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, role: str, *, seed: int | None = None, path: str | None = None) -> torch.nn.Module:
+def load_model(cfg: ModelConfig, role: str, *, seed: int | None = None, path: str | None = None, device: torch.device | str | None = None) -> torch.nn.Module:
     """An HF causal LM from `cfg.model` (or `path`), or built from `cfg.config` with seeded random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = DTYPES[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype, device)
     source = path or cfg.model
     if source:
         try:

@@ -67,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dskd.run.job import run_job
     from dskd.run.launch import requested_cpu_processes, spawn_processes
 
+    _warn_unmatched_plugins()
     registry = load_registry()
     config = load_config(args.config, args.overrides, registry=registry)  # bad input is reported once, here
     count = requested_cpu_processes()
@@ -76,10 +77,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_unmatched_plugins() -> None:
+    from dskd.registry import LOAD_ENV, unmatched_load_names
+
+    for name in unmatched_load_names():
+        print(f"warning: {LOAD_ENV} names {name!r}, which is no installed dskd plugin (entry point or package); "
+              f"check the spelling or install it (`dskd plugins` lists what loads)", file=sys.stderr)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from dskd.config import load_config
     from dskd.registry import load_registry
 
+    _warn_unmatched_plugins()
     try:
         load_config(args.config, args.overrides, registry=load_registry())
     except ConfigError as exc:

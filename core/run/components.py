@@ -21,6 +21,7 @@ from dskd.kit.objective import ObjectiveContext, same_vocabulary, student_ce_ter
 from dskd.kit.policy import PolicyContext
 from dskd.models.loading import check_vocabulary, ensure_pad_token, load_model, load_tokenizer
 from dskd.models.teacher import LocalTeacher
+from dskd.run.plugin_checks import CheckedAligner, checked_divergence, describe
 
 
 def build_teacher(config: Config, device: torch.device, *, model_path: str | None = None, cache_dir: Path | None = None):
@@ -35,7 +36,7 @@ def build_teacher(config: Config, device: torch.device, *, model_path: str | Non
             if not token:
                 raise PluginError(f"teacher.auth_token_env names {t.auth_token_env!r} but that environment variable is not set; export it with the servers' token")
         teacher = RemoteTeacher(
-            list(t.address), auth_token=token, tls_ca_file=t.tls_ca_file or None, timeout_s=t.timeout_s,
+            list(t.address), auth_token=token, tls_ca_file=t.tls_ca_file or None, timeout_s=t.timeout_s, retry_timeout_s=t.retry_timeout_s,
             wire_dtype=t.wire_dtype, cache_dir=t.cache_dir or (str(cache_dir) if cache_dir else None), device=device,
         )
         ensure_pad_token(teacher.tokenizer)
@@ -62,7 +63,8 @@ def bind_divergence(config: Config, registry: Any):
     """The configured divergence with its options bound; capability attributes are carried over."""
     fn = registry.get("divergences", config.divergence.name)
     options = plugin_options(config.divergence, fn, skip=("temperature",))
-    bound = functools.partial(fn, **options)
+    # Checked on its first call, so a plugin returning the wrong shape is named instead of failing inside an objective.
+    bound = functools.partial(checked_divergence(fn, describe(registry, "divergences", config.divergence.name)), **options)
     bound.accepts_sparse_teacher = registry.declared("divergences", config.divergence.name, "accepts_sparse_teacher")
     return bound
 
@@ -81,7 +83,8 @@ def build_aligner(config: Config, registry: Any, teacher_tokenizer: Any, student
     factory = registry.get("aligners", name)
     options = plugin_options(config.aligner, factory)
     try:
-        return factory(teacher_tokenizer, student_tokenizer, **options)
+        # Every alignment, of the dataset and of sampled responses alike, is checked against the contract.
+        return CheckedAligner(factory(teacher_tokenizer, student_tokenizer, **options), describe(registry, "aligners", name))
     except PluginError:
         raise
     except (TypeError, ValueError) as exc:

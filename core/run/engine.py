@@ -15,6 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ import torch
 
 from dskd.config import TrainConfig
 from dskd.console import Console
-from dskd.errors import CheckpointError, PluginError
+from dskd.errors import CheckpointError, DskdError, PluginError, TeacherError
 from dskd.kit.contracts import member
 from dskd.kit.lm_head import last_hidden_state
 from dskd.kit.policy import Policy
@@ -163,6 +166,19 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def require_finite(model: torch.nn.Module, extra: torch.nn.Module | None, what: str) -> None:
+    """Raise a `DskdError` instead of saving `what` when a parameter of `model` (or `extra`) is NaN or infinite.
+    One device->host copy for all parameters."""
+    named = list(model.named_parameters()) + ([] if extra is None else [(f"projectors.{n}", p) for n, p in extra.named_parameters()])
+    if not named:
+        return
+    finite = torch.stack([p.detach().isfinite().all().to(named[0][1].device) for _, p in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DskdError(f"not saving the {what}: its weights are not finite ({listed}); lower train.lr, or resume from an earlier checkpoint")
+
+
 def _parameter_storage(model: torch.nn.Module) -> list[tuple[int, tuple[int, ...]]]:
     return [(p.data_ptr(), tuple(p.shape)) for p in model.parameters()]
 
@@ -215,6 +231,8 @@ class Trainer:
         self._can_prefetch = bool(member(spec.policy, Policy, "prefetchable")) and self.fetcher.active
         self._prefetched: dict[int, Any] = {}
         self.state = TrainState()
+        self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient norm
+        self._saved_step = -1  # the step of the newest checkpoint on disk (written or resumed from)
         self.ckpt_root = spec.run_dir / "checkpoints" / spec.name
         self.metrics_path = spec.run_dir / "metrics.jsonl"
 
@@ -228,6 +246,7 @@ class Trainer:
                 meter.add_local(f"policy/{batch.meta['policy']}", 1.0)
         weights = self._weights(window)
         pending = ahead if ahead is not None else self._submit(window[0])
+        step_loss = torch.zeros((), device=acc.device)
         for i, batch in enumerate(window):
             waited = time.perf_counter()
             signal = self.fetcher.result(pending)
@@ -244,20 +263,50 @@ class Trainer:
                     terms = objective.compute(batch, hidden, signal)
                 loss = weighing.loss(terms)
             acc.backward(loss)
+            step_loss = step_loss + loss.detach()
             meter.add(loss, terms, ce=batch.ce, kd=batch.kd)
             if batch.aligned_rows is not None:
                 meter.add_host("train/align_ratio_num", float(batch.aligned_rows.shape[0]))
                 meter.add_host("train/align_ratio_den", float(batch.student_rows.shape[0]))
             self.state.tokens += int(batch.student_attention_mask.sum())
         self._average_projector_grads()
-        if self.train_cfg.clip_grad > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            acc.clip_grad_norm_(params, self.train_cfg.clip_grad)
-        self.optimizer.step()
-        self.scheduler.step()
+        if self._finite_step(step_loss, meter):
+            self.optimizer.step()
+            self.scheduler.step()
+            objective.on_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
-        objective.on_optimizer_step()
         self.state.step += 1
+
+    def _finite_step(self, step_loss: torch.Tensor, meter: Meter) -> bool:
+        """Clip, and say whether this step's update may be applied: its loss and gradient norm are finite.
+
+        A non-finite step is skipped (no optimizer or schedule step) and counted; `train.max_bad_steps` of them in a
+        row stop the run before its weights are saved. The norm covers the student's gradients (all-reduced by DDP)
+        and the projectors' (averaged above), so it is the same on every process; the local losses are folded in
+        and summed over processes, so every process takes the same decision. That is one host sync per step.
+        """
+        acc = self.accelerator
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.train_cfg.clip_grad > 0:
+            norm = acc.clip_grad_norm_(params, self.train_cfg.clip_grad)
+        else:  # no clipping: the norm alone, without touching the gradients
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # 0 * x is NaN for an infinite or NaN x, so `probe` is finite exactly when the norm and the loss are.
+        probe = (torch.as_tensor(norm, device=acc.device).float() + 0.0 * step_loss.float()).reshape(1)
+        if acc.num_processes > 1:
+            probe = acc.reduce(probe, reduction="sum")
+        finite = math.isfinite(probe.item())
+        meter.add_local("train/skipped_steps", 0.0 if finite else 1.0)  # the same on every process
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        if self.bad_steps >= self.train_cfg.max_bad_steps:
+            saved = checkpoint.checkpoints(self.ckpt_root)  # none is written during a run of skipped steps
+            kept = f"the last checkpoint, {saved[-1]}, is kept" if saved else "nothing was saved"
+            raise DskdError(
+                f"{self.spec.name}: the loss or gradient norm was not finite for {self.bad_steps} steps in a row "
+                f"(steps {self.state.step + 2 - self.bad_steps}-{self.state.step + 1}, updates skipped); stopped, {kept}; "
+                f"lower train.lr, check the divergence and objective options, or raise train.max_bad_steps"
+            )
+        return finite
 
     def _ce_alone(self, batch: Batch) -> bool:
         """A batch of a split step that trains only the CE: the engine computes it without the objective."""
@@ -340,10 +389,12 @@ class Trainer:
         start = time.perf_counter()
         tokens_at_start = self.state.tokens
         last_log_time, last_log_tokens = start, self.state.tokens
-        with self.console.progress(self.spec.name, total, self.state.step) as progress:
+        last_save = time.monotonic()
+        with self.console.progress(self.spec.name, total, self.state.step) as progress, self._stop_requests() as stop:
             upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)]
             while self.state.step < total:
                 window = upcoming
+                before = TrainState(**vars(self.state)), checkpoint.rng_state()  # to checkpoint this step's start
                 self.state.consumed += len(window)
                 # Take the next step's data now and, when the policy's batches do not depend on the student and
                 # the teacher answers asynchronously, start its teacher call: a remote teacher then computes step
@@ -351,7 +402,10 @@ class Trainer:
                 upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step + 1 < total else []
                 if upcoming and self._can_prefetch:
                     self._prefetched[id(upcoming[0])] = self._submit(upcoming[0])
-                self.train_step(window, meter)
+                try:
+                    self.train_step(window, meter)
+                except TeacherError as error:
+                    raise self._checkpoint_before_stopping(error, *before) from None
                 step = self.state.step
                 if step % self.spec.log_every == 0 or step == total:
                     now = time.perf_counter()
@@ -372,9 +426,18 @@ class Trainer:
                     self._log({"stage": self.spec.name, "step": step, **metrics})
                     member(self.spec.policy, Policy, "observe")(step, metrics)  # adaptive policies react to the curve
                     progress.update(step, metrics)
-                if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < total:
+                by_steps = bool(self.train_cfg.save_every) and step % self.train_cfg.save_every == 0
+                # Not during a run of skipped steps: their checkpoints would rotate out the last good step's.
+                if step < total and not self.bad_steps and (by_steps or (step % self.spec.log_every == 0 and self._save_is_due(last_save))):
                     self._save()
-        self._save()
+                    last_save = time.monotonic()
+                if stop.is_set() and step < total:
+                    if self._saved_step != step:
+                        self._save()
+                    self.console.warn(f"{self.spec.name}: stopped at step {step}, checkpointed in {self.ckpt_root}; continue with --resume")
+                    raise KeyboardInterrupt
+        if self._saved_step != self.state.step:  # a resumed, already finished stage is not written again
+            self._save()
         elapsed = time.perf_counter() - start
         self.console.print(
             f"{self.spec.name}: {total} steps, {(self.state.tokens - tokens_at_start) / max(elapsed, 1e-9):.0f} tokens/s per process"
@@ -396,6 +459,9 @@ class Trainer:
 
     def _save(self) -> None:
         self.accelerator.wait_for_everyone()
+        # Never a checkpoint of non-finite weights: it would replace (prune) the last good one. The weights are the
+        # same on every process, so every process raises here or none does.
+        require_finite(self.accelerator.unwrap_model(self.model), self.projectors, f"{self.spec.name} checkpoint in {self.ckpt_root}")
         # Every process keeps its own RNG and data position; the main process also writes the shared state.
         rank = self.accelerator.process_index
         manifest = {"stage": self.spec.name, "state": vars(self.state).copy(), "fingerprints": self.spec.fingerprints,
@@ -403,14 +469,71 @@ class Trainer:
         root = self.ckpt_root if rank == 0 else self.ckpt_root / f"rank-{rank}"
         objects = self._objects() if rank == 0 else {"rng": checkpoint.rng_state(), "policy": self.spec.policy.state_dict()}
         checkpoint.save(root, self.state.step, objects, manifest, keep=self.train_cfg.keep_checkpoints)
+        self._saved_step = self.state.step
         self.accelerator.wait_for_everyone()
+
+    def _save_is_due(self, last_save: float) -> bool:
+        """`train.save_every_minutes` passed since the last checkpoint. Asked only at log steps: with several
+        processes every one must save at the same step, so rank 0's clock decides, in one small collective."""
+        minutes = self.train_cfg.save_every_minutes
+        if not minutes:
+            return False
+        due = time.monotonic() - last_save >= 60.0 * minutes
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            due = bool(broadcast(torch.tensor([float(due)], device=self.accelerator.device), from_process=0).item())
+        return due
+
+    @contextlib.contextmanager
+    def _stop_requests(self):
+        """Ctrl-C or SIGTERM (a preempted job) during the stage: finish the step, checkpoint it, then stop; a second
+        signal stops at once. Only in a single process: under a launcher the processes would see the signal at
+        different steps, and a checkpoint needs all of them at the same one."""
+        requested = threading.Event()
+        if self.accelerator.num_processes > 1 or threading.current_thread() is not threading.main_thread():
+            yield requested
+            return
+
+        def handler(signum, frame) -> None:
+            if requested.is_set():
+                raise KeyboardInterrupt
+            requested.set()
+            sys.stderr.write(f"{self.spec.name}: stopping after this step to checkpoint it (signal again to stop at once)\n")
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield requested
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _checkpoint_before_stopping(self, error: TeacherError, state: TrainState, rng: dict[str, Any]) -> TeacherError:
+        """The teacher stayed away past `teacher.retry_timeout_s`: checkpoint the last completed step and say how to go on.
+
+        The failed step changed neither weights, optimizer nor schedule (the teacher answers before the update), so
+        the checkpoint is that step's start: the data position and RNG taken before it. A policy's own state is the
+        current one (at most one step of its sampling ahead)."""
+        if self.accelerator.num_processes > 1:  # the other processes wait in this step's collectives: no checkpoint now
+            return TeacherError(f"{error}; continue from the last periodic checkpoint with --resume once the teacher answers again")
+        self.state = state
+        checkpoint.set_rng_state(rng)
+        if self._saved_step != state.step:
+            self._save()
+        return TeacherError(f"{error}; step {state.step} is checkpointed in {self.ckpt_root}: once the teacher answers again, continue with --resume")
 
     def _resume(self, force: bool) -> None:
         # Every process picks the same step: the newest whose parts (rank 0's and each other rank's) are all intact.
         parts = [self.ckpt_root / f"rank-{r}" for r in range(1, self.accelerator.num_processes)]
         found = checkpoint.latest(self.ckpt_root, warn=self.console.warn, companions=[p for p in parts if p.is_dir()])
         if found is None:
+            if checkpoint.checkpoints(self.ckpt_root):  # the run got somewhere: step 0 would train over its metrics
+                raise CheckpointError(
+                    f"every checkpoint under {self.ckpt_root} is unusable (each named above); restore an intact one, "
+                    f"or start afresh in another directory (--set run.output_dir=...)"
+                )
             self.console.print(f"{self.spec.name}: no checkpoint to resume from; starting at step 0")
+            self._truncate_metrics(0)  # lines of an attempt that died before its first checkpoint
             return
         manifest = found.manifest
         if manifest.get("world_size", 1) != self.accelerator.num_processes:
@@ -445,6 +568,7 @@ class Trainer:
         self.spec.policy.load_state_dict(policy)
         checkpoint.set_rng_state(rng)
         self.state = TrainState(**manifest["state"])
+        self._saved_step = self.state.step
         self._truncate_metrics(self.state.step)
         self.console.print(f"{self.spec.name}: resumed from {found.path.name} (step {self.state.step})")
 

@@ -7,6 +7,8 @@ Run directory (`run.output_dir`):
     teacher/            the SFT'd teacher (stage teacher_sft), Hugging Face format
     final/              the distilled student, Hugging Face format (AutoModelForCausalLM.from_pretrained)
     results.json        {"teacher": {...}, "student_init": {...}, "student": {...}} (stage eval)
+    finished.json       the config the run finished with, written atomically after everything else: a run that
+                        has it is read-only (`--resume` with the same config does nothing, with another is refused)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dskd.data.examples import load_examples, tokenize_split
 from dskd.errors import DskdError
 from dskd.kit import Objective, member
 from dskd.kit.objective import same_vocabulary
-from dskd.models.loading import load_model, load_tokenizer, save_pretrained_atomic
+from dskd.models.loading import load_model, load_tokenizer, save_pretrained_atomic, teacher_dtype
 from dskd.models.teacher import tokenizer_fingerprint
 from dskd.run.components import (
     Student,
@@ -39,10 +41,11 @@ from dskd.run.components import (
     distils,
     policy_name,
 )
-from dskd.run.engine import StageSpec, Trainer
+from dskd.run.engine import StageSpec, Trainer, require_finite
 from dskd.run.launch import make_accelerator
 
 OUTPUTS = ("checkpoints", "final", "teacher", "results.json", "metrics.jsonl")
+FINISHED = "finished.json"
 
 
 class Job:
@@ -66,17 +69,51 @@ class Job:
         return self.accelerator.device
 
     # -- run directory -----------------------------------------------------------------------------------------
-    def prepare_run_dir(self) -> None:
+    def prepare_run_dir(self) -> bool:
+        """Check and create the run directory; False when it holds this very run, finished (nothing to do)."""
         existing = [name for name in OUTPUTS if (self.run_dir / name).exists()]
         if existing and not self.resume:
             raise DskdError(
                 f"run.output_dir {self.run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                 f"or choose another directory (--set run.output_dir=...)"
             )
+        finished = self.finished_config() if self.resume else None
+        if finished is not None:
+            changed = _changed_keys(finished, self.config.to_dict(), self._job_dir())
+            if changed:
+                raise DskdError(
+                    f"run.output_dir {self.run_dir} holds a finished run, which is never changed, and this config differs from "
+                    f"it in {_listed(changed)}; run it in another directory (--set run.output_dir=...)"
+                )
+            self.console.print(f"{self.run_dir} holds this run, finished; nothing to do (its results are in {self.run_dir / 'results.json'})")
+            return False
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(self.run_dir / "config.json", self.config.to_dict())
+        return True
+
+    def _job_dir(self) -> str:
+        # Paths in a config are resolved against its TOML file's folder; recorded so that a moved job still matches.
+        return str(Path(self.config.source).resolve().parent) if self.config.source else ""
+
+    def finished_config(self) -> dict[str, Any] | None:
+        """`{"config": ..., "job_dir": ...}` of the finished run in `run_dir`, or None while it is not finished.
+
+        Finished means `finished.json`, written last and atomically. Runs from before that marker count as
+        finished once they have `results.json` (the evaluation, always the last stage), with their config.json.
+        """
+        marker, results, config = self.run_dir / FINISHED, self.run_dir / "results.json", self.run_dir / "config.json"
+        try:
+            if marker.exists():
+                finished = json.loads(marker.read_text())
+                return {"config": dict(finished["config"]), "job_dir": str(finished.get("job_dir", ""))}
+            if results.exists() and config.exists():
+                return {"config": json.loads(config.read_text()), "job_dir": ""}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise DskdError(f"{marker if marker.exists() else config} cannot be read ({error}); the run directory is damaged, "
+                            f"run in another directory (--set run.output_dir=...)") from None
+        return None
 
     # -- data ------------------------------------------------------------------------------------------------------
     def examples(self, split: str):
@@ -109,7 +146,9 @@ class Job:
             return target
         cfg = self.config
         tokenizer = load_tokenizer(cfg.teacher, "teacher")
-        model = load_model(cfg.teacher, "teacher", seed=cfg.run.seed + 1).to(self.device)
+        # Trained weights stay float32 ("auto" is an inference default; AdamW on bfloat16 weights loses updates).
+        sft_cfg = dataclasses.replace(cfg.teacher, dtype="float32") if cfg.teacher.dtype == "auto" else cfg.teacher
+        model = load_model(sft_cfg, "teacher", seed=cfg.run.seed + 1).to(self.device)
         teacher_as_student = Student(model, tokenizer)
         objective, ce_terms = build_objective(cfg, self.registry, teacher_as_student, None, None,
                                               name=self.registry.default("objectives", "teacher_sft"))
@@ -123,6 +162,7 @@ class Job:
                          train, self.run_dir, cfg.run.log_every, {"tokenizer": tokenizer_fingerprint(tokenizer)},
                          kd_rate=0.0, ce_terms=ce_terms)
         trained = Trainer(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
+        require_finite(trained, None, f"fine-tuned teacher in {target}")
         if self.accelerator.is_main_process:
             save_pretrained_atomic(trained, tokenizer, target)
         self.accelerator.wait_for_everyone()
@@ -144,7 +184,8 @@ class Job:
         dataset = self.tokenized("train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples)
         self.console.print(
             f"distill: objective {cfg.objective.name}, divergence {cfg.divergence.name}, policy {policy_name(cfg, self.registry)}, "
-            f"{'same vocabulary' if same_vocab else f'aligner {type(aligner).__name__}'}, teacher {teacher.fingerprint[:12]}"
+            f"{'same vocabulary' if same_vocab else getattr(aligner, 'label', f'aligner {type(aligner).__name__}')}, teacher {teacher.fingerprint[:12]}, "
+            f"teacher dtype {teacher_dtype(teacher)}"
         )
         spec = StageSpec(
             "distill", student.model, objective, policy, teacher,
@@ -156,6 +197,7 @@ class Job:
         )
         trained = Trainer(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
         final = self.run_dir / "final"
+        require_finite(trained, None, f"distilled student in {final}")  # no final/ (and so no results.json) of NaN weights
         if self.accelerator.is_main_process:
             save_pretrained_atomic(trained, student.tokenizer, final)
         self.accelerator.wait_for_everyone()
@@ -180,7 +222,9 @@ class Job:
             handle.write(json.dumps(record) + "\n")
 
     def run(self) -> dict[str, Any]:
-        self.prepare_run_dir()
+        if not self.prepare_run_dir():
+            results = self.run_dir / "results.json"
+            return json.loads(results.read_text()) if results.exists() else {}
         stages = self.config.run.stages
         teacher_path = self.teacher_sft() if "teacher_sft" in stages else None
         if teacher_path is None and (self.run_dir / "teacher" / "config.json").exists():
@@ -189,6 +233,9 @@ class Job:
         if final is None and (self.run_dir / "final" / "config.json").exists():
             final = self.run_dir / "final"
         results = self.evaluate(teacher_path, final) if "eval" in stages else {}
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:  # last, so that its presence means every output above is complete
+            _write_json(self.run_dir / FINISHED, {"config": self.config.to_dict(), "job_dir": self._job_dir()})
         self.console.print(f"run directory: {self.run_dir}")
         return results
 
@@ -212,6 +259,33 @@ def evaluate_model(config: Config, model_dir: str, *, teacher_dir: str | None = 
         job = Job(config, registry)
         metrics.update(student_agreement(job, model.to(job.device), tokenizer))
     return metrics
+
+
+def _changed_keys(finished: dict[str, Any], new: dict[str, Any], job_dir: str) -> list[str]:
+    """Dotted keys whose values differ between a finished run's config and `new` (as written to JSON). The run
+    directory itself is not compared, and paths inside each job's folder are compared relative to it, so a job
+    folder moved or copied elsewhere with its run is still the same run."""
+
+    def flat(table: dict[str, Any], base: str) -> dict[str, Any]:
+        table = json.loads(json.dumps(table))
+        out = {}
+        for name, values in table.items():
+            for key, value in (values.items() if isinstance(values, dict) else ()):
+                if base and isinstance(value, str) and value.startswith(base + os.sep):
+                    value = "<job folder>" + value[len(base):]
+                out[f"{name}.{key}"] = value
+        return out
+
+    before, after = flat(finished["config"], finished["job_dir"]), flat(new, job_dir)
+    # Values changed first, then keys only one side has (a config written by another dskd version).
+    keys = sorted((k for k in before.keys() | after.keys() if k != "run.output_dir" and before.get(k) != after.get(k)),
+                  key=lambda k: (not (k in before and k in after), k))
+    return [f"{k} ({before[k]!r} -> {after[k]!r})" if k in before and k in after else k for k in keys]
+
+
+def _listed(keys: list[str], most: int = 6) -> str:
+    # One readable line even when a config from another dskd version differs in dozens of keys.
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def _write_json(path: Path, data: Any) -> None:

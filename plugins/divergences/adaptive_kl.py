@@ -52,6 +52,9 @@ def adaptive_kl(
     return g_head / gaps * fkl + g_tail / gaps * rkl
 
 
+adaptive_kl.option_ranges = {"mu": (0.0, 1.0)}  # checked by `dskd validate`, before any model loads
+
+
 @dskd.hookimpl
 def dskd_register_divergences(register):
     register("adaptive_kl", adaptive_kl)

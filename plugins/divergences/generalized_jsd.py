@@ -42,6 +42,9 @@ def generalized_jsd(
     return pair.masked_sum(beta * kl_terms(teacher, mixture) + (1 - beta) * kl_terms(student, mixture))
 
 
+generalized_jsd.option_ranges = {"beta": (0.0, 1.0)}  # checked by `dskd validate`, before any model loads
+
+
 @dskd.hookimpl
 def dskd_register_divergences(register):
     register("generalized_jsd", generalized_jsd)

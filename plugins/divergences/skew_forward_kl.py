@@ -36,6 +36,9 @@ def skew_forward_kl(
     return pair.masked_sum(kl_terms(teacher, log_mixture(teacher, student, lam)))
 
 
+skew_forward_kl.option_ranges = {"lam": (0.0, 1.0)}  # checked by `dskd validate`, before any model loads
+
+
 @dskd.hookimpl
 def dskd_register_divergences(register):
     register("skew_forward_kl", skew_forward_kl)

@@ -35,6 +35,9 @@ def skew_reverse_kl(
     return pair.masked_sum(kl_terms(student, log_mixture(student, teacher, lam)))
 
 
+skew_reverse_kl.option_ranges = {"lam": (0.0, 1.0)}  # checked by `dskd validate`, before any model loads
+
+
 @dskd.hookimpl
 def dskd_register_divergences(register):
     register("skew_reverse_kl", skew_reverse_kl)
