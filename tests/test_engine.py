@@ -167,3 +167,38 @@ def test_bf16_training_runs_and_stays_close_to_fp32(tmp_path):
     # Losses are always reduced in float32; bf16 weights and activations move them by well under a percent.
     for a, b in zip(fp32, bf16):
         assert abs(a - b) <= 2e-2 * abs(a)
+
+
+def test_train_step_runs_on_a_trainer_given_its_optimizer_and_takes_the_kit_loss_gradient(tmp_path, monkeypatch):
+    """`Trainer` takes its optimizer from outside, so a test drives `train_step` directly: one SGD step moves every
+    weight by -lr times the gradient of the loss `dskd.kit.loss_terms_on_batch` computes for the same batch."""
+    import copy
+
+    from dskd.console import Console
+    from dskd.kit import loss_terms_on_batch
+    from dskd.run.components import Student, build_objective, build_student, build_teacher
+    from dskd.run.engine import StageSpec
+    from dskd.run.launch import make_accelerator
+    from dskd.run.meter import Meter
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(write_job(tmp_path, objective="kd"), ["train.clip_grad=0"], registry=REGISTRY)
+    student = build_student(config, torch.device("cpu"))
+    twin = Student(copy.deepcopy(student.model), student.tokenizer)
+    samples = [("### Instruction:\nName a colour.\n### Response:\n", "Blue."), ("Say hi.\n", "Hi there, friend.")]
+    reference = loss_terms_on_batch(config, samples, student=twin, registry=REGISTRY)
+    reference.loss.backward()
+    lr = 0.1
+    expected = {name: (p - lr * p.grad).detach() for name, p in twin.model.named_parameters() if p.grad is not None}
+
+    teacher = build_teacher(config, torch.device("cpu"))
+    objective, ce_terms = build_objective(config, REGISTRY, student, teacher, None)
+    policy = REGISTRY.get("policies", REGISTRY.default("policies"))(None)
+    spec = StageSpec("distill", student.model, objective, policy, teacher, lambda consumed: iter(()), config.train,
+                     tmp_path / "run", 1, kd_rate=config.objective.kd_rate, ce_terms=ce_terms)
+    trainer = Trainer(spec, make_accelerator("no"), Console(enabled=False), torch.optim.SGD(student.model.parameters(), lr=lr))
+    trainer.train_step([reference.batch], Meter())
+    assert trainer.state.step == 1 and expected
+    for name, p in student.model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-7)

@@ -75,7 +75,7 @@ def test_a_model_whose_weights_accelerate_moved_or_sharded_is_refused(tmp_path):
     objective = SimpleNamespace(trainable_modules=lambda: None, request=SignalRequest())
     spec = StageSpec("distill", torch.nn.Linear(4, 3), objective, None, None, lambda consumed: iter(()), TrainConfig(), tmp_path, 1)
     with pytest.raises(LaunchError, match="FSDP") as info:
-        Trainer(spec, ShardingAccelerator(), Console(enabled=False))
+        Trainer.for_stage(spec, ShardingAccelerator(), Console(enabled=False))
     assert "\n" not in str(info.value) and "DDP" in str(info.value)
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dskd.errors import CheckpointError
+from dskd.errors import CheckpointError, DskdError, TeacherError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -162,3 +163,142 @@ def require_latest(root: Path, warn=print) -> Loaded:
     if found is None:
         raise CheckpointError(f"no intact checkpoint under {root} to resume from; run without --resume to start afresh")
     return found
+
+
+def require_finite(model: torch.nn.Module, extra: torch.nn.Module | None, what: str) -> None:
+    """Raise a `DskdError` instead of saving `what` when a parameter of `model` (or `extra`) is NaN or infinite.
+    One device->host copy for all parameters."""
+    named = list(model.named_parameters()) + ([] if extra is None else [(f"projectors.{n}", p) for n, p in extra.named_parameters()])
+    if not named:
+        return
+    finite = torch.stack([p.detach().isfinite().all().to(named[0][1].device) for _, p in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DskdError(f"not saving the {what}: its weights are not finite ({listed}); lower train.lr, or resume from an earlier checkpoint")
+
+
+class StageCheckpoints:
+    """The checkpoints of one training stage (`<run>/checkpoints/<stage>/`): what a `Trainer` saves and resumes.
+
+    Every process keeps its own RNG and data position (`rank-N/`); the main process also writes the model,
+    optimizer, schedule, projectors and policy. A step is resumed only when every process's part of it is intact.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.root = trainer.spec.run_dir / "checkpoints" / trainer.spec.name
+        self.saved_step = -1  # the step of the newest checkpoint on disk (written or resumed from)
+        self.last_save = time.monotonic()
+
+    def _objects(self) -> dict[str, Any]:
+        t = self.trainer
+        objects = {
+            "model": t.accelerator.unwrap_model(t.model).state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "policy": t.spec.policy.state_dict(),
+            "rng": rng_state(),
+        }
+        if t.projectors is not None:
+            objects["objective"] = t.projectors.state_dict()
+        return objects
+
+    def save(self) -> None:
+        t = self.trainer
+        acc = t.accelerator
+        acc.wait_for_everyone()
+        # Never a checkpoint of non-finite weights: it would replace (prune) the last good one. The weights are the
+        # same on every process, so every process raises here or none does.
+        require_finite(acc.unwrap_model(t.model), t.projectors, f"{t.spec.name} checkpoint in {self.root}")
+        rank = acc.process_index
+        manifest = {"stage": t.spec.name, "state": vars(t.state).copy(), "fingerprints": t.spec.fingerprints,
+                    "world_size": acc.num_processes}
+        root = self.root if rank == 0 else self.root / f"rank-{rank}"
+        objects = self._objects() if rank == 0 else {"rng": rng_state(), "policy": t.spec.policy.state_dict()}
+        save(root, t.state.step, objects, manifest, keep=t.train_cfg.keep_checkpoints)
+        self.saved_step = t.state.step
+        self.last_save = time.monotonic()
+        acc.wait_for_everyone()
+
+    def due(self) -> bool:
+        """`train.save_every_minutes` passed since the last checkpoint. Asked only at log steps: with several
+        processes every one must save at the same step, so rank 0's clock decides, in one small collective."""
+        acc, minutes = self.trainer.accelerator, self.trainer.train_cfg.save_every_minutes
+        if not minutes:
+            return False
+        due = time.monotonic() - self.last_save >= 60.0 * minutes
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            due = bool(broadcast(torch.tensor([float(due)], device=acc.device), from_process=0).item())
+        return due
+
+    def before_stopping(self, error: TeacherError, state: Any, rng: dict[str, Any]) -> TeacherError:
+        """The teacher stayed away past `teacher.retry_timeout_s`: checkpoint the last completed step and say how to go on.
+
+        The failed step changed neither weights, optimizer nor schedule (the teacher answers before the update), so
+        the checkpoint is that step's start: the data position and RNG taken before it. A policy's own state is the
+        current one (at most one step of its sampling ahead)."""
+        t = self.trainer
+        if t.accelerator.num_processes > 1:  # the other processes wait in this step's collectives: no checkpoint now
+            return TeacherError(f"{error}; continue from the last periodic checkpoint with --resume once the teacher answers again")
+        t.state = state
+        set_rng_state(rng)
+        if self.saved_step != state.step:
+            self.save()
+        return TeacherError(f"{error}; step {state.step} is checkpointed in {self.root}: once the teacher answers again, continue with --resume")
+
+    def resume(self, force: bool) -> dict[str, Any] | None:
+        """Restore the newest intact step into the trainer; its manifest's training state, or None for step 0."""
+        t = self.trainer
+        acc, name = t.accelerator, t.spec.name
+        # Every process picks the same step: the newest whose parts (rank 0's and each other rank's) are all intact.
+        parts = [self.root / f"rank-{r}" for r in range(1, acc.num_processes)]
+        found = latest(self.root, warn=t.console.warn, companions=[p for p in parts if p.is_dir()])
+        if found is None:
+            if checkpoints(self.root):  # the run got somewhere: step 0 would train over its metrics
+                raise CheckpointError(
+                    f"every checkpoint under {self.root} is unusable (each named above); restore an intact one, "
+                    f"or start afresh in another directory (--set run.output_dir=...)"
+                )
+            t.console.print(f"{name}: no checkpoint to resume from; starting at step 0")
+            t.metrics.truncate(name, 0)  # lines of an attempt that died before its first checkpoint
+            return None
+        manifest = found.manifest
+        if manifest.get("world_size", 1) != acc.num_processes:
+            raise CheckpointError(
+                f"{found.path} was written by {manifest.get('world_size')} processes but this run has "
+                f"{acc.num_processes}; resume with the same number of processes"
+            )
+        for key, value in t.spec.fingerprints.items():
+            saved = manifest.get("fingerprints", {}).get(key)
+            if saved is not None and saved != value and not force:
+                raise CheckpointError(
+                    f"{found.path} was trained with a different {key} ({saved[:12]} vs now {value[:12]}); "
+                    f"resuming would mix two setups; pass --force-resume to resume anyway"
+                )
+        acc.unwrap_model(t.model).load_state_dict(found.load("model"))
+        t.optimizer.load_state_dict(found.load("optimizer"))
+        t.scheduler.load_state_dict(found.load("scheduler"))
+        if t.projectors is not None:
+            t.projectors.load_state_dict(found.load("objective"))
+            t.spec.objective.on_optimizer_step()  # closed-form maps follow the restored student head
+        rank = acc.process_index
+        if rank == 0:
+            rng, policy = found.load("rng"), found.load("policy")
+        else:
+            own = Loaded(self.root / f"rank-{rank}" / found.path.name, {})
+            if (reason := verify(own.path)) is not None:
+                raise CheckpointError(
+                    f"{own.path}, process {rank}'s part of {found.path.name}, is unusable: {reason}; "
+                    f"restore the run's rank-{rank} folder, or run without --resume to start afresh"
+                )
+            rng, policy = own.load("rng"), own.load("policy")
+        t.spec.policy.load_state_dict(policy)
+        set_rng_state(rng)
+        state = manifest["state"]
+        self.saved_step = state["step"]
+        t.metrics.truncate(name, state["step"])
+        t.console.print(f"{name}: resumed from {found.path.name} (step {state['step']})")
+        return state

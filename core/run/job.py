@@ -41,7 +41,8 @@ from dskd.run.components import (
     distils,
     policy_name,
 )
-from dskd.run.engine import StageSpec, Trainer, require_finite
+from dskd.run.checkpoint import require_finite
+from dskd.run.engine import StageSpec, Trainer
 from dskd.run.launch import make_accelerator
 
 OUTPUTS = ("checkpoints", "final", "teacher", "results.json", "metrics.jsonl")
@@ -161,7 +162,7 @@ class Job:
                          self.batches(dataset, sft.batch_size, tokenizer.pad_token_id, tokenizer.pad_token_id),
                          train, self.run_dir, cfg.run.log_every, {"tokenizer": tokenizer_fingerprint(tokenizer)},
                          kd_rate=0.0, ce_terms=ce_terms)
-        trained = Trainer(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
+        trained = Trainer.for_stage(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
         require_finite(trained, None, f"fine-tuned teacher in {target}")
         if self.accelerator.is_main_process:
             save_pretrained_atomic(trained, tokenizer, target)
@@ -195,7 +196,7 @@ class Job:
              "teacher_tokenizer": tokenizer_fingerprint(teacher.tokenizer)},
             kd_rate=cfg.objective.kd_rate if distils(self.registry, cfg.objective.name) else 0.0, ce_terms=ce_terms,
         )
-        trained = Trainer(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
+        trained = Trainer.for_stage(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
         final = self.run_dir / "final"
         require_finite(trained, None, f"distilled student in {final}")  # no final/ (and so no results.json) of NaN weights
         if self.accelerator.is_main_process:

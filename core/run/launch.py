@@ -158,3 +158,26 @@ def make_accelerator(mixed_precision: str = "no"):
             f"check the launcher's settings (accelerate config) or run one process with `dskd run FILE`"
         )
     return accelerator
+
+
+def average_gradients(accelerator, params: list) -> None:
+    """Average the gradients of parameters that live outside the prepared (DDP-wrapped) model over processes,
+    as DDP does for the student's (the objective's projectors): nothing else would synchronise them, and each
+    process would train its own copy.
+
+    One collective for all of them: the gradients flattened, plus one presence flag per parameter, so a parameter
+    no process gave a gradient keeps `None` (skipped by the optimizer, as in one process) while one that only
+    some processes reached gets their mean.
+    """
+    if accelerator.num_processes == 1 or not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                     + [torch.tensor([float(p.grad is not None) for p in params], device=accelerator.device)])
+    flat = accelerator.reduce(flat, reduction="sum")
+    present = flat[-len(params):].tolist()
+    offset = 0
+    for param, seen in zip(params, present):
+        n = param.numel()
+        if seen:
+            param.grad = (flat[offset : offset + n] / accelerator.num_processes).view_as(param).to(param.dtype)
+        offset += n
