@@ -31,6 +31,7 @@ from dskd.kit import Objective, member
 from dskd.kit.objective import same_vocabulary
 from dskd.models.loading import load_model, load_tokenizer, save_pretrained_atomic, teacher_dtype
 from dskd.models.teacher import tokenizer_fingerprint
+from dskd.run.checkpoint import require_finite
 from dskd.run.components import (
     Student,
     build_aligner,
@@ -41,7 +42,6 @@ from dskd.run.components import (
     distils,
     policy_name,
 )
-from dskd.run.checkpoint import require_finite
 from dskd.run.engine import StageSpec, Trainer
 from dskd.run.launch import make_accelerator
 
