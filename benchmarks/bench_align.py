@@ -1,21 +1,27 @@
 """Alignment benchmark: ETA recall against the exact-span upper bound, ETA throughput, MinED cost.
 
 Corpus: the paragraphs of `pydoc_data.topics.topics` (the Python reference manual's help topics,
-shipped with every Python), each a label sequence (its tokens followed by EOS) for both tokenizers
-of every ordered pair of the GPT-2, TinyLlama and Mistral tokenizers under `examples/tokenizers/`.
+shipped with every Python) plus `HARD_TEXT` (decomposed accents, NFKC compatibility characters,
+literal special-token strings, CJK, emoji, tabs, CRLF, runs of spaces), each a label sequence (its
+tokens, with `split_special_tokens` as training does, followed by EOS) for both tokenizers of every
+ordered pair of the GPT-2, TinyLlama and Mistral tokenizers under `examples/tokenizers/` and a
+Qwen2-style tokenizer built offline (`nfc_byte_level_tokenizer`: NFC normaliser, `Sequence`
+pre-tokenizer).
 
-Per pair: - `exact_span_pairs`: token pairs whose space-stripped byte spans coincide, counted
-independently of dskd from the fast tokenizers' character `offset_mapping` (plus the EOS pair of
-every sample): the upper bound;
-- `eta_pairs`, `eta_recall = eta_pairs / exact_span_pairs` (target 1.0); - `greedy_recall`: the same
-  for the reference's greedy string matching (spec §6.2), re-implemented below, the baseline ETA is
-  compared against in this run;
+Per pair: - `exact_span_pairs`: token pairs whose spans on the *original* text coincide, counted
+independently of ETA from the fast tokenizers' character `offset_mapping`
+(`dskd.evaluation.alignment_bounds`), plus the EOS pair of every sample: the upper bound;
+- `eta_pairs`, `eta_recall` = the bound's pairs ETA makes / `exact_span_pairs` (target 1.0),
+  `eta_pairs_outside_bound`; - `greedy_recall`: the reference's greedy string matching (spec §6.2),
+  counting only its pairs ETA also makes;
+- `normalisation_mismatches`: samples whose two tokenizations decode to different text;
 - `eta_samples_per_s`: `align()` calls per second over the corpus, one process; -
   `mined_ms_per_sample`: MinED `align()` on 256 x 256-token samples (target <= 5 ms); the top-level
   `baseline` times the reference's cell-by-cell DTW on the same samples.
 
-Run: `python benchmarks/bench_align.py` (prints one JSON object). The MinED vocabulary maps are
-built once per pair and cached in `--cache-dir`; building them is not timed.
+Run: `python benchmarks/bench_align.py` (prints one JSON object; `--mined-samples 0 --steps 0` keeps
+the alignment figures only). The MinED vocabulary maps are built once per pair and cached in
+`--cache-dir`; building them is not timed.
 """
 
 from __future__ import annotations
@@ -26,14 +32,16 @@ import math
 import os
 import platform
 import re
+import tempfile
 import time
+import unicodedata
 from pathlib import Path
 from pydoc_data.topics import topics
 
 from rapidfuzz.distance import Levenshtein
 from transformers import AutoTokenizer
 
-from dskd.evaluation.alignment_bounds import exact_span_count, greedy_pairs
+from dskd.evaluation.alignment_bounds import exact_span_pairs, greedy_pairs
 from dskd.plugins.aligners.eta import eta
 from dskd.plugins.aligners.mined import mined
 
@@ -65,12 +73,29 @@ def nfc_byte_level_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
+# Text on which tokenizers disagree about the text: decomposed accents (an NFC tokenizer composes them),
+# NFKC compatibility characters, literal special-token strings, CJK, emoji, tabs and CRLF.
+HARD_TEXT = [
+    unicodedata.normalize("NFD", "Le café était fermé ; l'élève a trouvé une crème brûlée à côté."),
+    unicodedata.normalize("NFD", "Ångström, naïve façade, São Paulo, Dvořák, Øresund, Mañana."),
+    "The \ufb01rst o\ufb03ce: \u2460 step, \u2461 steps, \u00bd cup, x\u00b2, \u2122, \u2026 done.",
+    "Full-width: \uff21\uff22\uff23 \uff11\uff12\uff13\uff01 and half-width \uff76\uff80\uff76\uff85.",
+    "Replace <unk> with a word; <s> starts and </s> ends a sequence; <|endoftext|> ends GPT-2's.",
+    "<unk><s></s><|endoftext|> glued, then spaced: < unk > and <<s>>.",
+    "東京は日本の首都です。北京和上海是中国的城市。서울은 한국의 수도입니다.",
+    "Emoji 😀👍🏽 👩\u200d👩\u200d👧 🇫🇷🇯🇵 and ✔\ufe0f done.",
+    "col1\tcol2\t\tcol3\n\tindented\r\nwindows line\r\n\r\nlast",
+    "   leading spaces, then  two,   three and a trailing one ",
+    "The total is 12 plus 7, which makes 19.",
+]
+
+
 def corpus() -> list[str]:
-    """Every non-blank paragraph of the help topics, in a fixed order."""
+    """Every non-blank paragraph of the help topics, in a fixed order, then `HARD_TEXT`."""
     paragraphs = []
     for key in sorted(topics):
         paragraphs += [p.strip("\n") for p in re.split(r"\n\s*\n", topics[key]) if p.strip()]
-    return paragraphs
+    return paragraphs + HARD_TEXT
 
 
 def reference_dtw_ms(aligner, t_ids: list[int], s_ids: list[int]) -> float:
@@ -104,25 +129,46 @@ def long_samples(tok, texts: list[str], count: int) -> list[list[int]]:
     return [ids[k * MINED_LENGTH : (k + 1) * MINED_LENGTH] for k in range(count)]
 
 
-def bench_pair(t_tok, s_tok, texts, args) -> tuple[dict, float]:
-    t_ids = [t_tok(x, add_special_tokens=False).input_ids + [t_tok.eos_token_id] for x in texts]
-    s_ids = [s_tok(x, add_special_tokens=False).input_ids + [s_tok.eos_token_id] for x in texts]
-    exact = sum(exact_span_count(t_tok, s_tok, x) for x in texts)
+def label_ids(tok, text: str) -> list[int]:
+    """Label ids as training makes them (`dskd.data.examples`: literal special-token strings are text), then EOS."""
+    return tok(text, add_special_tokens=False, split_special_tokens=True).input_ids + [tok.eos_token_id]
+
+
+def bench_pair(t_tok, s_tok, texts, args) -> tuple[dict, float | None]:
+    t_ids = [label_ids(t_tok, x) for x in texts]
+    s_ids = [label_ids(s_tok, x) for x in texts]
+    # The bound on the original text, with the EOS pair of every sample.
+    bound = [{*exact_span_pairs(t_tok, s_tok, x), (len(a) - 1, len(b) - 1)} for x, a, b in zip(texts, t_ids, s_ids)]
+    exact = sum(len(b) for b in bound)
     aligner = eta(t_tok, s_tok)
-    eta_count = sum(len(aligner.align(a, b)) for a, b in zip(t_ids, s_ids))
+    found = [{tuple(p) for p in aligner.align(a, b).pairs.tolist()} for a, b in zip(t_ids, s_ids)]
+    eta_count = sum(len(f) for f in found)
+    missed = sum(len(b - f) for b, f in zip(bound, found))  # pairs of the bound ETA does not make
+    differ = sum(aligner.text_differs(a, b) for a, b in zip(t_ids, s_ids))
     greedy = 0
     for a, b in zip(t_ids, s_ids):
-        found = greedy_pairs(
+        found_greedy = greedy_pairs(
             t_tok.convert_ids_to_tokens(a),
             s_tok.convert_ids_to_tokens(b),
             t_tok.eos_token,
             s_tok.eos_token,
         )
-        # Count only pairs with a real span match: the reference also pairs pure-space tokens ("" ==
-        # "").
+        # Count only pairs with a real span match: the reference also pairs space-only tokens at
+        # different places and runs of spaces of different lengths ("" == "").
         exact_set = {tuple(p) for p in aligner.align(a, b).pairs.tolist()}
-        greedy += sum(p in exact_set for p in found)
+        greedy += sum(p in exact_set for p in found_greedy)
     eta_seconds = timed(lambda: [aligner.align(a, b) for a, b in zip(t_ids, s_ids)], args.repeats)
+    row = {
+        "exact_span_pairs": exact,
+        "eta_pairs": eta_count,
+        "eta_recall": round((exact - missed) / exact, 6),
+        "eta_pairs_outside_bound": eta_count - (exact - missed),
+        "greedy_recall": round(greedy / exact, 6),
+        "normalisation_mismatches": differ,
+        "eta_samples_per_s": round(len(texts) / eta_seconds, 1),
+    }
+    if not args.mined_samples:
+        return row, None
     minimum = mined(t_tok, s_tok, cache_dir=args.cache_dir)
     t_long, s_long = (
         long_samples(t_tok, texts, args.mined_samples),
@@ -132,14 +178,7 @@ def bench_pair(t_tok, s_tok, texts, args) -> tuple[dict, float]:
         lambda: [minimum.align(a, b) for a, b in zip(t_long, s_long)], args.repeats
     )
     reference_ms = min(reference_dtw_ms(minimum, t_long[k], s_long[k]) for k in range(2))
-    return {
-        "exact_span_pairs": exact,
-        "eta_pairs": eta_count,
-        "eta_recall": round(eta_count / exact, 6),
-        "greedy_recall": round(greedy / exact, 6),
-        "eta_samples_per_s": round(len(texts) / eta_seconds, 1),
-        "mined_ms_per_sample": round(mined_seconds * 1000 / len(t_long), 3),
-    }, reference_ms
+    return {**row, "mined_ms_per_sample": round(mined_seconds * 1000 / len(t_long), 3)}, reference_ms
 
 
 def step_overhead_ratio(steps: int) -> dict:
@@ -188,29 +227,31 @@ def main() -> None:
         "--repeats", type=int, default=3, help="timing repeats (the best is reported)"
     )
     parser.add_argument(
-        "--mined-samples", type=int, default=20, help="256 x 256-token samples timed for MinED"
+        "--mined-samples", type=int, default=20, help="256 x 256-token samples timed for MinED (0 skips MinED)"
     )
     parser.add_argument("--steps", type=int, default=60, help="training steps per run for step_overhead_ratio (0 skips it)")
     args = parser.parse_args()
     texts = corpus()
     toks = {name: AutoTokenizer.from_pretrained(TOKENIZERS / name) for name in NAMES}
+    toks["qwen2_style_nfc"] = nfc_byte_level_tokenizer(Path(tempfile.mkdtemp(prefix="dskd-bench-nfc-")))
     rows, reference = [], []
-    for teacher in NAMES:
-        for student in NAMES:
+    for teacher in toks:
+        for student in toks:
             if teacher != student:
                 row, reference_ms = bench_pair(toks[teacher], toks[student], texts, args)
                 rows.append({"teacher": teacher, "student": student, **row})
-                reference.append(reference_ms)
+                if reference_ms is not None:
+                    reference.append(reference_ms)
     print(
         json.dumps(
             {
                 "benchmark": "align",
-                "corpus": f"pydoc_data.topics paragraphs (Python {platform.python_version()})",
+                "corpus": f"pydoc_data.topics paragraphs (Python {platform.python_version()}) + {len(HARD_TEXT)} HARD_TEXT samples",
                 "samples": len(texts),
                 "pairs": rows,
                 "baseline": {
                     "greedy_recall": "reference greedy string matching (spec §6.2), same corpus",
-                    "mined_reference_ms_per_sample": round(sum(reference) / len(reference), 1),
+                    **({"mined_reference_ms_per_sample": round(sum(reference) / len(reference), 1)} if reference else {}),
                 },
                 **(step_overhead_ratio(args.steps) if args.steps else {}),
                 "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",

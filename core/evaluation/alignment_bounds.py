@@ -73,6 +73,9 @@ def offset_spans(tok, text: str) -> list[tuple | None]:
         stop, end = k + 1, offsets[k][1]
         while stop < len(pieces) and offsets[stop][0] < end:
             end, stop = max(end, offsets[stop][1]), stop + 1
+        # A normaliser that merges characters ("e" + U+0301 -> "é") maps the token to the first one
+        # only: the characters no token covers belong to the token before them.
+        end = max(end, offsets[stop][0] if stop < len(pieces) else len(text))
         start, total = before[offsets[k][0]], before[end] - before[offsets[k][0]]
         counts = [n - spaces for n, spaces in sizes[k:stop]]
         if stop - k == 1:
