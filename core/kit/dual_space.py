@@ -80,14 +80,17 @@ class SharedVocabulary:
         return int(self.student_ids.shape[0])
 
 
-def shared_vocabulary(teacher_size: int, student_size: int, vocab_map: torch.Tensor | None, *, limit: int = 0) -> SharedVocabulary:
+def shared_vocabulary(
+    teacher_size: int, student_size: int, vocab_map: torch.Tensor | None, *, limit: int = 0, own: torch.Tensor | None = None
+) -> SharedVocabulary:
     """The shared vocabulary: every id of identical vocabularies (`vocab_map is None`), otherwise the pairs
     (t, map[t]) with map[t] >= 0, one teacher id per student id, sorted by student id. Only ids below both
     tokenizers' sizes are used, so padded head rows never enter.
 
-    Where several teacher ids have the student token's bytes, the highest id is kept: SentencePiece puts its
-    byte-fallback pieces `<0xNN>` first (ids 3-258), so "A" is fitted against the teacher's own "A", which it
-    emits, not against `<0x41>`, which it emits only for bytes it has no piece for (docs/differences.md)."""
+    Where several teacher ids have the student token's bytes, one marked in `own` (a `(V_t,)` bool: the
+    teacher's own tokens, i.e. not SentencePiece byte-fallback pieces `<0xNN>`) is kept, then the lowest id:
+    so "A" is fitted against the teacher's own "A", which it emits, not against `<0x41>`, which it emits only
+    for bytes it has no piece for (docs/differences.md). Without `own`, the lowest id."""
     if vocab_map is None:
         n = min(teacher_size, student_size)
         ids = torch.arange(n)
@@ -96,7 +99,9 @@ def shared_vocabulary(teacher_size: int, student_size: int, vocab_map: torch.Ten
         vocab_map = vocab_map[:teacher_size].to(torch.int64).cpu()
         teacher = torch.nonzero((vocab_map >= 0) & (vocab_map < student_size)).reshape(-1)
         student = vocab_map[teacher]
-        order = torch.argsort(student * (teacher_size + 1) + (teacher_size - teacher))  # by student id, then highest teacher id
+        foreign = torch.zeros_like(teacher) if own is None else (~own.to(torch.bool).cpu()[teacher]).to(torch.int64)
+        # By student id, then the teacher's own tokens first, then teacher id.
+        order = torch.argsort((student * 2 + foreign) * (teacher_size + 1) + teacher)
         teacher, student = teacher[order], student[order]
         first = torch.ones_like(student, dtype=torch.bool)
         first[1:] = student[1:] != student[:-1]

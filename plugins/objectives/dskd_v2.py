@@ -39,6 +39,7 @@ from dskd.kit import (
     paired_rows,
     right_inverse_factor,
     shared_vocabulary,
+    vocab_bytes,
 )
 
 TERMS = {"both": (True, True), "student": (True, False), "teacher": (False, True)}
@@ -65,7 +66,10 @@ class DSKDv2(Objective):
         self.vocab_map = None if context.same_vocab else member(context.aligner, Aligner, "vocab_map")().to(device)
         student_space, teacher_space = TERMS[terms]
         self.spec = DualSpaceSpec("teacher_top1", gate_student_kd, student_space, teacher_space)
-        self.shared = shared_vocabulary(self.teacher_head.vocab_size, self.student_head.vocab_size, self.vocab_map, limit=shared_vocab_limit)
+        # The teacher's own tokens (not byte-fallback pieces) are preferred where several have a student token's bytes.
+        own = None if context.same_vocab else torch.from_numpy(~vocab_bytes(context.teacher_tokenizer).byte_piece)
+        self.shared = shared_vocabulary(self.teacher_head.vocab_size, self.student_head.vocab_size, self.vocab_map,
+                                        limit=shared_vocab_limit, own=own)
         self.student_ids = self.shared.student_ids.to(device)
         teacher_rows = self.teacher_head.weight.detach().index_select(0, self.shared.teacher_ids.to(self.teacher_head.weight.device))
         self.projectors = Projectors(self.teacher_head.hidden_size, self.student_head.hidden_size).to(device)
