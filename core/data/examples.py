@@ -48,7 +48,7 @@ ALPACA_WITH_CONTEXT = (
     "### Input:\n{context}\n\n### Response:\n"
 )
 _PLACEHOLDER = re.compile(r"\{(instruction|context)\}")
-CACHE_VERSION = 1  # bump when the cached columns or their meaning change
+CACHE_VERSION = 2  # bump when the cached columns or their meaning change
 
 
 @dataclass(frozen=True)
@@ -354,6 +354,10 @@ class _PairEncoder:
         }
         if self.aligner is not None:
             out["alignment"] = [self._align(t, s, i) for t, s, i in zip(teacher, student, indices)]
+            from dskd.kit import Aligner, member  # local: the kit's sampling helpers import this module
+
+            differs = member(self.aligner, Aligner, "text_differs")
+            out["text_differs"] = [bool(differs(t[0][t[1] :], s[0][s[1] :])) for t, s in zip(teacher, student)]
         return out
 
     def _align(self, teacher: tuple[list[int], int], student: tuple[list[int], int], index: int) -> list[int]:
@@ -443,7 +447,8 @@ def tokenize_split(
 ) -> Dataset:
     """Student and teacher ids of every example, and the alignment of their label sequences when `aligner`
     is given, as a `datasets.Dataset` (columns `sample_id`, `student_ids`, `student_prompt_len`, `teacher_ids`,
-    `teacher_prompt_len`, `alignment`).
+    `teacher_prompt_len`, and with an aligner `alignment` and `text_differs`: whether the two tokenizations
+    disagree about the sample's text, `Aligner.text_differs`).
 
     Tokenisation and alignment run in `num_workers` processes (0: this one). With `cache_dir`, the result is
     stored there under a key of the data's content, both tokenizers, the aligner and the length limits, and
@@ -475,7 +480,7 @@ def tokenize_split(
             return load_from_disk(str(target))
         except Exception:  # a partial or foreign folder: rebuild it below
             shutil.rmtree(target, ignore_errors=True)
-    features = dict(FEATURES, **({"alignment": List(Value("int32"))} if aligner is not None else {}))
+    features = dict(FEATURES, **({"alignment": List(Value("int32")), "text_differs": Value("bool")} if aligner is not None else {}))
     raw = Dataset.from_dict(
         {
             "sample_id": list(range(len(examples))),

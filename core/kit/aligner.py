@@ -29,6 +29,12 @@ class Aligner:
         evaluation's teacher agreement need it, and refuse at setup with a sentence when it is None."""
         return None
 
+    def text_differs(self, teacher_ids, student_ids) -> bool:
+        """Whether the two tokenizations decode to different text (a tokenizer's normaliser rewrote it, or one
+        read a literal special-token string the other split). Counted per split as
+        `data/normalisation_mismatches`; False (the default) when the aligner cannot tell."""
+        return False
+
     @property
     def fingerprint(self) -> str:
         """What the cached alignments of a dataset depend on; empty: a hash of the aligner's class and fields."""

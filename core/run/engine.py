@@ -55,6 +55,7 @@ class StageSpec:
     fingerprints: dict[str, str] = field(default_factory=dict)  # teacher/tokenizers, checked on resume
     kd_rate: float = 0.0  # weight of the objective's distillation parts (0: it has none, e.g. sft)
     ce_terms: Callable[[Batch, torch.Tensor], LossTerms] | None = None  # the student's gold CE alone (split steps)
+    data_metrics: dict[str, float] = field(default_factory=dict)  # facts of the training split, on every log line
 
 
 @dataclass
@@ -264,7 +265,7 @@ class Trainer:
                         seconds=now - last_log_time, teacher=self.spec.teacher,
                     )
                     last_log_time, last_log_tokens = now, self.state.tokens
-                    self.metrics.append({"stage": self.spec.name, "step": step, **metrics})
+                    self.metrics.append({"stage": self.spec.name, "step": step, **metrics, **self.spec.data_metrics})
                     member(self.spec.policy, Policy, "observe")(step, metrics)  # adaptive policies react to the curve
                     progress.update(step, metrics)
                 by_steps = bool(self.train_cfg.save_every) and step % self.train_cfg.save_every == 0

@@ -183,6 +183,13 @@ class Job:
         policy = build_policy(cfg, self.registry, student, teacher, aligner, cache_dir=self.cache_dir,
                               prompts=tuple(e.prompt for e in examples), objective=objective)
         dataset = self.tokenized("train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples)
+        mismatches = sum(dataset["text_differs"]) if "text_differs" in dataset.column_names else 0
+        if mismatches:
+            self.console.warn(
+                f"data.train: in {mismatches} of {len(dataset)} samples the two tokenizers disagree about the text "
+                f"(a normaliser rewrote it, or a literal special-token string); the aligner pairs around each difference "
+                f"(logged as data/normalisation_mismatches)"
+            )
         self.console.print(
             f"distill: objective {cfg.objective.name}, divergence {cfg.divergence.name}, policy {policy_name(cfg, self.registry)}, "
             f"{'same vocabulary' if same_vocab else getattr(aligner, 'label', f'aligner {type(aligner).__name__}')}, teacher {teacher.fingerprint[:12]}, "
@@ -195,6 +202,7 @@ class Job:
             {"teacher": teacher.fingerprint, "student_tokenizer": tokenizer_fingerprint(student.tokenizer),
              "teacher_tokenizer": tokenizer_fingerprint(teacher.tokenizer)},
             kd_rate=cfg.objective.kd_rate if distils(self.registry, cfg.objective.name) else 0.0, ce_terms=ce_terms,
+            data_metrics={"data/normalisation_mismatches": float(mismatches)} if not same_vocab else {},
         )
         trained = Trainer.for_stage(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
         final = self.run_dir / "final"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import dskd
-from dskd.kit import SPACE, ByteTable, VocabBytes, exact_byte_map, token_ids, vocab_bytes
+from dskd.kit import SPACE, Aligner, ByteTable, VocabBytes, exact_byte_map, token_ids, vocab_bytes
 
 
 def _leading_spaces(stream: np.ndarray) -> int:
@@ -110,7 +110,7 @@ def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> np.ndarr
     return np.where(keys[at] == query, values[at], MISSING)
 
 
-class ExactTokenAligner:
+class ExactTokenAligner(Aligner):
     """Pairs the tokens of two tokenizations of one text whose byte spans coincide (module doc).
 
     It holds numpy byte tables and the EOS ids only, so it pickles into data-loader workers in about

@@ -11,10 +11,10 @@ import numpy as np
 
 import dskd
 from dskd import PluginError
-from dskd.kit import token_ids
+from dskd.kit import Aligner, token_ids
 
 
-class IdentityAligner:
+class IdentityAligner(Aligner):
     """Pairs `(i, i)` for every position both sequences have."""
 
     def __init__(self, vocab_size: int) -> None:

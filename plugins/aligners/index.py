@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 import dskd
-from dskd.kit import teacher_to_student_map, token_ids
+from dskd.kit import Aligner, teacher_to_student_map, token_ids
 
 
-class IndexAligner:
+class IndexAligner(Aligner):
     """Pairs `(k, k)` over the two label sequences, up to the shorter one's length."""
 
     def __init__(self, teacher_tokenizer, student_tokenizer) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import dskd
-from dskd.kit import VocabBytes, exact_byte_map, token_ids, tokenizer_fingerprint, vocab_bytes
+from dskd.kit import Aligner, VocabBytes, exact_byte_map, token_ids, tokenizer_fingerprint, vocab_bytes
 from dskd.plugins.aligners._edit_distance import distance_matrix, dtw_path, nearest_strings
 
 MAP_VERSION = "1"  # bump when the map's definition changes, so stale caches are not reused
@@ -64,7 +64,7 @@ def cached_map(teacher_tokenizer, student_tokenizer, cache_dir: str, build) -> n
     return mapping
 
 
-class MinEditAligner:
+class MinEditAligner(Aligner):
     """DTW on edit distances between token strings, filtered by the vocabulary map (module doc)."""
 
     def __init__(
