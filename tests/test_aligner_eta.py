@@ -126,6 +126,7 @@ WORDS = (
 ).split()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("teacher", "student"), PAIRS)
 @settings(max_examples=50, deadline=None)
 @given(text=TEXT)

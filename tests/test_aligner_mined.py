@@ -250,6 +250,7 @@ def test_empty_sequences_align_nothing_and_the_aligner_pickles():
     assert np.array_equal(restored.align(ids_t, ids_s).pairs, aligner.align(ids_t, ids_s).pairs)
 
 
+@pytest.mark.slow
 def test_real_edit_distance_map_maps_every_ordinary_teacher_token(tmp_path):
     t, s = tokenizer("mistral"), tokenizer("tinyllama")
     mapping = mined_module.mined(t, s, cache_dir=str(tmp_path)).vocab_map().numpy()

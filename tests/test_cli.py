@@ -114,6 +114,7 @@ def test_debug_raises_instead_of_printing_one_line(tmp_path: Path):
 # Real processes
 # ---------------------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_run_on_a_missing_file_prints_one_line_and_exits_2(tmp_path: Path):
     result = run_dskd("run", str(tmp_path / "missing.toml"), cwd=tmp_path)
     assert result.returncode == EXIT_USER_ERROR
@@ -124,6 +125,7 @@ def test_run_on_a_missing_file_prints_one_line_and_exits_2(tmp_path: Path):
     assert result.stdout == ""
 
 
+@pytest.mark.integration
 def test_debug_shows_the_traceback(tmp_path: Path):
     result = run_dskd("--debug", "run", str(tmp_path / "missing.toml"), cwd=tmp_path)
     assert result.returncode != 0
@@ -131,6 +133,7 @@ def test_debug_shows_the_traceback(tmp_path: Path):
     assert "dskd.errors.ConfigError" in result.stderr
 
 
+@pytest.mark.integration
 def test_module_help_lists_the_commands():
     env = {**os.environ, LOAD_ENV: ""}
     result = run_dskd("--help", env=env)

@@ -92,6 +92,7 @@ def test_alignment_column_is_the_aligners_pairs_over_the_label_sequences(gpt2, l
     assert total > len(rows)  # real content aligned, not only the EOS pairs
 
 
+@pytest.mark.integration
 def test_workers_give_the_same_rows_as_the_main_process(gpt2, llama, examples):
     aligner = EqualTextAligner(llama, gpt2)
     here = tokenize_split(examples, gpt2, llama, DataConfig(), aligner=aligner)
@@ -155,6 +156,7 @@ def test_aligner_fingerprint_sees_arrays_nested_in_its_fields():
     assert aligner_fingerprint(a) != aligner_fingerprint(b)
 
 
+@pytest.mark.integration
 def test_errors_raised_in_workers_reach_the_caller_as_data_errors(gpt2, llama, examples):
     with pytest.raises(DataError, match="exceed data.max_length = 20"):
         tokenize_split(examples, gpt2, llama, DataConfig(max_length=20, max_prompt_length=19), num_workers=2)

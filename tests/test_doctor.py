@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dskd.evaluation.doctor import diagnose
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"
 
 
+@pytest.mark.slow
 def test_doctor_reports_overlap_alignment_and_recommends_eta_across_families(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": "i", "response": r}) for r in ["Line one\nline two: 42.", "Café 😀 done"]) + "\n")
@@ -26,6 +29,7 @@ def test_doctor_reports_overlap_alignment_and_recommends_eta_across_families(tmp
     assert report["recommended"]["objective"] == "dskd_v2" and report["recommended"]["aligner"] == "eta"
 
 
+@pytest.mark.slow
 def test_doctor_on_one_tokenizer_says_identical_and_needs_no_aligner():
     report = diagnose(str(TOKENIZERS / "tinyllama"), str(TOKENIZERS / "tinyllama"))
     assert report["vocabulary"]["identical"]
@@ -34,6 +38,7 @@ def test_doctor_on_one_tokenizer_says_identical_and_needs_no_aligner():
     assert report["recommended"] == {"objective": "dskd_v2", "aligner": "", "why": report["recommended"]["why"]}
 
 
+@pytest.mark.integration
 def test_doctor_json_cli_and_missing_folder_error(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "dskd", "doctor", "--teacher", str(TOKENIZERS / "mistral"),
                          "--student", str(TOKENIZERS / "tinyllama"), "--json"], capture_output=True, text=True)
@@ -44,6 +49,7 @@ def test_doctor_json_cli_and_missing_folder_error(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--teacher" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_doctor_compares_greedy_like_for_like_and_tokenises_special_strings_as_training(tmp_path):
     # Mistral/TinyLlama write "12" as "▁", "1", "2"; a literal "<unk>" is text in training (split_special_tokens).
     data = tmp_path / "d.jsonl"

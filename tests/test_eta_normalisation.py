@@ -67,6 +67,7 @@ def test_the_built_tokenizer_is_qwen2_style(nfc):
     assert nfc.decode(nfc(NFD).input_ids) == FRENCH != NFD
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", ["gpt2", "tinyllama", "mistral"])
 @pytest.mark.parametrize("nfc_is_teacher", [True, False])
 def test_nfd_text_against_an_nfc_tokenizer_pairs_every_exact_span_on_the_original_text(nfc, other, nfc_is_teacher):
@@ -87,6 +88,7 @@ def _touching(tok, text: str) -> int:
     return sum(any(c in rewritten for c in range(a, max(b, a + 1))) for a, b in enc.offset_mapping)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", ["gpt2", "tinyllama", "mistral"])
 def test_a_normalisation_difference_costs_at_most_the_tokens_it_touches(nfc, other):
     agreed = len(eta_pairs(nfc, tokenizer(other), FRENCH))  # both read the same NFC text

@@ -29,6 +29,8 @@ SAME = [("tinyllama", "tinyllama"), ("gpt2", "gpt2")]
 # identity is only defined for one vocabulary (it refuses two, see test_aligner_identity.py).
 CASES = [(name, t, s) for name in ALIGNERS for t, s in (SAME if name == "identity" else CROSS + SAME[:1])]
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+# Real tokenizer tables and the mined aligner's edit-distance map: CI's `-m ""` runs these, plain `pytest` not.
+pytestmark = pytest.mark.slow
 
 
 @cache

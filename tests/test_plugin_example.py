@@ -169,6 +169,7 @@ def test_example_pyproject_declares_the_entry_point():
     assert project["entry-points"]["dskd"] == {"hellinger": "dskd_example_plugin"}
 
 
+@pytest.mark.integration
 def test_installed_example_is_listed_by_dskd_plugins(installed_env):
     result = run_dskd("plugins", "--json", env=installed_env)
     assert result.returncode == 0, result.stderr
@@ -179,6 +180,7 @@ def test_installed_example_is_listed_by_dskd_plugins(installed_env):
                       "registered": {"divergences": ["hellinger"]}}
 
 
+@pytest.mark.integration
 def test_validate_accepts_hellinger_only_while_the_plugin_loads(installed_env):
     args = ("validate", str(REPO / "dskd.toml"), "--set", "divergence.name=hellinger")
     accepted = run_dskd(*args, env=installed_env)

@@ -104,6 +104,7 @@ def _aligner(registry, fault: str, teacher: str = "mistral", student: str = "gpt
     ("reversed", "pairs that are not strictly increasing"),
     ("negative", r"a negative position \(-1\)"),
 ])
+@pytest.mark.slow
 def test_aligner_pairs_on_student_samples_are_checked_and_name_the_plugin(registry, fault, problem):
     # The on-policy path: the student's sampled ids, re-tokenised for the teacher and aligned by the plugin.
     context = dataclasses.replace(policy_context("different"), aligner=_aligner(registry, fault))

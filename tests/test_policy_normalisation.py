@@ -161,6 +161,7 @@ def gold_ce_sum(student, batch) -> float:
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(KD_TERMS))
 def test_a_ce_only_batch_trains_only_the_ce_and_a_kd_only_batch_only_the_kd(name, cross_vocab):
     student, teacher, objective, batch, _ = build(name, cross_vocab)

@@ -89,6 +89,7 @@ def assert_alignment_pairs_same_text(s: Setup, batch) -> None:
             assert text_bytes(s.teacher, [t_id]) == text_bytes(s.student, [s_id]), (b, t, p)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", PAIRS)
 def test_student_samples_keep_the_sampled_ids_and_the_teacher_gets_the_same_text(pair):
     s = setup(pair)

@@ -37,6 +37,7 @@ def prepare(pair: str, teacher_, cache_dir, **settings):
     return policy, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", ["same", "different"])
 def test_a_second_run_reads_the_samples_from_the_cache_without_generating(tmp_path, pair):
     first_teacher = teacher(PAIRS[pair][1], seed=1)
@@ -69,6 +70,7 @@ def test_the_batch_holds_the_teachers_samples_with_an_eos_label_only_where_the_t
     assert any(not (s and s[-1] == eos) for s in samples), "setup: every sample ended; nothing unfinished was checked"
 
 
+@pytest.mark.slow
 def test_another_teacher_or_other_settings_never_read_the_cache(tmp_path):
     first = teacher("tinyllama", seed=1)
     policy, _ = prepare("same", first, tmp_path)

@@ -145,6 +145,7 @@ def test_gather_of_an_empty_sequence_is_empty():
     assert stream.size == 0 and lengths.size == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher", NAMES)
 @pytest.mark.parametrize("student", NAMES)
 def test_top1_map_sends_each_teacher_token_to_the_student_token_with_the_same_bytes_or_to_minus_one(
@@ -164,6 +165,7 @@ def test_top1_map_sends_each_teacher_token_to_the_student_token_with_the_same_by
             assert t.table.token(i) not in student_bytes
 
 
+@pytest.mark.slow
 def test_top1_map_sends_unknown_predictions_to_minus_one_where_the_reference_picks_unk_or_eos():
     gpt2, llama, mistral = tokenizer("gpt2"), tokenizer("tinyllama"), tokenizer("mistral")
     # " café" is one GPT-2 token but two Llama tokens; the reference's raw lookup gives Llama's
@@ -199,6 +201,7 @@ def test_top1_map_crosses_spellings_and_keeps_word_starts_apart():
     ).convert_tokens_to_ids("A")
 
 
+@pytest.mark.slow
 def test_top1_map_pads_to_a_larger_model_vocabulary_and_refuses_a_smaller_one():
     padded = teacher_to_student_map(
         tokenizer("mistral"), tokenizer("tinyllama"), num_teacher_ids=32064
