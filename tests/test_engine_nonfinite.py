@@ -16,7 +16,7 @@ from broken_plugins import error_lines, installed_env, run_dskd
 from tiny_job import write_job
 
 import dskd
-from dskd import checkpoint
+from dskd.run import checkpoint
 from dskd.config import load_config
 from dskd.errors import ConfigError
 from dskd.registry import load_registry

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from tiny_job import write_job
 
-from dskd import checkpoint
+from dskd.run import checkpoint
 
 pytestmark = pytest.mark.integration
 WAIT = 600.0  # seconds: generous for a loaded 2-core machine

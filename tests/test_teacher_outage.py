@@ -22,7 +22,7 @@ from teacher_server_harness import (
 )
 from tiny_job import write_job
 
-from dskd import checkpoint
+from dskd.run import checkpoint
 
 pytestmark = pytest.mark.integration
 STEPS = 10
