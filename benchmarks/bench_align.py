@@ -58,16 +58,17 @@ GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 def nfc_byte_level_tokenizer(folder: Path):
     """A Qwen2-style tokenizer built offline: GPT-2's vocabulary behind an NFC normaliser and a
     `Sequence` pre-tokenizer (Split, then ByteLevel), saved to `folder` and loaded from there."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers import Regex
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer.from_file(str(TOKENIZERS / "gpt2" / "tokenizer.json"))
     backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GPT2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GPT2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     tok.save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
@@ -107,9 +108,7 @@ def reference_dtw_ms(aligner, t_ids: list[int], s_ids: list[int]) -> float:
     acc[0][0] = 0.0
     for i, a in enumerate(t_str):
         for j, b in enumerate(s_str):
-            acc[i + 1][j + 1] = Levenshtein.distance(a, b) + min(
-                acc[i][j + 1], acc[i + 1][j], acc[i][j]
-            )
+            acc[i + 1][j + 1] = Levenshtein.distance(a, b) + min(acc[i][j + 1], acc[i + 1][j], acc[i][j])
     return (time.perf_counter() - start) * 1000
 
 
@@ -174,9 +173,7 @@ def bench_pair(t_tok, s_tok, texts, args) -> tuple[dict, float | None]:
         long_samples(t_tok, texts, args.mined_samples),
         long_samples(s_tok, texts, args.mined_samples),
     )
-    mined_seconds = timed(
-        lambda: [minimum.align(a, b) for a, b in zip(t_long, s_long)], args.repeats
-    )
+    mined_seconds = timed(lambda: [minimum.align(a, b) for a, b in zip(t_long, s_long)], args.repeats)
     reference_ms = min(reference_dtw_ms(minimum, t_long[k], s_long[k]) for k in range(2))
     return {**row, "mined_ms_per_sample": round(mined_seconds * 1000 / len(t_long), 3)}, reference_ms
 
@@ -194,8 +191,8 @@ def step_overhead_ratio(steps: int) -> dict:
 
     from dskd.config import load_config
     from dskd.console import Console
-    from dskd.run.job import Job
     from dskd.registry import load_registry
+    from dskd.run.job import Job
 
     registry = load_registry()
     rates = {}
@@ -203,9 +200,15 @@ def step_overhead_ratio(steps: int) -> dict:
         for name, teacher_tok in (("same_vocab", "tinyllama"), ("cross_vocab", "mistral")):
             run = Path(tmp) / name
             overrides = [
-                f"run.output_dir={run}", 'run.stages=["distill"]', f"train.max_steps={steps}", f"run.log_every={max(steps // 5, 1)}",
-                f"teacher.tokenizer={TOKENIZERS / teacher_tok}", f"student.config={REPO / 'examples/models/student-llama'}",
-                f"student.tokenizer={TOKENIZERS / 'tinyllama'}", "objective.name=dskd_v2", 'aligner.name=""',
+                f"run.output_dir={run}",
+                'run.stages=["distill"]',
+                f"train.max_steps={steps}",
+                f"run.log_every={max(steps // 5, 1)}",
+                f"teacher.tokenizer={TOKENIZERS / teacher_tok}",
+                f"student.config={REPO / 'examples/models/student-llama'}",
+                f"student.tokenizer={TOKENIZERS / 'tinyllama'}",
+                "objective.name=dskd_v2",
+                'aligner.name=""',
                 f"data.cache_dir={Path(tmp) / 'cache'}",
             ]
             job = Job(load_config(REPO / "dskd.toml", overrides, registry=registry), registry)
@@ -214,22 +217,23 @@ def step_overhead_ratio(steps: int) -> dict:
             job.distill(None)
             lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
             rates[name] = sum(line["perf/tokens_per_s"] for line in lines) / len(lines)
-    return {"step_overhead_ratio": round(rates["same_vocab"] / rates["cross_vocab"], 3),
-            "step_tokens_per_s": {k: round(v, 1) for k, v in rates.items()}, "step_overhead_steps": steps}
+    return {
+        "step_overhead_ratio": round(rates["same_vocab"] / rates["cross_vocab"], 3),
+        "step_tokens_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "step_overhead_steps": steps,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--cache-dir", default="~/.cache/dskd", help="where MinED vocabulary maps are cached"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timing repeats (the best is reported)"
-    )
+    parser.add_argument("--cache-dir", default="~/.cache/dskd", help="where MinED vocabulary maps are cached")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (the best is reported)")
     parser.add_argument(
         "--mined-samples", type=int, default=20, help="256 x 256-token samples timed for MinED (0 skips MinED)"
     )
-    parser.add_argument("--steps", type=int, default=60, help="training steps per run for step_overhead_ratio (0 skips it)")
+    parser.add_argument(
+        "--steps", type=int, default=60, help="training steps per run for step_overhead_ratio (0 skips it)"
+    )
     args = parser.parse_args()
     texts = corpus()
     toks = {name: AutoTokenizer.from_pretrained(TOKENIZERS / name) for name in NAMES}
@@ -251,7 +255,11 @@ def main() -> None:
                 "pairs": rows,
                 "baseline": {
                     "greedy_recall": "reference greedy string matching (spec §6.2), same corpus",
-                    **({"mined_reference_ms_per_sample": round(sum(reference) / len(reference), 1)} if reference else {}),
+                    **(
+                        {"mined_reference_ms_per_sample": round(sum(reference) / len(reference), 1)}
+                        if reference
+                        else {}
+                    ),
                 },
                 **(step_overhead_ratio(args.steps) if args.steps else {}),
                 "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",

@@ -92,10 +92,17 @@ def loss_step(variant: str, t: dict[str, torch.Tensor], chunk_size: int, diverge
         dskd.kit.chunked.chunked_loss = lambda fn, r, shared, chunk_size: dskd.kit.chunked.dense_loss(fn, r, shared)
     try:
         loss, _, _ = dual_space_terms(
-            DualSpaceSpec("teacher_top1", gate_student_kd=True), rows,
-            student_head=LMHead(t["student_head"]), teacher_head=LMHead(t["teacher_head"]),
-            t2s={"weight": t["t2s"]}, s2t={"weight": t["s2t"]}, vocab_map=vocab_map, divergence=divergence,
-            temperature=temperature, kd_rate=0.5, denominator=float(rows.student_hidden.shape[0]),
+            DualSpaceSpec("teacher_top1", gate_student_kd=True),
+            rows,
+            student_head=LMHead(t["student_head"]),
+            teacher_head=LMHead(t["teacher_head"]),
+            t2s={"weight": t["t2s"]},
+            s2t={"weight": t["s2t"]},
+            vocab_map=vocab_map,
+            divergence=divergence,
+            temperature=temperature,
+            kd_rate=0.5,
+            denominator=float(rows.student_hidden.shape[0]),
             chunk_size=chunk_size,
         )
     finally:
@@ -124,14 +131,39 @@ def child(args: argparse.Namespace) -> None:
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     grads = {name: t[name].grad for name in ("student_hidden", "student_head", "t2s")}
     torch.save(grads, Path(args.out) / f"{args.variant}.pt")
-    print(json.dumps({"variant": args.variant, "baseline_mb": before_kb / 1024, "peak_rss_mb": peak_kb / 1024,
-                      "loss_mb": (peak_kb - before_kb) / 1024, "seconds": seconds, "loss": losses[0]}))
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "baseline_mb": before_kb / 1024,
+                "peak_rss_mb": peak_kb / 1024,
+                "loss_mb": (peak_kb - before_kb) / 1024,
+                "seconds": seconds,
+                "loss": losses[0],
+            }
+        )
+    )
 
 
 def run_child(variant: str, out: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--variant", variant, "--out", out, "--tokens", str(args.tokens),
-               "--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats),
-               "--divergence", args.divergence, "--temperature", str(args.temperature)]
+    command = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--out",
+        out,
+        "--tokens",
+        str(args.tokens),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--repeats",
+        str(args.repeats),
+        "--divergence",
+        args.divergence,
+        "--temperature",
+        str(args.temperature),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"the {variant} child failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -156,18 +188,28 @@ def parent(args: argparse.Namespace) -> None:
         "benchmark": "loss_memory",
         "objective": "dskd_v2 terms (dskd.kit.dual_space.dual_space_terms), agreement-gated, teacher top-1 projector CE",
         "shapes": {"d_t": D_T, "V_t": V_T, "d_s": D_S, "V_s": V_S, "tokens": args.tokens, "shared_vocab": V_S},
-        "dtype": "float32", "device": "cpu", "torch_threads": torch.get_num_threads(),
-        "divergence": args.divergence, "temperature": args.temperature, "chunk_size": args.chunk_size,
-        "dense_peak_mb": round(memory["dense"], 1), "chunked_peak_mb": round(memory["chunked"], 1),
+        "dtype": "float32",
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "divergence": args.divergence,
+        "temperature": args.temperature,
+        "chunk_size": args.chunk_size,
+        "dense_peak_mb": round(memory["dense"], 1),
+        "chunked_peak_mb": round(memory["chunked"], 1),
         "memory_ratio": round(memory["chunked"] / memory["dense"], 4),
-        "dense_seconds": round(seconds["dense"], 2), "chunked_seconds": round(seconds["chunked"], 2),
+        "dense_seconds": round(seconds["dense"], 2),
+        "chunked_seconds": round(seconds["chunked"], 2),
         "time_ratio": round(seconds["chunked"] / seconds["dense"], 3),
         "max_grad_rel_diff": max(diffs.values()),
         "grad_rel_diff": diffs,
         "loss_rel_diff": abs(losses["chunked"] - losses["dense"]) / abs(losses["dense"]),
         "baseline_rss_mb": round(rounds["dense"][0]["baseline_mb"], 1),
-        "rounds": {variant: [{"loss_mb": round(r["loss_mb"], 1), "seconds": [round(x, 2) for x in r["seconds"]]}
-                             for r in results] for variant, results in rounds.items()},
+        "rounds": {
+            variant: [
+                {"loss_mb": round(r["loss_mb"], 1), "seconds": [round(x, 2) for x in r["seconds"]]} for r in results
+            ]
+            for variant, results in rounds.items()
+        },
         "targets": TARGETS,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
     }

@@ -40,16 +40,16 @@ sys.path.insert(0, str(REPO / "tests"))  # the server harness the tests use
 sys.path.insert(0, str(REPO / "benchmarks"))  # the batching driver of bench_server_batching
 
 import grpc  # noqa: E402
-
 from bench_server_batching import drive  # noqa: E402
+from teacher_server_harness import save_tiny_teacher, start_servers  # noqa: E402
+
 from dskd.config import load_config  # noqa: E402
 from dskd.console import Console  # noqa: E402
-from dskd.run.job import Job  # noqa: E402
 from dskd.protos import teacher_pb2_grpc  # noqa: E402
 from dskd.registry import load_registry  # noqa: E402
+from dskd.run.job import Job  # noqa: E402
 from dskd.servers.client import RemoteTeacher  # noqa: E402
 from dskd.types import SignalRequest  # noqa: E402
-from teacher_server_harness import save_tiny_teacher, start_servers  # noqa: E402
 
 
 def save_default_teacher(folder: Path) -> Path:
@@ -65,8 +65,13 @@ def save_default_teacher(folder: Path) -> Path:
 
 def train_tokens_per_s(root: Path, name: str, overrides: list[str], steps: int) -> float:
     registry = load_registry()
-    base = [f"run.output_dir={root / name}", 'run.stages=["distill"]', f"train.max_steps={steps}",
-            f"run.log_every={max(steps // 4, 1)}", f"data.cache_dir={root / 'cache'}"]
+    base = [
+        f"run.output_dir={root / name}",
+        'run.stages=["distill"]',
+        f"train.max_steps={steps}",
+        f"run.log_every={max(steps // 4, 1)}",
+        f"data.cache_dir={root / 'cache'}",
+    ]
     job = Job(load_config(REPO / "dskd.toml", base + overrides, registry=registry), registry)
     job.console = Console(stderr=True)  # stdout carries the JSON only
     job.prepare_run_dir()
@@ -76,7 +81,9 @@ def train_tokens_per_s(root: Path, name: str, overrides: list[str], steps: int) 
     return sum(rates) / len(rates)
 
 
-def wire_bytes_per_token(address: str, cache: Path, request: SignalRequest, seq_len: int = 64, sequences: int = 4) -> float:
+def wire_bytes_per_token(
+    address: str, cache: Path, request: SignalRequest, seq_len: int = 64, sequences: int = 4
+) -> float:
     """Serialized size of a Score answer (all streamed messages) per requested row."""
     teacher = RemoteTeacher(address, cache_dir=cache, self_check=False)
     ids = torch.randint(3, teacher.vocab_size, (sequences, seq_len), generator=torch.Generator().manual_seed(0))
@@ -97,7 +104,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--server-threads", type=int, default=1)
-    parser.add_argument("--trainer-threads", type=int, default=0, help="torch threads of the trainer beside the server (0: all cores)")
+    parser.add_argument(
+        "--trainer-threads", type=int, default=0, help="torch threads of the trainer beside the server (0: all cores)"
+    )
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=40)
     args = parser.parse_args()
@@ -109,8 +118,16 @@ def main() -> int:
         [server] = start_servers([(teacher_dir, (), "teacher")], root / "servers", threads=args.server_threads)
         try:
             torch.set_num_threads(args.trainer_threads or cores)
-            remote = train_tokens_per_s(root, "remote", [f'teacher.address=["{server.address}"]', 'teacher.config=""',
-                                                         f"teacher.cache_dir={root / 'client-cache'}"], args.steps)
+            remote = train_tokens_per_s(
+                root,
+                "remote",
+                [
+                    f'teacher.address=["{server.address}"]',
+                    'teacher.config=""',
+                    f"teacher.cache_dir={root / 'client-cache'}",
+                ],
+                args.steps,
+            )
             torch.set_num_threads(cores)
             hidden = wire_bytes_per_token(server.address, root / "client-cache", SignalRequest(hidden_states=True))
             logits = wire_bytes_per_token(server.address, root / "client-cache", SignalRequest(logits=True))
@@ -123,20 +140,33 @@ def main() -> int:
         for mode, extra in (("batched", ()), ("unbatched", ("--no-batching",))):
             [server] = start_servers([(tiny, extra, mode)], root / "servers", threads=cores)
             try:
-                rates[mode] = drive(server.address, batching, root / "cache-tiny", SignalRequest(hidden_states=True))["tokens_per_s"]
+                rates[mode] = drive(server.address, batching, root / "cache-tiny", SignalRequest(hidden_states=True))[
+                    "tokens_per_s"
+                ]
             finally:
                 server.stop()
         shutil.rmtree(root / "cache", ignore_errors=True)
-    print(json.dumps({
-        "benchmark": "remote_teacher",
-        "objective": "dskd_v2+eta", "steps": args.steps, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "server_threads": args.server_threads, "trainer_threads": args.trainer_threads or cores,
-        "local_tokens_per_s": round(local, 1), "remote_tokens_per_s": round(remote, 1),
-        "throughput_ratio": round(remote / local, 3),
-        "bytes_per_token_hidden": round(hidden, 1), "bytes_per_token_full_logits": round(logits, 1),
-        "batching_speedup": round(rates["batched"] / rates["unbatched"], 2),
-        "batched_tokens_per_s": round(rates["batched"], 1), "unbatched_tokens_per_s": round(rates["unbatched"], 1),
-        "machine": {"cpus": cores, "python": platform.python_version(), "torch": torch.__version__},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "remote_teacher",
+                "objective": "dskd_v2+eta",
+                "steps": args.steps,
+                "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+                "server_threads": args.server_threads,
+                "trainer_threads": args.trainer_threads or cores,
+                "local_tokens_per_s": round(local, 1),
+                "remote_tokens_per_s": round(remote, 1),
+                "throughput_ratio": round(remote / local, 3),
+                "bytes_per_token_hidden": round(hidden, 1),
+                "bytes_per_token_full_logits": round(logits, 1),
+                "batching_speedup": round(rates["batched"] / rates["unbatched"], 2),
+                "batched_tokens_per_s": round(rates["batched"], 1),
+                "unbatched_tokens_per_s": round(rates["unbatched"], 1),
+                "machine": {"cpus": cores, "python": platform.python_version(), "torch": torch.__version__},
+            }
+        )
+    )
     return 0
 
 

@@ -33,9 +33,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the same tiny-teacher and server helpers the tests use
 
+from teacher_server_harness import save_tiny_teacher, start_servers  # noqa: E402
+
 from dskd.servers.client import RemoteTeacher  # noqa: E402
 from dskd.types import SignalRequest  # noqa: E402
-from teacher_server_harness import save_tiny_teacher, start_servers  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,7 +49,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=8, help="k of the second, top-k request kind")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--server-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the server (default: all cores)")
+    p.add_argument(
+        "--server-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads of the server (default: all cores)",
+    )
     return p.parse_args()
 
 
@@ -90,7 +96,11 @@ def drive(address: str, args: argparse.Namespace, cache: Path, request: SignalRe
     if errors:
         raise errors[0]
     tokens = args.clients * args.requests * args.sequences * args.seq_len
-    return {"tokens_per_s": tokens / elapsed, "seconds": elapsed, "mean_requests_per_forward": sum(batch_sizes) / len(batch_sizes)}
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "seconds": elapsed,
+        "mean_requests_per_forward": sum(batch_sizes) / len(batch_sizes),
+    }
 
 
 def main() -> int:
@@ -98,7 +108,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dskd-bench-") as tmp:
         root = Path(tmp)
         model = save_tiny_teacher(root / "model", hidden_size=args.hidden_size, layers=args.layers)
-        kinds = {"hidden": SignalRequest(hidden_states=True), "top_k": SignalRequest(hidden_states=True, top_k=args.top_k)}
+        kinds = {
+            "hidden": SignalRequest(hidden_states=True),
+            "top_k": SignalRequest(hidden_states=True, top_k=args.top_k),
+        }
         results = {}
         for mode, extra in (("batched", ()), ("unbatched", ("--no-batching",))):
             (server,) = start_servers([(model, extra, mode)], root, threads=args.server_threads)
@@ -112,15 +125,27 @@ def main() -> int:
         "clients": args.clients,
         "requests_per_client": args.requests,
         "request": {"sequences": args.sequences, "seq_len": args.seq_len, "wire_dtype": "bfloat16"},
-        "model": {"arch": "llama", "hidden_size": args.hidden_size, "layers": args.layers, "vocab": 32000, "dtype": "float32", "device": "cpu", "server_threads": args.server_threads},
+        "model": {
+            "arch": "llama",
+            "hidden_size": args.hidden_size,
+            "layers": args.layers,
+            "vocab": 32000,
+            "dtype": "float32",
+            "device": "cpu",
+            "server_threads": args.server_threads,
+        },
         "batched_tokens_per_s": round(results["batched", "hidden"]["tokens_per_s"], 1),
         "unbatched_tokens_per_s": round(results["unbatched", "hidden"]["tokens_per_s"], 1),
-        "batching_speedup": round(results["batched", "hidden"]["tokens_per_s"] / results["unbatched", "hidden"]["tokens_per_s"], 2),
+        "batching_speedup": round(
+            results["batched", "hidden"]["tokens_per_s"] / results["unbatched", "hidden"]["tokens_per_s"], 2
+        ),
         "mean_requests_per_forward": round(results["batched", "hidden"]["mean_requests_per_forward"], 2),
         "top_k": args.top_k,
         "top_k_batched_tokens_per_s": round(results["batched", "top_k"]["tokens_per_s"], 1),
         "top_k_unbatched_tokens_per_s": round(results["unbatched", "top_k"]["tokens_per_s"], 1),
-        "top_k_batching_speedup": round(results["batched", "top_k"]["tokens_per_s"] / results["unbatched", "top_k"]["tokens_per_s"], 2),
+        "top_k_batching_speedup": round(
+            results["batched", "top_k"]["tokens_per_s"] / results["unbatched", "top_k"]["tokens_per_s"], 2
+        ),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
     }
     print(json.dumps(report))

@@ -32,9 +32,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the same tiny-teacher and server helpers the tests use
 
+from teacher_server_harness import save_tiny_teacher, start_servers, stop_servers  # noqa: E402
+
 from dskd.servers.client import RemoteTeacher  # noqa: E402
 from dskd.types import SignalRequest  # noqa: E402
-from teacher_server_harness import save_tiny_teacher, start_servers, stop_servers  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,7 +78,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dskd-bench-load-") as tmp:
         root = Path(tmp)
         model = save_tiny_teacher(root / "model", hidden_size=args.hidden_size, layers=args.layers)
-        [server] = start_servers([(model, ("--max-queue", str(4 * args.clients)), "load")], root, threads=args.server_threads)
+        [server] = start_servers(
+            [(model, ("--max-queue", str(4 * args.clients)), "load")], root, threads=args.server_threads
+        )
         pid = server.process.pid
         try:
             cache = root / "cache"
@@ -90,7 +93,10 @@ def main() -> None:
                 baseline.append(time.perf_counter() - start)
             baseline_teacher.close()
 
-            clients = [RemoteTeacher(server.address, cache_dir=cache, timeout_s=args.timeout, self_check=False) for _ in range(args.clients)]
+            clients = [
+                RemoteTeacher(server.address, cache_dir=cache, timeout_s=args.timeout, self_check=False)
+                for _ in range(args.clients)
+            ]
             latencies: list[list[float]] = [[] for _ in clients]
             failures: list[list[str]] = [[] for _ in clients]
             sent = [0] * args.clients
@@ -152,29 +158,38 @@ def main() -> None:
     all_latencies = [x for per_client in latencies for x in per_client]
     errors = [e for per_client in failures for e in per_client]
     requests = sum(sent)
-    print(json.dumps({
-        "benchmark": "server_load",
-        "clients": args.clients,
-        "requests_per_client": args.requests,
-        "requests": requests,
-        "errors": len(errors),
-        "unsent": args.clients * args.requests - requests,
-        "p50_ms": percentile_ms(all_latencies, 50),
-        "p99_ms": percentile_ms(all_latencies, 99),
-        "max_ms": percentile_ms(all_latencies, 100),
-        "requests_per_s": round(len(all_latencies) / elapsed, 1),
-        "single_client_p50_ms": percentile_ms(baseline, 50),
-        "server_rss_mb_start": round(rss_start, 1),
-        "server_rss_mb_peak": round(peak[0], 1),
-        "server_rss_mb_end": round(rss_end, 1),
-        "server_rss_growth_mb": round(rss_end - rss_start, 1),
-        "server_exit_code": exit_code,
-        "elapsed_s": round(elapsed, 1),
-        "first_errors": errors[:3],
-        "request": {"sequences": args.sequences, "seq_len": args.seq_len, "hidden_states": True, "top_k": args.top_k},
-        "teacher": {"hidden_size": args.hidden_size, "layers": args.layers, "vocab": 32000},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "server_load",
+                "clients": args.clients,
+                "requests_per_client": args.requests,
+                "requests": requests,
+                "errors": len(errors),
+                "unsent": args.clients * args.requests - requests,
+                "p50_ms": percentile_ms(all_latencies, 50),
+                "p99_ms": percentile_ms(all_latencies, 99),
+                "max_ms": percentile_ms(all_latencies, 100),
+                "requests_per_s": round(len(all_latencies) / elapsed, 1),
+                "single_client_p50_ms": percentile_ms(baseline, 50),
+                "server_rss_mb_start": round(rss_start, 1),
+                "server_rss_mb_peak": round(peak[0], 1),
+                "server_rss_mb_end": round(rss_end, 1),
+                "server_rss_growth_mb": round(rss_end - rss_start, 1),
+                "server_exit_code": exit_code,
+                "elapsed_s": round(elapsed, 1),
+                "first_errors": errors[:3],
+                "request": {
+                    "sequences": args.sequences,
+                    "seq_len": args.seq_len,
+                    "hidden_states": True,
+                    "top_k": args.top_k,
+                },
+                "teacher": {"hidden_size": args.hidden_size, "layers": args.layers, "vocab": 32000},
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

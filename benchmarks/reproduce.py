@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 from dskd.config import load_config  # noqa: E402
 from dskd.console import Console  # noqa: E402
 from dskd.evaluation.stage import evaluate_stage  # noqa: E402
-from dskd.run.job import Job  # noqa: E402
 from dskd.registry import load_registry  # noqa: E402
+from dskd.run.job import Job  # noqa: E402
 
 SAME, CROSS = "same_vocab", "cross_vocab"
 TEACHERS = {
@@ -47,7 +47,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "dskd_v2_eta": (CROSS, ["objective.name=dskd_v2", "aligner.name=eta"]),
     "mined_kd": (CROSS, ["objective.name=mined_kd", 'aligner.name=""']),
     "uld": (CROSS, ["objective.name=uld", 'aligner.name=""']),
-    "dskd_v2_eta_on_policy": (CROSS, ["objective.name=dskd_v2", "aligner.name=eta", "policy.name=on_policy", "policy.max_new_tokens=16"]),
+    "dskd_v2_eta_on_policy": (
+        CROSS,
+        ["objective.name=dskd_v2", "aligner.name=eta", "policy.name=on_policy", "policy.max_new_tokens=16"],
+    ),
 }
 METRICS = ("rougeL", "exact_match", "teacher_agreement")
 
@@ -70,9 +73,15 @@ def make_job(registry, overrides: list[str], console: Console) -> Job:
 
 def train_teacher(registry, out: Path, kind: str, args, console: Console) -> tuple[Path, dict]:
     run = out / f"teacher-{kind}"
-    overrides = [f"run.output_dir={run}", 'run.stages=["teacher_sft"]', f"teacher.config={teacher_config(out, kind)}",
-                 f"teacher.tokenizer={REPO / TEACHERS[kind]['tokenizer']}", f"teacher_sft.steps={args.teacher_steps}",
-                 f"data.cache_dir={out / 'cache'}", f"eval.max_samples={args.eval_samples}"]
+    overrides = [
+        f"run.output_dir={run}",
+        'run.stages=["teacher_sft"]',
+        f"teacher.config={teacher_config(out, kind)}",
+        f"teacher.tokenizer={REPO / TEACHERS[kind]['tokenizer']}",
+        f"teacher_sft.steps={args.teacher_steps}",
+        f"data.cache_dir={out / 'cache'}",
+        f"eval.max_samples={args.eval_samples}",
+    ]
     job = make_job(registry, overrides, console)
     job.resume = (run / "teacher" / "config.json").exists()  # a finished teacher is reused on a rerun
     job.prepare_run_dir()
@@ -84,9 +93,19 @@ def train_teacher(registry, out: Path, kind: str, args, console: Console) -> tup
 def distill(registry, out: Path, method: str, seed: int, teacher: Path, args, console: Console) -> dict:
     kind, extra = METHODS[method]
     run = out / "runs" / f"{method}-seed{seed}"
-    overrides = [f"run.output_dir={run}", 'run.stages=["distill"]', f"run.seed={seed}", f"teacher.model={teacher}", 'teacher.tokenizer=""',
-                 'teacher.config=""', f"train.max_steps={args.steps}", f"data.cache_dir={out / 'cache'}",
-                 f"eval.max_samples={args.eval_samples}", f"run.log_every={max(args.steps // 4, 1)}", *extra]
+    overrides = [
+        f"run.output_dir={run}",
+        'run.stages=["distill"]',
+        f"run.seed={seed}",
+        f"teacher.model={teacher}",
+        'teacher.tokenizer=""',
+        'teacher.config=""',
+        f"train.max_steps={args.steps}",
+        f"data.cache_dir={out / 'cache'}",
+        f"eval.max_samples={args.eval_samples}",
+        f"run.log_every={max(args.steps // 4, 1)}",
+        *extra,
+    ]
     job = make_job(registry, overrides, console)
     job.resume = run.exists()  # an interrupted reproduction continues where it stopped
     job.prepare_run_dir()
@@ -98,13 +117,18 @@ def distill(registry, out: Path, method: str, seed: int, teacher: Path, args, co
 
 
 def summary(values: list[float]) -> dict:
-    return {"mean": round(statistics.fmean(values), 2), "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-            "per_seed": [round(v, 2) for v in values]}
+    return {
+        "mean": round(statistics.fmean(values), 2),
+        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+        "per_seed": [round(v, 2) for v in values],
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, fewer steps and test prompts (about 10 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="one seed, fewer steps and test prompts (about 10 minutes)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "reproduce")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     args = parser.parse_args()
@@ -140,9 +164,19 @@ def main() -> int:
         "quick": args.quick,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
-    rows = [[m, *(f"{report['methods'][m][k]['mean']:.2f} ± {report['methods'][m][k]['std']:.2f}" for k in METRICS),
-             METHODS[m][0]] for m in methods]
-    console.table(f"reproduction ({len(args.seeds)} seed(s), {args.steps} steps)", ["method", "ROUGE-L", "exact match", "agreement %", "teacher"], rows)
+    rows = [
+        [
+            m,
+            *(f"{report['methods'][m][k]['mean']:.2f} ± {report['methods'][m][k]['std']:.2f}" for k in METRICS),
+            METHODS[m][0],
+        ]
+        for m in methods
+    ]
+    console.table(
+        f"reproduction ({len(args.seeds)} seed(s), {args.steps} steps)",
+        ["method", "ROUGE-L", "exact match", "agreement %", "teacher"],
+        rows,
+    )
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
     return 0

@@ -238,9 +238,18 @@ class Config:
 PLUGIN_TABLES = {"objective": "objectives", "divergence": "divergences", "aligner": "aligners", "policy": "policies"}
 STAGES = ("teacher_sft", "distill", "eval")
 PATH_FIELDS = {
-    ("student", "model"), ("student", "config"), ("student", "tokenizer"),
-    ("teacher", "model"), ("teacher", "config"), ("teacher", "tokenizer"), ("teacher", "tls_ca_file"),
-    ("teacher", "cache_dir"), ("data", "train"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"),
+    ("student", "model"),
+    ("student", "config"),
+    ("student", "tokenizer"),
+    ("teacher", "model"),
+    ("teacher", "config"),
+    ("teacher", "tokenizer"),
+    ("teacher", "tls_ca_file"),
+    ("teacher", "cache_dir"),
+    ("data", "train"),
+    ("data", "valid"),
+    ("data", "test"),
+    ("data", "cache_dir"),
     ("run", "output_dir"),
 }
 # Only these may name a Hugging Face hub id ("org/name"); every other path field is always a local path.
@@ -268,7 +277,9 @@ def _type_name(tp: Any) -> str:
     if origin is tuple:
         inner = typing.get_args(tp)[0]
         return f"a list of {_PLURAL.get(inner, _type_name(inner))}"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}.get(tp, str(tp))
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}.get(
+        tp, str(tp)
+    )
 
 
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -309,9 +320,14 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([ConfigProblem(str(path), f"not valid TOML ({exc})", "fix the syntax at that line")], source=str(path)) from None
+        raise ConfigError(
+            [ConfigProblem(str(path), f"not valid TOML ({exc})", "fix the syntax at that line")], source=str(path)
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([ConfigProblem(str(path), f"cannot be read ({exc})", "check the path and its permissions")], source=str(path)) from None
+        raise ConfigError(
+            [ConfigProblem(str(path), f"cannot be read ({exc})", "check the path and its permissions")],
+            source=str(path),
+        ) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[ConfigProblem]:
@@ -323,7 +339,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[ConfigPro
         key = key.strip()
         table, dot, name = key.partition(".")
         if not sep or not dot or not name:
-            problems.append(ConfigProblem(f"--set {item}", "expected table.key=value", "for example --set train.lr=3e-4"))
+            problems.append(
+                ConfigProblem(f"--set {item}", "expected table.key=value", "for example --set train.lr=3e-4")
+            )
             continue
         if table not in tables:
             problems.append(ConfigProblem(f"--set {key}", f"unknown table {table!r}", _closest(table, list(tables))))
@@ -334,13 +352,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[ConfigPro
             value = text.strip()
         section = raw.setdefault(table, {})
         if not isinstance(section, dict):  # `train = 3` in the file: report it instead of crashing on assignment
-            problems.append(ConfigProblem(table, f"must be a table, got {type(section).__name__}", f"write [{table}] with keys under it"))
+            problems.append(
+                ConfigProblem(
+                    table, f"must be a table, got {type(section).__name__}", f"write [{table}] with keys under it"
+                )
+            )
             continue
         section[name] = value
     return problems
 
 
-def parse_config(raw: dict[str, Any], *, source: str = "config", base_dir: str | Path | None = None, registry: Any = None) -> Config:
+def parse_config(
+    raw: dict[str, Any], *, source: str = "config", base_dir: str | Path | None = None, registry: Any = None
+) -> Config:
     """Build a `Config` from raw TOML tables, or raise one `ConfigError` listing every problem.
 
     With a `registry`, plugin names and their options are checked too (unknown names list the known ones).
@@ -354,7 +378,13 @@ def parse_config(raw: dict[str, Any], *, source: str = "config", base_dir: str |
     for table_name, cls in tables.items():
         values = raw.get(table_name, {})
         if not isinstance(values, dict):
-            problems.append(ConfigProblem(table_name, f"must be a table, got {type(values).__name__}", f"write [{table_name}] with keys under it"))
+            problems.append(
+                ConfigProblem(
+                    table_name,
+                    f"must be a table, got {type(values).__name__}",
+                    f"write [{table_name}] with keys under it",
+                )
+            )
             continue
         built[table_name] = _build_table(table_name, cls, values, problems, base_dir)
     if problems:
@@ -368,7 +398,9 @@ def parse_config(raw: dict[str, Any], *, source: str = "config", base_dir: str |
     return config
 
 
-def _build_table(table_name: str, cls: type, values: dict[str, Any], problems: list[ConfigProblem], base_dir: str | Path | None) -> Any:
+def _build_table(
+    table_name: str, cls: type, values: dict[str, Any], problems: list[ConfigProblem], base_dir: str | Path | None
+) -> Any:
     hints = _hints(cls)
     known = [f.name for f in dataclasses.fields(cls) if f.name != "options"]
     takes_options = "options" in hints
@@ -384,7 +416,13 @@ def _build_table(table_name: str, cls: type, values: dict[str, Any], problems: l
             continue
         ok, converted = _coerce(value, hints[key])
         if not ok:
-            problems.append(ConfigProblem(dotted, f"expected {_type_name(hints[key])}, got {value!r}", f"write {key} = <{_type_name(hints[key])}>"))
+            problems.append(
+                ConfigProblem(
+                    dotted,
+                    f"expected {_type_name(hints[key])}, got {value!r}",
+                    f"write {key} = <{_type_name(hints[key])}>",
+                )
+            )
             continue
         if (table_name, key) in PATH_FIELDS and converted and base_dir is not None:
             converted = _resolve_path(converted, base_dir, hub_id_ok=(table_name, key) in HUB_FIELDS)
@@ -421,28 +459,78 @@ def check_values(config: Config) -> list[ConfigProblem]:
     need(bool(r.output_dir), "run.output_dir", "is empty", "set a run directory, e.g. runs/my-job")
     if r.output_dir:
         blocker = _file_in_the_way(Path(r.output_dir))
-        need(blocker is None, "run.output_dir", f"{blocker} is a file, not a directory", "choose another run directory (--set run.output_dir=...)")
+        need(
+            blocker is None,
+            "run.output_dir",
+            f"{blocker} is a file, not a directory",
+            "choose another run directory (--set run.output_dir=...)",
+        )
     need(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}", "use e.g. 10")
     for table, m in (("student", config.student), ("teacher", t)):
-        need(m.dtype in ("float32", "bfloat16", "auto"), f"{table}.dtype", f"unknown dtype {m.dtype!r}", 'use "auto", "float32" or "bfloat16"')
+        need(
+            m.dtype in ("float32", "bfloat16", "auto"),
+            f"{table}.dtype",
+            f"unknown dtype {m.dtype!r}",
+            'use "auto", "float32" or "bfloat16"',
+        )
     # Only stages that build a student need one: a job of just teacher_sft trains the teacher alone.
-    need(bool(config.student.model or config.student.config) or set(r.stages) <= {"teacher_sft"}, "student", "neither model nor config is set", "set student.model (pretrained) or student.config (random init)")
-    need(t.wire_dtype in ("bfloat16", "float32"), "teacher.wire_dtype", f"unknown dtype {t.wire_dtype!r}", 'use "bfloat16" or "float32"')
+    need(
+        bool(config.student.model or config.student.config) or set(r.stages) <= {"teacher_sft"},
+        "student",
+        "neither model nor config is set",
+        "set student.model (pretrained) or student.config (random init)",
+    )
+    need(
+        t.wire_dtype in ("bfloat16", "float32"),
+        "teacher.wire_dtype",
+        f"unknown dtype {t.wire_dtype!r}",
+        'use "bfloat16" or "float32"',
+    )
     need(t.timeout_s > 0, "teacher.timeout_s", f"must be > 0, got {t.timeout_s}", "use e.g. 120")
-    need(t.retry_timeout_s >= 0, "teacher.retry_timeout_s", f"must be >= 0, got {t.retry_timeout_s}", "use e.g. 300 (seconds), or 0 to give up at once")
+    need(
+        t.retry_timeout_s >= 0,
+        "teacher.retry_timeout_s",
+        f"must be >= 0, got {t.retry_timeout_s}",
+        "use e.g. 300 (seconds), or 0 to give up at once",
+    )
     for address in t.address:
         host, sep, port = address.rpartition(":")
-        need(bool(sep and host and port.isdigit()), "teacher.address", f"{address!r} is not host:port", 'write e.g. "127.0.0.1:50051"')
+        need(
+            bool(sep and host and port.isdigit()),
+            "teacher.address",
+            f"{address!r} is not host:port",
+            'write e.g. "127.0.0.1:50051"',
+        )
     if "teacher_sft" in r.stages:
-        need(config.teacher_sft.steps > 0, "teacher_sft.steps", "must be > 0 when the teacher_sft stage runs", "set steps or drop the stage")
+        need(
+            config.teacher_sft.steps > 0,
+            "teacher_sft.steps",
+            "must be > 0 when the teacher_sft stage runs",
+            "set steps or drop the stage",
+        )
         sft = config.teacher_sft
-        need(sft.warmup_steps <= sft.steps, "teacher_sft.warmup_steps", f"{sft.warmup_steps} is longer than the stage ({sft.steps} steps), so the learning rate never reaches its peak", f"use at most {sft.steps}")
-        need(not t.address, "run.stages", "teacher_sft needs an in-process teacher", "remove teacher.address or the teacher_sft stage")
+        need(
+            sft.warmup_steps <= sft.steps,
+            "teacher_sft.warmup_steps",
+            f"{sft.warmup_steps} is longer than the stage ({sft.steps} steps), so the learning rate never reaches its peak",
+            f"use at most {sft.steps}",
+        )
+        need(
+            not t.address,
+            "run.stages",
+            "teacher_sft needs an in-process teacher",
+            "remove teacher.address or the teacher_sft stage",
+        )
     need(bool(d.train) or "distill" not in r.stages, "data.train", "is empty", "point it at a JSONL file")
     if not d.prompt_field:
         p.extend(_template_problems(d.template))
     need(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}", "use e.g. 512")
-    need(0 < d.max_prompt_length < d.max_length, "data.max_prompt_length", f"must be in (0, max_length), got {d.max_prompt_length}", "use e.g. half of max_length")
+    need(
+        0 < d.max_prompt_length < d.max_length,
+        "data.max_prompt_length",
+        f"must be in (0, max_length), got {d.max_prompt_length}",
+        "use e.g. half of max_length",
+    )
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 or more")
     need(tr.max_steps >= 1, "train.max_steps", f"must be >= 1, got {tr.max_steps}", "use e.g. 1000")
     need(tr.batch_size >= 1, "train.batch_size", f"must be >= 1, got {tr.batch_size}", "use e.g. 8")
@@ -452,13 +540,38 @@ def check_values(config: Config) -> list[ConfigProblem]:
     need(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}", "use e.g. 0.01")
     need(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}", "use 0 or more")
     if "distill" in r.stages:
-        need(tr.warmup_steps <= tr.max_steps, "train.warmup_steps", f"{tr.warmup_steps} is longer than the run (train.max_steps {tr.max_steps}), so the learning rate never reaches its peak", f"use at most {tr.max_steps}")
-    need(tr.schedule in ("cosine", "linear", "constant"), "train.schedule", f"unknown schedule {tr.schedule!r}", 'use "cosine", "linear" or "constant"')
+        need(
+            tr.warmup_steps <= tr.max_steps,
+            "train.warmup_steps",
+            f"{tr.warmup_steps} is longer than the run (train.max_steps {tr.max_steps}), so the learning rate never reaches its peak",
+            f"use at most {tr.max_steps}",
+        )
+    need(
+        tr.schedule in ("cosine", "linear", "constant"),
+        "train.schedule",
+        f"unknown schedule {tr.schedule!r}",
+        'use "cosine", "linear" or "constant"',
+    )
     need(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {tr.min_lr_ratio}", "use e.g. 0.1")
     need(tr.clip_grad >= 0, "train.clip_grad", f"must be >= 0, got {tr.clip_grad}", "use 1.0, or 0 to disable")
-    need(tr.precision in ("fp32", "bf16"), "train.precision", f"unknown precision {tr.precision!r}", 'use "fp32" or "bf16"')
-    need(tr.save_every >= 0, "train.save_every", f"must be >= 0, got {tr.save_every}", "use 0 (by time only) or a step interval")
-    need(tr.save_every_minutes >= 0, "train.save_every_minutes", f"must be >= 0, got {tr.save_every_minutes}", "use e.g. 10, or 0 to save by steps only")
+    need(
+        tr.precision in ("fp32", "bf16"),
+        "train.precision",
+        f"unknown precision {tr.precision!r}",
+        'use "fp32" or "bf16"',
+    )
+    need(
+        tr.save_every >= 0,
+        "train.save_every",
+        f"must be >= 0, got {tr.save_every}",
+        "use 0 (by time only) or a step interval",
+    )
+    need(
+        tr.save_every_minutes >= 0,
+        "train.save_every_minutes",
+        f"must be >= 0, got {tr.save_every_minutes}",
+        "use e.g. 10, or 0 to save by steps only",
+    )
     need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {tr.keep_checkpoints}", "use e.g. 2")
     need(tr.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {tr.max_bad_steps}", "use e.g. 3")
     need(tr.chunk_size >= 0, "train.chunk_size", f"must be >= 0, got {tr.chunk_size}", "use 0 (automatic) or e.g. 256")
@@ -473,11 +586,21 @@ def check_values(config: Config) -> list[ConfigProblem]:
     need(e.max_samples >= 0, "eval.max_samples", f"must be >= 0, got {e.max_samples}", "use 0 for all")
     if "eval" in r.stages and e.split in ("test", "valid"):  # an unknown split is reported once, above
         split_file = d.test if e.split == "test" else d.valid
-        need(bool(split_file), f"data.{e.split}", "is empty but the eval stage needs it", f"set data.{e.split} or drop the eval stage")
+        need(
+            bool(split_file),
+            f"data.{e.split}",
+            "is empty but the eval stage needs it",
+            f"set data.{e.split} or drop the eval stage",
+        )
     for table, key in sorted(PATH_FIELDS):
         value = getattr(getattr(config, table), key)
         if key in ("train", "valid", "test", "tls_ca_file", "config") and value:
-            need(Path(value).exists(), f"{table}.{key}", f"file not found: {value}", "check the path (relative paths start at the config file's folder)")
+            need(
+                Path(value).exists(),
+                f"{table}.{key}",
+                f"file not found: {value}",
+                "check the path (relative paths start at the config file's folder)",
+            )
         if key in ("train", "valid", "test") and value and Path(value).exists():
             # A folder or a pipe would be opened by the data loader and fail there, after the models load.
             kind = "a directory" if Path(value).is_dir() else "not a regular file (a pipe, socket or device)"
@@ -496,10 +619,19 @@ def _template_problems(template: str) -> list[ConfigProblem]:
     out = []
     unknown = sorted({name for name in _TEMPLATE_WORD.findall(template) if name not in TEMPLATE_FIELDS})
     if unknown:
-        out.append(ConfigProblem("data.template", f"unknown placeholder {', '.join('{' + n + '}' for n in unknown)}",
-                                 'use only {instruction} and {context}, or "alpaca"'))
+        out.append(
+            ConfigProblem(
+                "data.template",
+                f"unknown placeholder {', '.join('{' + n + '}' for n in unknown)}",
+                'use only {instruction} and {context}, or "alpaca"',
+            )
+        )
     if "{instruction}" not in template:
-        out.append(ConfigProblem("data.template", "has no {instruction}", 'use "alpaca" or a string with {instruction} (and {context})'))
+        out.append(
+            ConfigProblem(
+                "data.template", "has no {instruction}", 'use "alpaca" or a string with {instruction} (and {context})'
+            )
+        )
     return out
 
 
@@ -519,16 +651,29 @@ def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
     objective = registry.family("objectives").get(config.objective.name)
     t = config.teacher
     # An objective declares whether it needs a teacher (sft does not); the name is never special-cased here.
-    if objective is not None and registry.declared("objectives", config.objective.name, "needs_teacher") and not (t.model or t.config or t.address):
-        problems.append(ConfigProblem("teacher", "no teacher: neither model, config nor address is set",
-                                      f"set teacher.model, teacher.config or teacher.address (objective {config.objective.name!r} needs one)"))
+    if (
+        objective is not None
+        and registry.declared("objectives", config.objective.name, "needs_teacher")
+        and not (t.model or t.config or t.address)
+    ):
+        problems.append(
+            ConfigProblem(
+                "teacher",
+                "no teacher: neither model, config nor address is set",
+                f"set teacher.model, teacher.config or teacher.address (objective {config.objective.name!r} needs one)",
+            )
+        )
     for table, family in PLUGIN_TABLES.items():
         section = getattr(config, table)
         if not section.name:
             continue  # an empty aligner name means "choose for the vocabularies"
         known = registry.family(family)
         if section.name not in known:
-            problems.append(ConfigProblem(f"{table}.name", f"unknown {table} {section.name!r}", f"known: {', '.join(sorted(known)) or 'none'}"))
+            problems.append(
+                ConfigProblem(
+                    f"{table}.name", f"unknown {table} {section.name!r}", f"known: {', '.join(sorted(known)) or 'none'}"
+                )
+            )
             continue
         skip = ("temperature",) if table == "divergence" else ()
         defaults = option_defaults(known[section.name], skip=skip)
@@ -546,15 +691,24 @@ def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
                     tp = tuple[type(default[0]), ...] if default else tuple[str, ...]
                 ok, _ = _coerce(value, tp)
                 if not ok:
-                    problems.append(ConfigProblem(f"{table}.{key}", f"expected {_type_name(tp)}, got {value!r}", f"the default is {default!r}"))
+                    problems.append(
+                        ConfigProblem(
+                            f"{table}.{key}", f"expected {_type_name(tp)}, got {value!r}", f"the default is {default!r}"
+                        )
+                    )
                     continue
             # A plugin may declare closed ranges of numeric options: `fn.option_ranges = {"lam": (0.0, 1.0)}`.
             bounds = registry.declared(family, section.name, "option_ranges").get(key)
             if bounds is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
                 low, high = bounds
                 if not ((low is None or value >= low) and (high is None or value <= high)):
-                    problems.append(ConfigProblem(f"{table}.{key}", f"{value} is outside [{low}, {high}], the range {table} {section.name!r} declares",
-                                                  f"use a value in [{low}, {high}]"))
+                    problems.append(
+                        ConfigProblem(
+                            f"{table}.{key}",
+                            f"{value} is outside [{low}, {high}], the range {table} {section.name!r} declares",
+                            f"use a value in [{low}, {high}]",
+                        )
+                    )
     return problems
 
 

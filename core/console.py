@@ -69,8 +69,12 @@ class _BarProgress:
         self.bar, self.task = bar, task
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        self.bar.update(self.task, completed=step, loss=f"{metrics.get('train/loss', float('nan')):.4f}",
-                        tps=f"{metrics.get('perf/tokens_per_s', 0):.0f}")
+        self.bar.update(
+            self.task,
+            completed=step,
+            loss=f"{metrics.get('train/loss', float('nan')):.4f}",
+            tps=f"{metrics.get('perf/tokens_per_s', 0):.0f}",
+        )
 
 
 class _LineProgress:

@@ -159,7 +159,9 @@ def unmatched_load_names() -> list[str]:
     return [name for name in (item.strip() for item in raw.split(",")) if name and name.lower() not in known]
 
 
-def make_plugin_manager(extra_plugins: Iterable[Any] = (), *, entry_points: bool = True) -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]]]:
+def make_plugin_manager(
+    extra_plugins: Iterable[Any] = (), *, entry_points: bool = True
+) -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]]]:
     """A loaded and checked `PluginManager("dskd")`, plus plugin name -> (package, version)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -190,7 +192,9 @@ def make_plugin_manager(extra_plugins: Iterable[Any] = (), *, entry_points: bool
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"{exc}; hooks are named dskd_register_<family> with family one of {', '.join(FAMILIES)}") from exc
+        raise PluginError(
+            f"{exc}; hooks are named dskd_register_<family> with family one of {', '.join(FAMILIES)}"
+        ) from exc
     return pm, origin
 
 
@@ -230,11 +234,15 @@ def load_registry(extra_plugins: Iterable[Any] = (), *, entry_points: bool = Tru
                 raise PluginError(
                     f"plugin {plugin_name!r} ({package}) failed in dskd_register_{family}: {type(exc).__name__}: {exc}"
                 ) from exc
-    registry.plugins = sorted(infos.values(), key=lambda p: (p.package.lower() != BUILTIN_DISTRIBUTION, p.package, p.name))
+    registry.plugins = sorted(
+        infos.values(), key=lambda p: (p.package.lower() != BUILTIN_DISTRIBUTION, p.package, p.name)
+    )
     return registry
 
 
-def _make_register(registry: Registry, family: str, plugin: str, package: str, info: PluginInfo) -> Callable[[str, Any], None]:
+def _make_register(
+    registry: Registry, family: str, plugin: str, package: str, info: PluginInfo
+) -> Callable[[str, Any], None]:
     def register(name: str, obj: Any) -> None:
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise PluginError(

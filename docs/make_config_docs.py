@@ -29,8 +29,7 @@ TABLE_INTROS = {
     "run": "The run as a whole: where it writes, which stages it runs, how it seeds.",
     "student": "The model being trained. Set `model` (pretrained) or `config` (random init).",
     "teacher": (
-        "The model distilled from: in this process (`model` or `config`), or behind gRPC teacher servers "
-        "(`address`)."
+        "The model distilled from: in this process (`model` or `config`), or behind gRPC teacher servers (`address`)."
     ),
     "teacher_sft": "Supervised fine-tuning of an in-process teacher before distillation (stage `teacher_sft`).",
     "data": "The JSONL splits and how each example becomes a prompt and a response.",

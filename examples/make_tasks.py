@@ -181,9 +181,7 @@ def add(rng: random.Random) -> Record:
 def subtract(rng: random.Random) -> Record:
     a, b = sorted((rng.randrange(100), rng.randrange(100)), reverse=True)  # non-negative results only
     if rng.random() < 0.5:
-        return record(
-            "arithmetic/subtract", "Subtract the second number from the first.", f"{a} and {b}", str(a - b)
-        )
+        return record("arithmetic/subtract", "Subtract the second number from the first.", f"{a} and {b}", str(a - b))
     return record("arithmetic/subtract", f"What is {a} minus {b}?", "", str(a - b))
 
 
@@ -243,16 +241,12 @@ def kg_to_g(rng: random.Random) -> Record:
 
 def hours_to_minutes(rng: random.Random) -> Record:
     h = rng.randint(1, 48)
-    return record(
-        "conversion/hours_to_minutes", f"How many minutes are in {h} hours?", "", f"{h * 60} minutes"
-    )
+    return record("conversion/hours_to_minutes", f"How many minutes are in {h} hours?", "", f"{h * 60} minutes")
 
 
 def minutes_to_seconds(rng: random.Random) -> Record:
     m = rng.randint(1, 60)
-    return record(
-        "conversion/minutes_to_seconds", f"How many seconds are in {m} minutes?", "", f"{m * 60} seconds"
-    )
+    return record("conversion/minutes_to_seconds", f"How many seconds are in {m} minutes?", "", f"{m * 60} seconds")
 
 
 def number_to_word(rng: random.Random) -> Record:
@@ -307,9 +301,7 @@ def generate(seed: int = SEED, total: int = sum(SIZES.values())) -> list[Record]
             if len(out) == total:
                 break
     if len(out) < total:
-        raise SystemExit(
-            f"only {len(out)} distinct items for {total} requested; add tasks or lower the sizes"
-        )
+        raise SystemExit(f"only {len(out)} distinct items for {total} requested; add tasks or lower the sizes")
     rng.shuffle(out)
     return out
 
@@ -328,9 +320,7 @@ def write_splits(out_dir: Path, seed: int = SEED) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})"
-    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument(
         "--seed", type=int, default=SEED, help=f"random seed (default: {SEED}; the committed files use it)"
     )

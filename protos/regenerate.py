@@ -45,7 +45,9 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
     text = grpc_module.read_text()
     fixed, count = _IMPORT_RE.subn(_FIXED_IMPORT, text)
     if count != 1:
-        raise SystemExit(f"expected one `import teacher_pb2` line in {grpc_module}, found {count}; update regenerate.py")
+        raise SystemExit(
+            f"expected one `import teacher_pb2` line in {grpc_module}, found {count}; update regenerate.py"
+        )
     grpc_module.write_text(fixed)
     return [out_dir / name for name in GENERATED]
 

@@ -77,7 +77,9 @@ class GenerateJob(_Job):
 _STOP = object()
 
 
-def shrink_topk(ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def shrink_topk(
+    ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-`k` of a larger, descending top-K (`k <= K`): the dropped entries join the tail mass."""
     if k >= ids.shape[1]:
         return ids, logprobs, tail
@@ -123,7 +125,9 @@ class ModelWorker:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            raise QueueFullError(f"the model worker's queue is full ({self._queue.maxsize} jobs); retry later") from None
+            raise QueueFullError(
+                f"the model worker's queue is full ({self._queue.maxsize} jobs); retry later"
+            ) from None
         return job.future
 
     def warm_up(self, num_tokens: int, seq_len: int) -> None:
@@ -137,7 +141,15 @@ class ModelWorker:
         mask = torch.ones_like(ids)
         flat = torch.arange(min(rows * seq_len, self.chunk_rows), dtype=torch.int64)
         request = SignalRequest(hidden_states=True, top_k=min(8, self.head.vocab_size))
-        compute_signal(self.model, self.head, ids.to(self.device), mask.to(self.device), flat.to(self.device), request, chunk_rows=self.chunk_rows)
+        compute_signal(
+            self.model,
+            self.head,
+            ids.to(self.device),
+            mask.to(self.device),
+            flat.to(self.device),
+            request,
+            chunk_rows=self.chunk_rows,
+        )
 
     # -- the worker thread ------------------------------------------------------------------------------
 
@@ -197,7 +209,15 @@ class ModelWorker:
         try:
             ids, mask, rows = self._merge(jobs)
             request = reduce(SignalRequest.merge, (job.input.request for job in jobs))
-            signal = compute_signal(self.model, self.head, ids.to(self.device), mask.to(self.device), rows.to(self.device), request, chunk_rows=self.chunk_rows)
+            signal = compute_signal(
+                self.model,
+                self.head,
+                ids.to(self.device),
+                mask.to(self.device),
+                rows.to(self.device),
+                request,
+                chunk_rows=self.chunk_rows,
+            )
         except Exception as error:  # one failed forward fails its jobs, never the worker
             for job in jobs:
                 job.future.set_exception(error)
@@ -253,7 +273,10 @@ class ModelWorker:
             out.append(EncodedTensor("hidden_states", dtype, tuple(hidden.shape), tensor_bytes(hidden, dtype)))
         if job.request.top_k:
             ids, logprobs, tail = shrink_topk(
-                signal.topk_ids[start:end], signal.topk_logprobs[start:end], signal.tail_logmass[start:end], job.request.top_k
+                signal.topk_ids[start:end],
+                signal.topk_logprobs[start:end],
+                signal.tail_logmass[start:end],
+                job.request.top_k,
             )
             out.append(EncodedTensor("topk_ids", pb.INT32, tuple(ids.shape), tensor_bytes(ids, pb.INT32)))
             out.append(EncodedTensor("topk_logprobs", dtype, tuple(logprobs.shape), tensor_bytes(logprobs, dtype)))
@@ -267,7 +290,13 @@ class ModelWorker:
         try:
             g = job.input
             result = sample_continuations(
-                self.model, self.tokenizer, g.prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed
+                self.model,
+                self.tokenizer,
+                g.prompts,
+                max_new_tokens=g.max_new_tokens,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                seed=g.seed,
             )
         except Exception as error:
             job.future.set_exception(error)

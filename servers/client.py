@@ -103,7 +103,9 @@ class RemoteTeacher(Teacher):
             raise TeacherError(f"retry_timeout_s {retry_timeout_s} must be >= 0 (0: give up after max_attempts)")
         self.retry_timeout_s = float(retry_timeout_s)
         roots = _read_ca(tls_ca_file)
-        self._replicas = ReplicaSet([Replica(a, auth_token=auth_token, root_certificates=roots) for a in self.addresses])
+        self._replicas = ReplicaSet(
+            [Replica(a, auth_token=auth_token, root_certificates=roots) for a in self.addresses]
+        )
         self._cache = TeacherCache(cache_dir)
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -132,19 +134,33 @@ class RemoteTeacher(Teacher):
     def vocab_size(self) -> int:
         return self.head.vocab_size
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest) -> TeacherSignal:
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest
+    ) -> TeacherSignal:
         """Signal for `rows` (flat positions `b * T + t` into the `(B, T)` ids), in the order given."""
         return self._execute(self._plan(input_ids, attention_mask, rows, request))
 
-    def score_async(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest) -> Future:
+    def score_async(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest
+    ) -> Future:
         """`score` on a helper thread; the batch is packed before this returns, so the caller may reuse it."""
         plan = self._plan(input_ids, attention_mask, rows, request)
         return self._pool().submit(self._execute, plan)
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[int]]:
         """Sampled continuations (ids without the prompt, up to and including EOS), from the teacher."""
         if "generate" not in self.capabilities:
-            raise TeacherError(f"teacher at {self.addresses[0]} does not offer Generate; use a policy that samples from the student")
+            raise TeacherError(
+                f"teacher at {self.addresses[0]} does not offer Generate; use a policy that samples from the student"
+            )
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -160,7 +176,9 @@ class RemoteTeacher(Teacher):
                 seed=seed + index,  # each group its own stream, reproducible for a given batch split
                 expected_fingerprint=self.fingerprint,
             )
-            reply = self._call(lambda replica, message=message: replica.stub().Generate(message, timeout=self.timeout_s), "Generate")
+            reply = self._call(
+                lambda replica, message=message: replica.stub().Generate(message, timeout=self.timeout_s), "Generate"
+            )
             out.extend(_unpack(reply.tokens))
         return out
 
@@ -211,14 +229,22 @@ class RemoteTeacher(Teacher):
                 failures[replica.address] = teacher_error(error, replica.address, "the handshake (GetInfo)")
                 replica.bench(self.bench_seconds)
         if not infos:
-            raise failures[self.addresses[0]] if len(failures) == 1 else TeacherError("no teacher answered: " + " | ".join(str(f) for f in failures.values()))
+            raise (
+                failures[self.addresses[0]]
+                if len(failures) == 1
+                else TeacherError("no teacher answered: " + " | ".join(str(f) for f in failures.values()))
+            )
         for address, info in infos.items():
             if info.protocol_version != PROTOCOL_VERSION:
-                raise TeacherError(f"teacher at {address} speaks {info.protocol_version!r}, this client {PROTOCOL_VERSION!r}; upgrade the older side")
+                raise TeacherError(
+                    f"teacher at {address} speaks {info.protocol_version!r}, this client {PROTOCOL_VERSION!r}; upgrade the older side"
+                )
         fingerprints = {address: info.fingerprint for address, info in infos.items()}
         if len(set(fingerprints.values())) > 1:
             listed = ", ".join(f"{a} serves {fp}" for a, fp in fingerprints.items())
-            raise TeacherError(f"teacher replicas differ ({listed}); every address must serve the same model, revision, tokenizer and dtype")
+            raise TeacherError(
+                f"teacher replicas differ ({listed}); every address must serve the same model, revision, tokenizer and dtype"
+            )
         for failure in failures.values():
             log.warning("%s; continuing with the other replicas", failure)
         return next(iter(infos.values()))
@@ -234,7 +260,9 @@ class RemoteTeacher(Teacher):
         if tokenizer_fingerprint(tokenizer) != self.info.tokenizer_fingerprint:
             # Different tokenizers library versions may serialise the same tokenizer differently, so this is a
             # warning; a real mismatch shows up in the head check and as out-of-vocabulary ids.
-            log.warning("the teacher's tokenizer loads here with a different fingerprint than on the server (library versions differ?)")
+            log.warning(
+                "the teacher's tokenizer loads here with a different fingerprint than on the server (library versions differ?)"
+            )
         return tokenizer
 
     def _fetch_tokenizer(self, replica: Replica) -> dict[str, bytes]:
@@ -250,7 +278,9 @@ class RemoteTeacher(Teacher):
                     raise WireFormatError(f"tokenizer file {chunk.path}: size or sha256 does not match")
                 done.add(chunk.path)
         if not files or set(files) != done:
-            raise WireFormatError(f"tokenizer stream ended before files {sorted(set(files) - done) or 'any'} were complete")
+            raise WireFormatError(
+                f"tokenizer stream ended before files {sorted(set(files) - done) or 'any'} were complete"
+            )
         return {name: bytes(data) for name, data in files.items()}
 
     def _load_head(self) -> tuple[LMHead, str]:
@@ -265,13 +295,19 @@ class RemoteTeacher(Teacher):
         else:
             meta, tensors = cached
         specs = {spec["name"]: spec for spec in meta["tensors"]}
-        weight = bytes_tensor(tensors["lm_head.weight"], specs["lm_head.weight"]["dtype"], tuple(specs["lm_head.weight"]["shape"]))
+        weight = bytes_tensor(
+            tensors["lm_head.weight"], specs["lm_head.weight"]["dtype"], tuple(specs["lm_head.weight"]["shape"])
+        )
         bias = None
         if "lm_head.bias" in tensors:
-            bias = bytes_tensor(tensors["lm_head.bias"], specs["lm_head.bias"]["dtype"], tuple(specs["lm_head.bias"]["shape"]))
+            bias = bytes_tensor(
+                tensors["lm_head.bias"], specs["lm_head.bias"]["dtype"], tuple(specs["lm_head.bias"]["shape"])
+            )
         expected = (self.info.tokenizer_size, self.info.hidden_size)
         if tuple(weight.shape) != expected:
-            raise TeacherError(f"teacher at {self.addresses[0]}: LM head has shape {tuple(weight.shape)}, expected {expected} from GetInfo; the server is inconsistent")
+            raise TeacherError(
+                f"teacher at {self.addresses[0]}: LM head has shape {tuple(weight.shape)}, expected {expected} from GetInfo; the server is inconsistent"
+            )
         return LMHead(weight, bias, float(meta["scale"]), float(meta["softcap"])).to(self.device), source
 
     def _fetch_head(self, replica: Replica) -> tuple[dict, dict[str, bytearray]]:
@@ -280,7 +316,9 @@ class RemoteTeacher(Teacher):
             if part.WhichOneof("part") == "header":
                 header = part.header
                 if header.fingerprint != self.fingerprint:
-                    raise TeacherError(f"teacher at {replica.address} sent the head of model {header.fingerprint}, not {self.fingerprint}; restart the run")
+                    raise TeacherError(
+                        f"teacher at {replica.address} sent the head of model {header.fingerprint}, not {self.fingerprint}; restart the run"
+                    )
                 assembler = TensorAssembler(header.tensors)
             elif assembler is None:
                 raise WireFormatError("head part before the header")
@@ -290,7 +328,10 @@ class RemoteTeacher(Teacher):
             raise WireFormatError("the head stream ended early")
         assembler.verify_checksums()
         meta = {
-            "tensors": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "sha256": s.sha256.hex()} for s in header.tensors],
+            "tensors": [
+                {"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "sha256": s.sha256.hex()}
+                for s in header.tensors
+            ],
             "scale": header.scale,
             "softcap": header.softcap,
         }
@@ -302,10 +343,14 @@ class RemoteTeacher(Teacher):
         Catches architectures whose last hidden state is not the head's input, heads with transforms the
         server did not describe, and a head corrupted on the way.
         """
-        ids = self.tokenizer("The quick brown fox jumps over the lazy dog.\nIt was 1999.")["input_ids"][: self.limits.max_seq_len]
+        ids = self.tokenizer("The quick brown fox jumps over the lazy dog.\nIt was 1999.")["input_ids"][
+            : self.limits.max_seq_len
+        ]
         probe = torch.tensor([ids], dtype=torch.int64)
         k = min(8, self.limits.max_top_k, self.vocab_size)
-        signal = self.score(probe, torch.ones_like(probe), torch.arange(probe.shape[1]), SignalRequest(hidden_states=True, top_k=k))
+        signal = self.score(
+            probe, torch.ones_like(probe), torch.arange(probe.shape[1]), SignalRequest(hidden_states=True, top_k=k)
+        )
         local = self.head.logits(signal.hidden_states.to(self.device))
         _, local_top, local_tail = topk_with_tail(local, k)
         local_at_server = (local - torch.logsumexp(local, -1, keepdim=True)).gather(1, signal.topk_ids)
@@ -339,7 +384,9 @@ class RemoteTeacher(Teacher):
         for message in plan.messages:
             message.request_id = uuid.uuid4().hex
             message.expected_fingerprint = self.fingerprint
-            tensors, header, trailer = self._call(lambda replica, message=message: self._score_once(replica, message), "Score")
+            tensors, header, trailer = self._call(
+                lambda replica, message=message: self._score_once(replica, message), "Score"
+            )
             parts.append(tensors)
             trailers.append(trailer)
             replicas.append(header.replica_id)
@@ -366,7 +413,9 @@ class RemoteTeacher(Teacher):
                     header = part.header
                     if header.fingerprint != self.fingerprint:
                         call.cancel()
-                        raise TeacherError(f"teacher at {replica.address} answered as model {header.fingerprint}, not {self.fingerprint}; restart the run against matching replicas")
+                        raise TeacherError(
+                            f"teacher at {replica.address} answered as model {header.fingerprint}, not {self.fingerprint}; restart the run against matching replicas"
+                        )
                     assembler = TensorAssembler(header.tensors)
                 elif kind == "tensor" and assembler is not None:
                     assembler.add(part.tensor)
@@ -406,7 +455,11 @@ class RemoteTeacher(Teacher):
                 result = fn(replica)
                 replica.answered()
                 if failed_since is not None and time.monotonic() - failed_since >= 1.0:
-                    log.warning("teacher at %s answered again after %.0f s; continuing", replica.address, time.monotonic() - failed_since)
+                    log.warning(
+                        "teacher at %s answered again after %.0f s; continuing",
+                        replica.address,
+                        time.monotonic() - failed_since,
+                    )
                 return result
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
@@ -415,7 +468,9 @@ class RemoteTeacher(Teacher):
             except _BrokenStream as error:
                 last = error.args[0]
             except WireFormatError as error:
-                last = TeacherError(f"teacher at {replica.address}: the {what} answer was malformed ({error}); see the server's log")
+                last = TeacherError(
+                    f"teacher at {replica.address}: the {what} answer was malformed ({error}); see the server's log"
+                )
             now = time.monotonic()
             failed_since = now if failed_since is None else failed_since
             waited = now - failed_since
@@ -430,12 +485,20 @@ class RemoteTeacher(Teacher):
                 tried.clear()
                 delay = pause if attempt < attempts else min(pause, max(self.retry_timeout_s - waited, 0.0))
                 pause = min(pause * 2, RETRY_BACKOFF_MAX_S)
-                log.warning("%s; no replica answers: attempt %d in %.1f s (down for %.0f s; giving up after retry_timeout_s = %.0f s)",
-                            last, attempt + 1, delay, waited, self.retry_timeout_s)
+                log.warning(
+                    "%s; no replica answers: attempt %d in %.1f s (down for %.0f s; giving up after retry_timeout_s = %.0f s)",
+                    last,
+                    attempt + 1,
+                    delay,
+                    waited,
+                    self.retry_timeout_s,
+                )
                 time.sleep(delay)
             else:
                 log.warning("%s; retrying on another replica", last)
-        raise TeacherError(f"{last} [gave up after {attempt} attempts in {time.monotonic() - failed_since:.0f} s over {', '.join(self.addresses)}]")
+        raise TeacherError(
+            f"{last} [gave up after {attempt} attempts in {time.monotonic() - failed_since:.0f} s over {', '.join(self.addresses)}]"
+        )
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -474,7 +537,9 @@ def _read_ca(path: str | Path | None) -> bytes | None:
     try:
         return Path(path).read_bytes()
     except OSError as error:
-        raise TeacherError(f"tls_ca_file {path}: cannot read it ({error.strerror}); give the PEM certificate that signed the server's") from None
+        raise TeacherError(
+            f"tls_ca_file {path}: cannot read it ({error.strerror}); give the PEM certificate that signed the server's"
+        ) from None
 
 
 def _unpack(tokens: pb.PackedTokens) -> list[list[int]]:

@@ -46,7 +46,12 @@ def teacher_error(error: grpc.RpcError, address: str, what: str) -> TeacherError
     return TeacherError(f"teacher at {address}: {what} failed with {name} ({details}); {hint}")
 
 
-class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")), grpc.ClientCallDetails):
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
     pass
 
 
@@ -62,7 +67,9 @@ class BearerTokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryS
 
     def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         metadata = [*(details.metadata or ()), self._entry]
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression)
+        return _CallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
+        )
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._with_token(client_call_details), request)
@@ -74,7 +81,14 @@ class BearerTokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryS
 class Replica:
     """One teacher server address."""
 
-    def __init__(self, address: str, *, auth_token: str | None = None, root_certificates: bytes | None = None, watch_health: bool = True) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        auth_token: str | None = None,
+        root_certificates: bytes | None = None,
+        watch_health: bool = True,
+    ) -> None:
         self.address = address
         self._token = auth_token
         self._root_certificates = root_certificates
@@ -107,7 +121,9 @@ class Replica:
             ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
         ]
         if self._root_certificates is not None:
-            channel = grpc.secure_channel(self.address, grpc.ssl_channel_credentials(root_certificates=self._root_certificates), options=options)
+            channel = grpc.secure_channel(
+                self.address, grpc.ssl_channel_credentials(root_certificates=self._root_certificates), options=options
+            )
         else:
             channel = grpc.insecure_channel(self.address, options=options)
         health_channel = channel
@@ -118,7 +134,9 @@ class Replica:
         self._stub = pb_grpc.TeacherStub(channel)
         self.serving = None
         if self._watch_health:
-            threading.Thread(target=self._watch, args=(health_channel, self._pid), name=f"dskd-health-{self.address}", daemon=True).start()
+            threading.Thread(
+                target=self._watch, args=(health_channel, self._pid), name=f"dskd-health-{self.address}", daemon=True
+            ).start()
 
     def _watch(self, channel: grpc.Channel, pid: int) -> None:
         """Follow the server's health stream for as long as this channel lives; reconnect with a backoff."""

@@ -24,8 +24,10 @@ class Undecodable:
 
     def message(self, method: str) -> str:
         name = method.rsplit("/", 1)[-1]
-        return (f"request: {self.size} bytes are not a valid {name} request ({self.error}); "
-                f"send a message serialised from protos/teacher.proto")
+        return (
+            f"request: {self.size} bytes are not a valid {name} request ({self.error}); "
+            f"send a message serialised from protos/teacher.proto"
+        )
 
 
 def _tolerant(deserializer):
@@ -55,7 +57,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
                 return await inner(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=deserializer, response_serializer=handler.response_serializer
+            )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
@@ -65,5 +69,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 async for reply in inner_stream(request, context):
                     yield reply
 
-            return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=deserializer, response_serializer=handler.response_serializer
+            )
         return handler  # the Teacher service has no client-streaming methods

@@ -34,7 +34,14 @@ class RequestLimits:
 
     @classmethod
     def from_info(cls, info: pb.TeacherInfo) -> RequestLimits:
-        return cls(info.tokenizer_size, info.hidden_size, info.max_seq_len, info.max_batch_tokens, info.max_top_k, info.max_response_bytes)
+        return cls(
+            info.tokenizer_size,
+            info.hidden_size,
+            info.max_seq_len,
+            info.max_batch_tokens,
+            info.max_top_k,
+            info.max_response_bytes,
+        )
 
     def row_bytes(self, request: SignalRequest, wire_dtype: int) -> int:
         item = WIRE_DTYPES[wire_dtype].itemsize
@@ -57,54 +64,82 @@ class ScorePlan:
 
 
 def plan_score(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest, limits: RequestLimits, wire_dtype: int
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    request: SignalRequest,
+    limits: RequestLimits,
+    wire_dtype: int,
 ) -> ScorePlan:
     if request.empty:
         raise TeacherError("score: the SignalRequest asks for nothing; set hidden_states, top_k or logits")
     if request.top_k > limits.max_top_k:
-        raise TeacherError(f"score: top_k {request.top_k} exceeds the teacher's max_top_k {limits.max_top_k}; lower it or restart the server with a larger --max-top-k")
+        raise TeacherError(
+            f"score: top_k {request.top_k} exceeds the teacher's max_top_k {limits.max_top_k}; lower it or restart the server with a larger --max-top-k"
+        )
     # numpy, not torch: these are a few small host arrays, where each torch op costs several times more.
     ids = input_ids.detach().cpu().numpy()
     mask = attention_mask.detach().cpu().numpy().astype(bool)
     rows = rows.detach().cpu().numpy().astype(np.int64).reshape(-1)
     if ids.ndim != 2 or mask.shape != ids.shape:
-        raise TeacherError(f"score: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must be the same (B, T) shape")
+        raise TeacherError(
+            f"score: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must be the same (B, T) shape"
+        )
     batch, width = ids.shape
     lengths = mask.sum(1)
     starts = np.where(lengths > 0, mask.argmax(1), 0)
     span = np.arange(width)
     holes = mask != ((span >= starts[:, None]) & (span < (starts + lengths)[:, None]))
     if holes.any():
-        raise TeacherError(f"score: attention_mask row {int(holes.any(1).argmax())} has holes; a remote teacher needs each sequence as one run of tokens (left or right padding)")
+        raise TeacherError(
+            f"score: attention_mask row {int(holes.any(1).argmax())} has holes; a remote teacher needs each sequence as one run of tokens (left or right padding)"
+        )
     if batch and lengths.max() > limits.max_seq_len:
         b = int(lengths.argmax())
-        raise TeacherError(f"score: sequence {b} has {int(lengths[b])} tokens, more than the teacher's max_seq_len {limits.max_seq_len}; truncate the data or restart the server with a larger --max-seq-len")
+        raise TeacherError(
+            f"score: sequence {b} has {int(lengths[b])} tokens, more than the teacher's max_seq_len {limits.max_seq_len}; truncate the data or restart the server with a larger --max-seq-len"
+        )
     packed = ids[mask]
     out_of_vocab = (packed < 0) | (packed >= limits.vocab_size)
     if out_of_vocab.any():
-        raise TeacherError(f"score: token id {int(packed[out_of_vocab][0])} is outside the teacher's vocabulary [0, {limits.vocab_size}); tokenize with the teacher's tokenizer")
+        raise TeacherError(
+            f"score: token id {int(packed[out_of_vocab][0])} is outside the teacher's vocabulary [0, {limits.vocab_size}); tokenize with the teacher's tokenizer"
+        )
     if rows.size and (rows.min() < 0 or rows.max() >= batch * width):
         raise TeacherError(f"score: rows must be flat positions in [0, {batch * width}) of the ({batch}, {width}) ids")
     seq, column = np.divmod(rows, width)
     pos = column - starts[seq]
     padding = (pos < 0) | (pos >= lengths[seq])
     if padding.any():
-        raise TeacherError(f"score: row {int(rows[padding][0])} points at padding; ask only for positions of real tokens")
+        raise TeacherError(
+            f"score: row {int(rows[padding][0])} points at padding; ask only for positions of real tokens"
+        )
     order = None
     if seq.size > 1 and (seq[1:] < seq[:-1]).any():
         order = np.argsort(seq, kind="stable")
         seq, pos = seq[order], pos[order]
     counts = np.bincount(seq, minlength=batch)
     messages = _split(packed, lengths, pos, counts, request, limits, wire_dtype)
-    return ScorePlan(batch, torch.from_numpy(counts.astype(np.int64)), None if order is None else torch.from_numpy(order), messages, request, int(rows.size))
+    return ScorePlan(
+        batch,
+        torch.from_numpy(counts.astype(np.int64)),
+        None if order is None else torch.from_numpy(order),
+        messages,
+        request,
+        int(rows.size),
+    )
 
 
-def _split(packed, lengths, positions, counts, request: SignalRequest, limits: RequestLimits, wire_dtype: int) -> list[pb.ScoreRequest]:
+def _split(
+    packed, lengths, positions, counts, request: SignalRequest, limits: RequestLimits, wire_dtype: int
+) -> list[pb.ScoreRequest]:
     """Requests of whole sequences, each within max_batch_tokens and max_response_bytes.
 
     Sequences without requested rows are not sent at all: the teacher's forward would be wasted on them.
     """
-    outputs = pb.OutputSpec(hidden_states=request.hidden_states, top_k=request.top_k, logits=request.logits, wire_dtype=wire_dtype)
+    outputs = pb.OutputSpec(
+        hidden_states=request.hidden_states, top_k=request.top_k, logits=request.logits, wire_dtype=wire_dtype
+    )
     row_bytes = limits.row_bytes(request, wire_dtype)
     keep = counts > 0
     if not keep.all():
@@ -113,7 +148,9 @@ def _split(packed, lengths, positions, counts, request: SignalRequest, limits: R
     if not lengths.size:
         return []
     if int(counts.max()) * row_bytes > limits.max_response_bytes:
-        raise TeacherError(f"score: one sequence's answer exceeds the teacher's max_response_bytes {limits.max_response_bytes}; ask for top_k instead of logits")
+        raise TeacherError(
+            f"score: one sequence's answer exceeds the teacher's max_response_bytes {limits.max_response_bytes}; ask for top_k instead of logits"
+        )
     bounds: list[int] = [0]  # sequence index where each request starts
     longest = rows_in = 0
     for b, (length, count) in enumerate(zip(lengths.tolist(), counts.tolist())):
@@ -127,7 +164,9 @@ def _split(packed, lengths, positions, counts, request: SignalRequest, limits: R
     row_ends = [0, *np.cumsum(counts).tolist()]
     return [
         pb.ScoreRequest(
-            tokens=pb.PackedTokens(ids=int32_bytes(packed[token_ends[a] : token_ends[b]]), lengths=lengths[a:b].tolist()),
+            tokens=pb.PackedTokens(
+                ids=int32_bytes(packed[token_ends[a] : token_ends[b]]), lengths=lengths[a:b].tolist()
+            ),
             positions=int32_bytes(positions[row_ends[a] : row_ends[b]]),
             position_counts=counts[a:b].tolist(),
             outputs=outputs,

@@ -53,9 +53,13 @@ def read_token_file(path: str | Path) -> str:
     try:
         token = Path(path).read_text().strip()
     except OSError as error:
-        raise ServerSetupError(f"--auth-token-file {path}: cannot read it ({error.strerror}); give a readable file holding the token") from None
+        raise ServerSetupError(
+            f"--auth-token-file {path}: cannot read it ({error.strerror}); give a readable file holding the token"
+        ) from None
     if not token or any(c.isspace() for c in token):
-        raise ServerSetupError(f"--auth-token-file {path}: holds no token or one with spaces; write one token (e.g. from `openssl rand -hex 32`) on one line")
+        raise ServerSetupError(
+            f"--auth-token-file {path}: holds no token or one with spaces; write one token (e.g. from `openssl rand -hex 32`) on one line"
+        )
     return token
 
 
@@ -64,7 +68,9 @@ def server_credentials(cert_file: str | Path, key_file: str | Path) -> grpc.Serv
         cert = Path(cert_file).read_bytes()
         key = Path(key_file).read_bytes()
     except OSError as error:
-        raise ServerSetupError(f"TLS: cannot read {error.filename} ({error.strerror}); pass a PEM certificate with --tls-cert and its key with --tls-key") from None
+        raise ServerSetupError(
+            f"TLS: cannot read {error.filename} ({error.strerror}); pass a PEM certificate with --tls-cert and its key with --tls-key"
+        ) from None
     return grpc.ssl_server_credentials([(key, cert)])
 
 
@@ -106,5 +112,7 @@ def _denying(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandl
     }
     for attribute, factory in kinds.items():
         if getattr(handler, attribute) is not None:
-            return factory(deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+            return factory(
+                deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
     return handler

@@ -61,28 +61,48 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="serve_teacher.py", description="Serve an HF causal LM as a dskd teacher over gRPC.")
-    p.add_argument("--model", required=True, help="a local folder or a Hugging Face model id (tokenizer from the same place)")
+    p = argparse.ArgumentParser(
+        prog="serve_teacher.py", description="Serve an HF causal LM as a dskd teacher over gRPC."
+    )
+    p.add_argument(
+        "--model", required=True, help="a local folder or a Hugging Face model id (tokenizer from the same place)"
+    )
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit) for a hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (printed, see --port-file)")
     p.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype of the model (default: bfloat16 on CUDA, float32 on CPU, as an in-process teacher)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="compute dtype of the model (default: bfloat16 on CUDA, float32 on CPU, as an in-process teacher)",
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward, and per request")
-    p.add_argument("--max-seq-len", type=int, default=None, help="longest sequence accepted (default: the model's, capped by --max-batch-tokens)")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="longest sequence accepted (default: the model's, capped by --max-batch-tokens)",
+    )
     p.add_argument("--max-top-k", type=int, default=128)
-    p.add_argument("--max-response-bytes", type=int, default=256 << 20, help="largest Score answer (guards full logits)")
+    p.add_argument(
+        "--max-response-bytes", type=int, default=256 << 20, help="largest Score answer (guards full logits)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=512, help="Generate limit")
     p.add_argument("--max-queue", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
     p.add_argument("--no-batching", action="store_true", help="one request per forward (for comparisons)")
-    p.add_argument("--auth-token-file", default=None, help="require `authorization: Bearer <token>` with this file's token")
+    p.add_argument(
+        "--auth-token-file", default=None, help="require `authorization: Bearer <token>` with this file's token"
+    )
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
     p.add_argument("--reflection", action="store_true", help="serve gRPC reflection (for grpcurl / grpcui)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
     p.add_argument("--replica-id", default=None, help="name reported in every answer (default host:port)")
-    p.add_argument("--drain-seconds", type=float, default=2.0, help="after SIGTERM, NOT_SERVING this long before refusing calls")
+    p.add_argument(
+        "--drain-seconds", type=float, default=2.0, help="after SIGTERM, NOT_SERVING this long before refusing calls"
+    )
     p.add_argument("--grace-seconds", type=float, default=30.0, help="then wait this long for calls in flight")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -114,7 +134,9 @@ def load_teacher(args: argparse.Namespace) -> LoadedTeacher:
         model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, dtype=dtype)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"--model {args.model}: cannot load a causal LM and its tokenizer ({first_line}); give a folder saved with save_pretrained or a model id") from None
+        raise ModelError(
+            f"--model {args.model}: cannot load a causal LM and its tokenizer ({first_line}); give a folder saved with save_pretrained or a model id"
+        ) from None
     model.to(device).eval().requires_grad_(False)
     head = head_from_model(model, len(tokenizer), verify=True, name=f"teacher {args.model}").detached()
     # A local path says nothing about the model (replicas may keep it in different folders), so only hub ids
@@ -127,13 +149,23 @@ def load_teacher(args: argparse.Namespace) -> LoadedTeacher:
 
 
 def limits_for(args: argparse.Namespace, teacher: LoadedTeacher) -> ServerLimits:
-    for flag, value in (("--max-batch-tokens", args.max_batch_tokens), ("--max-top-k", args.max_top_k), ("--max-response-bytes", args.max_response_bytes), ("--max-new-tokens", args.max_new_tokens), ("--max-queue", args.max_queue)):
+    for flag, value in (
+        ("--max-batch-tokens", args.max_batch_tokens),
+        ("--max-top-k", args.max_top_k),
+        ("--max-response-bytes", args.max_response_bytes),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--max-queue", args.max_queue),
+    ):
         if value < 1:
-            raise ServerSetupError(f"{flag} {value} must be at least 1 (to serve one request per forward, use --no-batching)")
+            raise ServerSetupError(
+                f"{flag} {value} must be at least 1 (to serve one request per forward, use --no-batching)"
+            )
     model_len = int(getattr(teacher.model.config, "max_position_embeddings", 0) or args.max_batch_tokens)
     max_seq_len = args.max_seq_len or min(model_len, args.max_batch_tokens)
     if max_seq_len > args.max_batch_tokens:
-        raise ServerSetupError(f"--max-seq-len {max_seq_len} exceeds --max-batch-tokens {args.max_batch_tokens}; one sequence must fit a forward")
+        raise ServerSetupError(
+            f"--max-seq-len {max_seq_len} exceeds --max-batch-tokens {args.max_batch_tokens}; one sequence must fit a forward"
+        )
     if max_seq_len < 1:
         raise ServerSetupError(f"--max-seq-len {max_seq_len} must be at least 1")
     return ServerLimits(
@@ -178,9 +210,16 @@ def write_port_file(path: str, port: int) -> None:
     tmp.replace(path)  # atomic, so a reader never sees an empty file
 
 
-async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: ServerLimits, token: str | None, credentials) -> int:
+async def serve(
+    args: argparse.Namespace, teacher: LoadedTeacher, limits: ServerLimits, token: str | None, credentials
+) -> int:
     worker = ModelWorker(
-        teacher.model, teacher.head, teacher.tokenizer, max_batch_tokens=limits.max_batch_tokens, batching=not args.no_batching, max_queue=args.max_queue
+        teacher.model,
+        teacher.head,
+        teacher.tokenizer,
+        max_batch_tokens=limits.max_batch_tokens,
+        batching=not args.no_batching,
+        max_queue=args.max_queue,
     )
     options = [
         ("grpc.max_send_message_length", limits.max_message_bytes),
@@ -201,7 +240,9 @@ async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: Server
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as error:
         if address_in_use(args.host, args.port):
-            raise ServerSetupError(f"cannot listen on {address}: address in use (another process holds port {args.port}); stop it or pick another --port") from None
+            raise ServerSetupError(
+                f"cannot listen on {address}: address in use (another process holds port {args.port}); stop it or pick another --port"
+            ) from None
         raise ServerSetupError(f"cannot listen on {address} ({error}); pick another --port or --host") from None
     replica_id = args.replica_id or f"{socket.gethostname()}:{port}"
     description = describe(
@@ -223,7 +264,14 @@ async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: Server
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    announce("listening", host=args.host, port=port, fingerprint=teacher.fingerprint, tls=credentials is not None, dtype=args.dtype)
+    announce(
+        "listening",
+        host=args.host,
+        port=port,
+        fingerprint=teacher.fingerprint,
+        tls=credentials is not None,
+        dtype=args.dtype,
+    )
     if args.port_file:
         write_port_file(args.port_file, port)
     # The worker thread starts only after the warm-up, so the model has one user at a time.
@@ -256,18 +304,24 @@ async def serve(args: argparse.Namespace, teacher: LoadedTeacher, limits: Server
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     try:
         token = read_token_file(args.auth_token_file) if args.auth_token_file else None
         check_listen_policy(args.host, token=token, insecure=args.insecure)
         if bool(args.tls_cert) != bool(args.tls_key):
-            raise ServerSetupError("--tls-cert and --tls-key go together; pass both PEM files, or neither for plaintext")
+            raise ServerSetupError(
+                "--tls-cert and --tls-key go together; pass both PEM files, or neither for plaintext"
+            )
         credentials = server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
         if token and credentials is None and not is_loopback(args.host):
             log.warning("the bearer token travels in plaintext on %s; add --tls-cert/--tls-key", args.host)
         if address_in_use(args.host, args.port):
             # Checked again at the real bind; this one only spares loading a large model for nothing.
-            raise ServerSetupError(f"cannot listen on {bind_address(args.host, args.port)}: address in use (another process holds port {args.port}); stop it or pick another --port")
+            raise ServerSetupError(
+                f"cannot listen on {bind_address(args.host, args.port)}: address in use (another process holds port {args.port}); stop it or pick another --port"
+            )
         teacher = load_teacher(args)
         limits = limits_for(args, teacher)
         return asyncio.run(serve(args, teacher, limits, token, credentials))

@@ -69,7 +69,16 @@ def _special_id(value) -> int:
     return -1 if value is None else int(value)
 
 
-def describe(model: torch.nn.Module, tokenizer, *, model_id: str, revision: str, fingerprint: str, tokenizer_fingerprint: str, replica_id: str) -> TeacherDescription:
+def describe(
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    model_id: str,
+    revision: str,
+    fingerprint: str,
+    tokenizer_fingerprint: str,
+    replica_id: str,
+) -> TeacherDescription:
     config = model.config
     return TeacherDescription(
         model_id=model_id,
@@ -87,7 +96,9 @@ def describe(model: torch.nn.Module, tokenizer, *, model_id: str, revision: str,
 
 
 class TeacherServicer(pb_grpc.TeacherServicer):
-    def __init__(self, worker: ModelWorker, description: TeacherDescription, limits: ServerLimits, tokenizer_dir: Path) -> None:
+    def __init__(
+        self, worker: ModelWorker, description: TeacherDescription, limits: ServerLimits, tokenizer_dir: Path
+    ) -> None:
         self.worker = worker
         self.head = worker.head
         self.description = description
@@ -138,13 +149,24 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     async def FetchHead(self, request, context):
         dtype = request.dtype or dtype_enum(self.head.weight.dtype)
         if dtype not in (pb.BF16, pb.FP16, pb.FP32):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dtype: value {request.dtype} is not BF16 (1), FP16 (2) or FP32 (3)")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"dtype: value {request.dtype} is not BF16 (1), FP16 (2) or FP32 (3)"
+            )
         tensors = [("lm_head.weight", self.head.weight)]
         if self.head.bias is not None:
             tensors.append(("lm_head.bias", self.head.bias))
         encoded = [(name, tuple(t.shape), await asyncio.to_thread(tensor_bytes, t, dtype)) for name, t in tensors]
-        specs = await asyncio.to_thread(lambda: [tensor_spec(name, dtype, shape, data, checksum=True) for name, shape, data in encoded])
-        yield pb.HeadPart(header=pb.HeadHeader(fingerprint=self.description.fingerprint, tensors=specs, scale=self.head.scale, softcap=self.head.softcap))
+        specs = await asyncio.to_thread(
+            lambda: [tensor_spec(name, dtype, shape, data, checksum=True) for name, shape, data in encoded]
+        )
+        yield pb.HeadPart(
+            header=pb.HeadHeader(
+                fingerprint=self.description.fingerprint,
+                tensors=specs,
+                scale=self.head.scale,
+                softcap=self.head.softcap,
+            )
+        )
         for name, _, data in encoded:
             for part in iter_parts(name, data):
                 yield pb.HeadPart(tensor=part)
@@ -161,7 +183,10 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                 request_id=request.request_id,
                 fingerprint=self.description.fingerprint,
                 replica_id=self.description.replica_id,
-                tensors=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=len(t.data)) for t in result.tensors],
+                tensors=[
+                    pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=len(t.data))
+                    for t in result.tensors
+                ],
                 rows_per_sequence=result.rows_per_sequence,
             )
         )
@@ -186,7 +211,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         await self._check_fingerprint(request.expected_fingerprint, context)
         sequences = await self._run(GenerateJob(input=job_input, deadline=_deadline(context)), context)
-        return pb.GenerateResponse(request_id=request.request_id, fingerprint=self.description.fingerprint, tokens=pack_sequences(sequences))
+        return pb.GenerateResponse(
+            request_id=request.request_id, fingerprint=self.description.fingerprint, tokens=pack_sequences(sequences)
+        )
 
     async def _check_fingerprint(self, expected: str, context) -> None:
         if expected and expected != self.description.fingerprint:
@@ -205,7 +232,10 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         except DeadlineExpiredError as error:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
         except torch.cuda.OutOfMemoryError:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the teacher ran out of accelerator memory; send smaller batches or lower --max-batch-tokens")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "the teacher ran out of accelerator memory; send smaller batches or lower --max-batch-tokens",
+            )
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as error:  # a model failure is the server's fault, reported as such, never as data

@@ -93,4 +93,6 @@ class TeacherCache:
         folder = self.folder(fingerprint)
         for name, data in tensors.items():
             _atomic_write(folder / f"head-{dtype_name}.{name}.bin", bytes(data))
-        _atomic_write(folder / f"head-{dtype_name}.json", json.dumps(meta, sort_keys=True).encode())  # last: marks complete
+        _atomic_write(
+            folder / f"head-{dtype_name}.json", json.dumps(meta, sort_keys=True).encode()
+        )  # last: marks complete

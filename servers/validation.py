@@ -81,7 +81,10 @@ def validate_tokens(packed: pb.PackedTokens, field: str, limits: ServerLimits, *
     if lengths.size == 0:
         raise RequestError(f"{field}.lengths", "is empty; send at least one sequence")
     if lengths.min() < 1:
-        raise RequestError(f"{field}.lengths", f"sequence {int(np.argmin(lengths))} has length {int(lengths.min())}; every sequence needs at least one token")
+        raise RequestError(
+            f"{field}.lengths",
+            f"sequence {int(np.argmin(lengths))} has length {int(lengths.min())}; every sequence needs at least one token",
+        )
     longest = max_len if max_len is not None else limits.max_seq_len
     if lengths.max() > longest:
         raise RequestError(
@@ -91,12 +94,18 @@ def validate_tokens(packed: pb.PackedTokens, field: str, limits: ServerLimits, *
         )
     data = packed.ids
     if len(data) != 4 * int(lengths.sum()):
-        raise RequestError(f"{field}.ids", f"holds {len(data)} bytes but the lengths sum to {int(lengths.sum())} int32 ids ({4 * int(lengths.sum())} bytes)")
+        raise RequestError(
+            f"{field}.ids",
+            f"holds {len(data)} bytes but the lengths sum to {int(lengths.sum())} int32 ids ({4 * int(lengths.sum())} bytes)",
+        )
     ids = int32_array(data)
     bad = (ids < 0) | (ids >= limits.vocab_size)
     if bad.any():
         where = int(np.argmax(bad))
-        raise RequestError(f"{field}.ids", f"id {int(ids[where])} at packed index {where} is outside the teacher's vocabulary [0, {limits.vocab_size}); tokenize with the teacher's tokenizer")
+        raise RequestError(
+            f"{field}.ids",
+            f"id {int(ids[where])} at packed index {where} is outside the teacher's vocabulary [0, {limits.vocab_size}); tokenize with the teacher's tokenizer",
+        )
     return Packed(ids=ids, lengths=lengths)
 
 
@@ -109,7 +118,10 @@ def validate_score(request: pb.ScoreRequest, limits: ServerLimits) -> ScoreInput
     if not (outputs.hidden_states or outputs.top_k or outputs.logits):
         raise RequestError("outputs", "asks for nothing; set hidden_states, top_k or logits")
     if outputs.top_k > limits.max_top_k or outputs.top_k > limits.vocab_size:
-        raise RequestError("outputs.top_k", f"{outputs.top_k} exceeds this server's limit {min(limits.max_top_k, limits.vocab_size)}; ask for fewer")
+        raise RequestError(
+            "outputs.top_k",
+            f"{outputs.top_k} exceeds this server's limit {min(limits.max_top_k, limits.vocab_size)}; ask for fewer",
+        )
     tokens = validate_tokens(request.tokens, "tokens", limits)
     padded = int(len(tokens.lengths) * tokens.lengths.max())
     if padded > limits.max_batch_tokens:
@@ -120,22 +132,34 @@ def validate_score(request: pb.ScoreRequest, limits: ServerLimits) -> ScoreInput
         )
     counts = np.asarray(request.position_counts, dtype=np.int64)
     if counts.shape != tokens.lengths.shape:
-        raise RequestError("position_counts", f"has {counts.size} entries for {tokens.lengths.size} sequences; send one count per sequence")
+        raise RequestError(
+            "position_counts",
+            f"has {counts.size} entries for {tokens.lengths.size} sequences; send one count per sequence",
+        )
     if counts.size and counts.min() < 0:
         raise RequestError("position_counts", "has a negative count")
     if len(request.positions) != 4 * int(counts.sum()):
-        raise RequestError("positions", f"holds {len(request.positions)} bytes but position_counts sum to {int(counts.sum())} int32 positions")
+        raise RequestError(
+            "positions",
+            f"holds {len(request.positions)} bytes but position_counts sum to {int(counts.sum())} int32 positions",
+        )
     positions = int32_array(request.positions)
     limit = np.repeat(tokens.lengths, counts)
     bad = (positions < 0) | (positions >= limit)
     if bad.any():
         where = int(np.argmax(bad))
         seq = int(np.searchsorted(np.cumsum(counts), where, side="right"))
-        raise RequestError("positions", f"position {int(positions[where])} of sequence {seq} is outside [0, {int(limit[where])}); positions index tokens of their own sequence")
+        raise RequestError(
+            "positions",
+            f"position {int(positions[where])} of sequence {seq} is outside [0, {int(limit[where])}); positions index tokens of their own sequence",
+        )
     signal = SignalRequest(hidden_states=outputs.hidden_states, top_k=int(outputs.top_k), logits=outputs.logits)
     size = response_bytes(int(counts.sum()), signal, wire_dtype, limits)
     if size > limits.max_response_bytes:
-        raise RequestError("outputs", f"the answer would take {size} bytes, more than max_response_bytes {limits.max_response_bytes}; ask for fewer rows or top_k instead of logits")
+        raise RequestError(
+            "outputs",
+            f"the answer would take {size} bytes, more than max_response_bytes {limits.max_response_bytes}; ask for fewer rows or top_k instead of logits",
+        )
     return ScoreInput(tokens=tokens, positions=positions, counts=counts, request=signal, wire_dtype=wire_dtype)
 
 
@@ -157,8 +181,15 @@ def validate_generate(request: pb.GenerateRequest, limits: ServerLimits) -> Gene
     top_p = float(request.top_p) or 1.0
     if not (0 < top_p <= 1):
         raise RequestError("top_p", f"{request.top_p} must be in (0, 1] (or unset: no nucleus filter)")
-    prompts = validate_tokens(request.prompts, "prompts", limits, max_len=limits.max_seq_len - int(request.max_new_tokens))
+    prompts = validate_tokens(
+        request.prompts, "prompts", limits, max_len=limits.max_seq_len - int(request.max_new_tokens)
+    )
     padded = int(len(prompts.lengths) * (prompts.lengths.max() + request.max_new_tokens))
     if padded > limits.max_batch_tokens:
-        raise RequestError("prompts", f"{padded} padded tokens with max_new_tokens exceed max_batch_tokens {limits.max_batch_tokens}; send fewer prompts")
-    return GenerateInput(prompts.sequences(), int(request.max_new_tokens), float(request.temperature), top_p, int(request.seed))
+        raise RequestError(
+            "prompts",
+            f"{padded} padded tokens with max_new_tokens exceed max_batch_tokens {limits.max_batch_tokens}; send fewer prompts",
+        )
+    return GenerateInput(
+        prompts.sequences(), int(request.max_new_tokens), float(request.temperature), top_p, int(request.seed)
+    )

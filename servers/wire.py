@@ -26,7 +26,14 @@ MAX_MESSAGE_BYTES = 64 * MIB
 """Send/receive limit set on both ends: bounded, so a bad peer cannot make the other allocate gigabytes."""
 
 WIRE_DTYPES = {pb.BF16: torch.bfloat16, pb.FP16: torch.float16, pb.FP32: torch.float32, pb.INT32: torch.int32}
-DTYPE_NAMES = {"bfloat16": pb.BF16, "bf16": pb.BF16, "float16": pb.FP16, "fp16": pb.FP16, "float32": pb.FP32, "fp32": pb.FP32}
+DTYPE_NAMES = {
+    "bfloat16": pb.BF16,
+    "bf16": pb.BF16,
+    "float16": pb.FP16,
+    "fp16": pb.FP16,
+    "float32": pb.FP32,
+    "fp32": pb.FP32,
+}
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
@@ -102,7 +109,9 @@ class TensorAssembler:
             itemsize = WIRE_DTYPES[spec.dtype].itemsize if spec.dtype in WIRE_DTYPES else 0
             count = int(np.prod(list(spec.shape), dtype=np.int64)) if len(spec.shape) else 1
             if itemsize == 0 or count * itemsize != spec.nbytes:
-                raise WireFormatError(f"tensor {spec.name!r}: dtype {spec.dtype} and shape {list(spec.shape)} do not give {spec.nbytes} bytes")
+                raise WireFormatError(
+                    f"tensor {spec.name!r}: dtype {spec.dtype} and shape {list(spec.shape)} do not give {spec.nbytes} bytes"
+                )
             expected[spec.name] = spec.nbytes
         self.buffers = {name: bytearray(size) for name, size in expected.items()}
         self.filled = dict.fromkeys(expected, 0)
@@ -113,7 +122,9 @@ class TensorAssembler:
             raise WireFormatError(f"part for unannounced tensor {name!r}")
         data = part.data  # read the field once: every access copies
         if part.offset != self.filled[name] or part.offset + len(data) > len(self.buffers[name]):
-            raise WireFormatError(f"tensor {name!r}: part at offset {part.offset} (+{len(data)}) does not continue at {self.filled[name]}")
+            raise WireFormatError(
+                f"tensor {name!r}: part at offset {part.offset} (+{len(data)}) does not continue at {self.filled[name]}"
+            )
         self.buffers[name][part.offset : part.offset + len(data)] = data
         self.filled[name] += len(data)
 

@@ -32,7 +32,9 @@ def installed_env(site: Path) -> dict[str, str]:
 
 
 def run_dskd(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dskd", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "dskd", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:

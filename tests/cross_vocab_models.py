@@ -39,9 +39,7 @@ TEACHER_HIDDEN = 24
 # and an emoji (byte pieces in Llama), so index pairs, padding and prompt positions all differ between sides.
 EXAMPLES = [
     Example("### Instruction:\nSpell the word backwards.\n\n### Response:\n", ("hsif, of course",)),
-    Example(
-        "### Instruction:\nGreet the reader.\n\n### Response:\n", ("Hi wörld 😀\nagain",)
-    ),  # 8 vs 12 tokens
+    Example("### Instruction:\nGreet the reader.\n\n### Response:\n", ("Hi wörld 😀\nagain",)),  # 8 vs 12 tokens
     Example("Say hello in Russian.\n", ("Привет",)),  # 7 GPT-2 tokens, 2 TinyLlama tokens
 ]
 
@@ -117,9 +115,7 @@ def models(
     return student, LocalTeacher(teacher, t_tok)
 
 
-def make_batch(
-    aligner, student_name: str = "gpt2", teacher_name: str = "tinyllama", examples=EXAMPLES
-) -> Batch:
+def make_batch(aligner, student_name: str = "gpt2", teacher_name: str = "tinyllama", examples=EXAMPLES) -> Batch:
     """One micro-batch of `examples` as the data loader makes it: both tokenizations, labels, and the
     aligner's pairs turned into packed aligned rows."""
     s_tok, t_tok = tokenizer(student_name), tokenizer(teacher_name)
@@ -157,12 +153,8 @@ def make_context(
     )
 
 
-
-
 def valid_outputs(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, b: int):
     """Sequence `b`'s last hidden states, the model's own logits and labels at its label positions, in order."""
-    out = model(
-        input_ids=ids[b : b + 1], attention_mask=mask[b : b + 1], output_hidden_states=True, use_cache=False
-    )
+    out = model(input_ids=ids[b : b + 1], attention_mask=mask[b : b + 1], output_hidden_states=True, use_cache=False)
     keep = labels[b] != -100
     return out.hidden_states[-1][0][keep], out.logits[0][keep], labels[b][keep]

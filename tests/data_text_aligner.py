@@ -28,9 +28,7 @@ class EqualTextAligner:
         return spans
 
     def align(self, teacher_ids, student_ids):
-        student = {
-            span: j for j, span in reversed(list(enumerate(self.spans(self.student_tokenizer, student_ids))))
-        }
+        student = {span: j for j, span in reversed(list(enumerate(self.spans(self.student_tokenizer, student_ids))))}
         pairs, last = [], -1
         for i, span in enumerate(self.spans(self.teacher_tokenizer, teacher_ids)):
             j = student.get(span, -1)

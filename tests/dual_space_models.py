@@ -55,8 +55,14 @@ def tiny_llama(hidden: int, seed: int, vocab_size: int) -> LlamaForCausalLM:
     """A 1-layer float32 Llama with an untied head (so the head's gradient is its own)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).float()
 
@@ -122,12 +128,27 @@ def split_batch(batch: Batch, index: int) -> Batch:
     return Batch(*student, *teacher).index_rows()
 
 
-def make_context(student, teacher: LocalTeacher, *, divergence, temperature: float = 1.0,
-                 chunk_size: int = 5, same_vocab: bool = True, student_tokenizer=None,
-                 aligner=None) -> ObjectiveContext:
+def make_context(
+    student,
+    teacher: LocalTeacher,
+    *,
+    divergence,
+    temperature: float = 1.0,
+    chunk_size: int = 5,
+    same_vocab: bool = True,
+    student_tokenizer=None,
+    aligner=None,
+) -> ObjectiveContext:
     tok = student_tokenizer if student_tokenizer is not None else teacher.tokenizer
     return ObjectiveContext(
-        student=student, student_tokenizer=tok, student_head=head_from_model(student, len(tok), name="student"),
-        teacher=teacher, divergence=divergence, divergence_name=getattr(divergence, "__name__", "divergence"),
-        temperature=temperature, chunk_size=chunk_size, aligner=aligner, same_vocab=same_vocab,
+        student=student,
+        student_tokenizer=tok,
+        student_head=head_from_model(student, len(tok), name="student"),
+        teacher=teacher,
+        divergence=divergence,
+        divergence_name=getattr(divergence, "__name__", "divergence"),
+        temperature=temperature,
+        chunk_size=chunk_size,
+        aligner=aligner,
+        same_vocab=same_vocab,
     )

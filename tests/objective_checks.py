@@ -31,12 +31,16 @@ class Result:
         return self.terms.counts
 
 
-def run_objective(objective, student, teacher, batch: Batch, denominator: float, *, kd_rate: float, weights=None) -> Result:
+def run_objective(
+    objective, student, teacher, batch: Batch, denominator: float, *, kd_rate: float, weights=None
+) -> Result:
     """One micro-batch as the engine runs it: student hidden states, teacher signal for the valid rows, the
     objective's terms, weighted by `kd_rate` over `denominator` (or by explicit `LossWeights`)."""
     hidden = last_hidden_state(student, batch.student_input_ids, batch.student_attention_mask)
     signal = teacher.score(batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, objective.request)
-    return Result(*objective_loss(objective, batch, hidden, signal, kd_rate=kd_rate, denominator=denominator, weights=weights))
+    return Result(
+        *objective_loss(objective, batch, hidden, signal, kd_rate=kd_rate, denominator=denominator, weights=weights)
+    )
 
 
 def log_softmax64(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -36,7 +36,11 @@ from dskd.run.job import Job
 from dskd.types import Batch
 
 REGISTRY = load_registry()
-PAIRS = {"same": ("tinyllama", "tinyllama"), "different": ("gpt2", "mistral"), "sentencepiece_student": ("tinyllama", "gpt2")}
+PAIRS = {
+    "same": ("tinyllama", "tinyllama"),
+    "different": ("gpt2", "mistral"),
+    "sentencepiece_student": ("tinyllama", "gpt2"),
+}
 CFG = DataConfig()
 PROMPTS = tuple(e.prompt for e in EXAMPLES)
 
@@ -69,30 +73,56 @@ def example_batch(pair: str) -> Batch:
     student_name, teacher_name = PAIRS[pair]
     s_tok, t_tok = tokenizer(student_name), tokenizer(teacher_name)
     same = same_vocabulary(t_tok, s_tok)
-    rows = tokenize_split(list(EXAMPLES), s_tok, None if same else t_tok, CFG, aligner=None if same else eta(t_tok, s_tok), split="valid")
-    return collate([rows[i] for i in range(len(rows))], student_pad_id=s_tok.pad_token_id, teacher_pad_id=t_tok.pad_token_id)
+    rows = tokenize_split(
+        list(EXAMPLES), s_tok, None if same else t_tok, CFG, aligner=None if same else eta(t_tok, s_tok), split="valid"
+    )
+    return collate(
+        [rows[i] for i in range(len(rows))], student_pad_id=s_tok.pad_token_id, teacher_pad_id=t_tok.pad_token_id
+    )
 
 
-def policy_context(pair: str, *, teacher=None, max_length: int = CFG.max_length, seed: int = 0, cache_dir: str = "",
-                   objective: Any = None) -> PolicyContext:
+def policy_context(
+    pair: str,
+    *,
+    teacher=None,
+    max_length: int = CFG.max_length,
+    seed: int = 0,
+    cache_dir: str = "",
+    objective: Any = None,
+) -> PolicyContext:
     """What `dskd.run.components.build_policy` gives a policy, for a pair of the bundled tokenizers."""
     student_name, teacher_name = PAIRS[pair]
     s_tok, t_tok = tokenizer(student_name), tokenizer(teacher_name)
     if teacher is None:
         teacher = LocalTeacher(tiny_model(teacher_name, 24, seed=1), t_tok)
     return PolicyContext(
-        student=tiny_model(student_name, 16), student_tokenizer=s_tok, teacher=teacher,
+        student=tiny_model(student_name, 16),
+        student_tokenizer=s_tok,
+        teacher=teacher,
         aligner=None if same_vocabulary(t_tok, s_tok) else eta(t_tok, s_tok),
-        data=dataclasses.replace(CFG, max_length=max_length), seed=seed, prompts=PROMPTS, cache_dir=cache_dir,
+        data=dataclasses.replace(CFG, max_length=max_length),
+        seed=seed,
+        prompts=PROMPTS,
+        cache_dir=cache_dir,
         objective=objective,
     )
 
 
 def gpt2_config(hidden: int) -> dict:
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 50257, "n_embd": hidden,
-        "n_layer": 1, "n_head": 2, "n_positions": 256, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
-        "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256,
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": 50257,
+        "n_embd": hidden,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_positions": 256,
+        "attn_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
     }
 
 
@@ -101,8 +131,15 @@ def toml_table(name: str, options: dict[str, Any]) -> str:
 
 
 def write_policy_job(
-    tmp: Path, *, vocab: str, objective: str, policy: str = "off_policy", options: dict[str, Any] | None = None,
-    steps: int = 2, samples: int = 16, extra: str = "",
+    tmp: Path,
+    *,
+    vocab: str,
+    objective: str,
+    policy: str = "off_policy",
+    options: dict[str, Any] | None = None,
+    steps: int = 2,
+    samples: int = 16,
+    extra: str = "",
 ) -> Path:
     """A tiny job distilling with `policy` (its `options`) and `objective`; `vocab` is "same" or "different"."""
     policy_table = toml_table("policy", {"name": policy, **(options or {})})
@@ -111,10 +148,14 @@ def write_policy_job(
         (tmp / "student" / "config.json").write_text(json.dumps(gpt2_config(16)))
         (tmp / "teacher" / "config.json").write_text(json.dumps(llama_config(24)))
         text = path.read_text()
-        text = text.replace(f'[teacher]\nconfig = "teacher"\ntokenizer = "{TOKENIZERS / "tinyllama"}"',
-                            f'[teacher]\nconfig = "teacher"\ntokenizer = "{TOKENIZERS / "mistral"}"')
-        text = text.replace(f'[student]\nconfig = "student"\ntokenizer = "{TOKENIZERS / "tinyllama"}"',
-                            f'[student]\nconfig = "student"\ntokenizer = "{TOKENIZERS / "gpt2"}"')
+        text = text.replace(
+            f'[teacher]\nconfig = "teacher"\ntokenizer = "{TOKENIZERS / "tinyllama"}"',
+            f'[teacher]\nconfig = "teacher"\ntokenizer = "{TOKENIZERS / "mistral"}"',
+        )
+        text = text.replace(
+            f'[student]\nconfig = "student"\ntokenizer = "{TOKENIZERS / "tinyllama"}"',
+            f'[student]\nconfig = "student"\ntokenizer = "{TOKENIZERS / "gpt2"}"',
+        )
         assert "mistral" in text and "gpt2" in text, "tiny_job.write_job changed its [teacher]/[student] layout"
         path.write_text(text)
     elif vocab != "same":

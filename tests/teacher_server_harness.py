@@ -85,7 +85,9 @@ def stop_servers(servers: list[ServerProcess], timeout: float = 30.0) -> list[in
     return [server.stop(timeout) for server in servers]
 
 
-def launch_server(model_dir: Path, work_dir: Path, *extra: str, name: str = "server", threads: int = 1) -> tuple[subprocess.Popen, Path, Path]:
+def launch_server(
+    model_dir: Path, work_dir: Path, *extra: str, name: str = "server", threads: int = 1
+) -> tuple[subprocess.Popen, Path, Path]:
     """Start a server process without waiting for it (so several can load at once).
 
     `threads` caps torch's intra-op threads: one by default, so test servers started side by side on a small
@@ -107,7 +109,9 @@ def launch_server(model_dir: Path, work_dir: Path, *extra: str, name: str = "ser
     return process, port_file, log_path
 
 
-def wait_serving(process: subprocess.Popen, port_file: Path, log_path: Path, *, timeout: float = 120.0, credentials=None) -> ServerProcess:
+def wait_serving(
+    process: subprocess.Popen, port_file: Path, log_path: Path, *, timeout: float = 120.0, credentials=None
+) -> ServerProcess:
     deadline = time.monotonic() + timeout
     while not port_file.exists():
         if process.poll() is not None:
@@ -125,11 +129,13 @@ def wait_serving(process: subprocess.Popen, port_file: Path, log_path: Path, *, 
     return server
 
 
-def start_servers(specs: list[tuple[Path, tuple[str, ...], str]], work_dir: Path, *, threads: int = 1) -> list[ServerProcess]:
+def start_servers(
+    specs: list[tuple[Path, tuple[str, ...], str]], work_dir: Path, *, threads: int = 1
+) -> list[ServerProcess]:
     """Start several servers concurrently: `(model_dir, extra_args, name)` each; returns them once serving."""
     launched = [launch_server(model, work_dir, *extra, name=name, threads=threads) for model, extra, name in specs]
     credentials = {}
-    for (_, extra, name) in specs:
+    for _, extra, name in specs:
         if "--tls-cert" in extra:
             credentials[name] = Path(extra[extra.index("--tls-cert") + 1]).read_bytes()
     servers = []

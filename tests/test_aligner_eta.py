@@ -45,9 +45,7 @@ def label_ids(name: str, text: str) -> list[int]:
 
 
 def pairs_of(teacher: str, student: str, text: str, **options) -> list[tuple[int, int]]:
-    found = aligner(teacher, student, **options).align(
-        label_ids(teacher, text), label_ids(student, text)
-    )
+    found = aligner(teacher, student, **options).align(label_ids(teacher, text), label_ids(student, text))
     return [tuple(p) for p in found.pairs.tolist()]
 
 
@@ -112,17 +110,14 @@ FRAGMENTS = [
 ]
 TEXT = st.lists(
     st.one_of(
-        st.text(
-            st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581"), max_size=6
-        ),
+        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581"), max_size=6),
         st.text("abcdefghij ABC.,'0123456789", max_size=8),
         st.sampled_from(FRAGMENTS),
     ),
     max_size=10,
 ).map("".join)
 WORDS = (
-    "the quick brown fox jumps over a lazy dog while polygons are drawn, isn't it? Yes! (maybe) "
-    "co-operate U.S.A."
+    "the quick brown fox jumps over a lazy dog while polygons are drawn, isn't it? Yes! (maybe) co-operate U.S.A."
 ).split()
 
 
@@ -152,12 +147,8 @@ def test_pairs_are_exactly_the_tokens_with_equal_byte_spans(teacher, student, te
 @pytest.mark.parametrize(("teacher", "student"), PAIRS)
 @settings(max_examples=40, deadline=None)
 @given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=25))
-def test_on_ascii_text_with_a_shared_alphabet_pairs_equal_the_reference_greedy_pairs(
-    teacher, student, words
-):
-    text = " ".join(
-        words
-    )  # ASCII, single spaces, no newlines: the reference's strings mean the same bytes
+def test_on_ascii_text_with_a_shared_alphabet_pairs_equal_the_reference_greedy_pairs(teacher, student, words):
+    text = " ".join(words)  # ASCII, single spaces, no newlines: the reference's strings mean the same bytes
     raw = tokenizer(teacher).tokenize(text) + tokenizer(student).tokenize(text)
     # Pure-space tokens normalise to "" in the reference, which then pairs or skips them by
     # position.
@@ -191,14 +182,10 @@ def test_alignment_continues_after_an_emoji_where_the_reference_stops():
     after = mistral_tokens.index("😀") + 1
     assert all(i < after for i, _ in reference)  # the reference never aligns past the emoji
     assert ours == offset_pairs("mistral", "tinyllama", text)
-    assert (
-        len([i for i, _ in ours if i >= after]) >= len(mistral_tokens) - after - 1
-    )  # all but one word
+    assert len([i for i, _ in ours if i >= after]) >= len(mistral_tokens) - after - 1  # all but one word
 
 
-@pytest.mark.parametrize(
-    ("teacher", "student"), [("gpt2", "tinyllama"), ("tinyllama", "gpt2"), ("gpt2", "mistral")]
-)
+@pytest.mark.parametrize(("teacher", "student"), [("gpt2", "tinyllama"), ("tinyllama", "gpt2"), ("gpt2", "mistral")])
 def test_newlines_spelled_differently_still_align(teacher, student):
     text = "one\ntwo\n\nthree"
     found = pairs_of(teacher, student, text)

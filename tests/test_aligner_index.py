@@ -45,9 +45,7 @@ def test_index_aligns_nothing_when_either_sequence_is_empty(aligner):
     assert aligner.align(encode("tinyllama"), np.array([], dtype=np.int64)).pairs.shape == (0, 2)
 
 
-@pytest.mark.parametrize(
-    "teacher_ids,message", [([5, -100, 7], "id -100"), ([[1, 2]], "1-D"), ([32000], "id 32000")]
-)
+@pytest.mark.parametrize("teacher_ids,message", [([5, -100, 7], "id -100"), ([[1, 2]], "1-D"), ([32000], "id 32000")])
 def test_index_refuses_ids_that_are_not_one_sequence_of_the_tokenizers_tokens(aligner, teacher_ids, message):
     with pytest.raises(DataError, match=message) as info:
         aligner.align(teacher_ids, [1, 2])

@@ -54,13 +54,9 @@ def tiny(kind: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(
-        vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>")
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -93,9 +89,7 @@ def reference_dtw(cost: list[list[float]]) -> list[tuple[int, int]]:
     return [(0, 0), *reversed(path)]
 
 
-def reference_pairs(
-    aligner: MinEditAligner, t_ids: list[int], s_ids: list[int]
-) -> list[tuple[int, int]]:
+def reference_pairs(aligner: MinEditAligner, t_ids: list[int], s_ids: list[int]) -> list[tuple[int, int]]:
     """Spec §9.1 steps 2-3, plus the contract's one student position per teacher position."""
     t_str, s_str = aligner.teacher_strings, aligner.student_strings
     path = reference_dtw([[levenshtein(t_str[a], s_str[b]) for b in s_ids] for a in t_ids])
@@ -104,11 +98,7 @@ def reference_pairs(
         teachers_of[j].append(i)
     found, used = [], set()
     for j in range(len(s_ids)):
-        if (
-            len(teachers_of[j]) == 1
-            and (i := teachers_of[j][0]) not in used
-            and s_ids[j] == aligner.mapping[t_ids[i]]
-        ):
+        if len(teachers_of[j]) == 1 and (i := teachers_of[j][0]) not in used and s_ids[j] == aligner.mapping[t_ids[i]]:
             found.append((i, j))
             used.add(i)
     return found
@@ -117,9 +107,7 @@ def reference_pairs(
 @settings(max_examples=200, deadline=None)
 @given(data=st.data(), n=st.integers(1, 9), m=st.integers(1, 9))
 def test_dtw_path_equals_the_reference_dtw_including_its_tie_breaking(data, n, m):
-    cost = data.draw(
-        st.lists(st.lists(st.integers(0, 2), min_size=m, max_size=m), min_size=n, max_size=n)
-    )
+    cost = data.draw(st.lists(st.lists(st.integers(0, 2), min_size=m, max_size=m), min_size=n, max_size=n))
     rows, cols = dtw_path(np.array(cost, dtype=np.float64))
     assert list(zip(rows.tolist(), cols.tolist())) == reference_dtw(cost)
 
@@ -139,12 +127,8 @@ def test_nearest_strings_is_the_brute_force_minimum_with_its_tie_breaks(queries,
         assert index == min(key)[2]
 
 
-@pytest.mark.parametrize(
-    ("teacher", "student"), [("byte_level", "sentencepiece"), ("sentencepiece", "byte_level")]
-)
-def test_vocab_map_is_exact_bytes_first_then_the_nearest_respelled_token(
-    teacher, student, tmp_path
-):
+@pytest.mark.parametrize(("teacher", "student"), [("byte_level", "sentencepiece"), ("sentencepiece", "byte_level")])
+def test_vocab_map_is_exact_bytes_first_then_the_nearest_respelled_token(teacher, student, tmp_path):
     t_tok, s_tok = tiny(teacher), tiny(student)
     mapping = mined_module.mined(t_tok, s_tok, cache_dir=str(tmp_path)).vocab_map().numpy()
     t_vb, s_vb = vocab_bytes(t_tok), vocab_bytes(s_tok)
@@ -162,10 +146,7 @@ def test_vocab_map_is_exact_bytes_first_then_the_nearest_respelled_token(
             assert mapping[i] == exact[i]
         else:
             query = t_pieces[i].replace(t_vb.marker, s_vb.marker)
-            best = min(
-                (levenshtein(query, s_pieces[k]), abs(len(s_pieces[k]) - len(query)), k)
-                for k in candidates
-            )
+            best = min((levenshtein(query, s_pieces[k]), abs(len(s_pieces[k]) - len(query)), k) for k in candidates)
             assert mapping[i] == best[2]
 
 
@@ -184,9 +165,7 @@ def test_vocab_map_is_cached_per_tokenizer_pair_and_reused(tmp_path, monkeypatch
 def test_an_unwritable_cache_dir_only_costs_a_rebuild(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    aligner = mined_module.mined(
-        tiny("byte_level"), tiny("sentencepiece"), cache_dir=str(blocker / "cache")
-    )
+    aligner = mined_module.mined(tiny("byte_level"), tiny("sentencepiece"), cache_dir=str(blocker / "cache"))
     assert aligner.vocab_map().shape == (len(tiny("byte_level")),)
 
 
@@ -219,24 +198,16 @@ SENTENCES = [
 @given(sentences=st.lists(st.sampled_from(SENTENCES), min_size=1, max_size=3))
 def test_alignment_equals_the_reference_procedure(teacher, student, sentences):
     text = " ".join(sentences)
-    t_ids = tokenizer(teacher)(text, add_special_tokens=False).input_ids + [
-        tokenizer(teacher).eos_token_id
-    ]
-    s_ids = tokenizer(student)(text, add_special_tokens=False).input_ids + [
-        tokenizer(student).eos_token_id
-    ]
+    t_ids = tokenizer(teacher)(text, add_special_tokens=False).input_ids + [tokenizer(teacher).eos_token_id]
+    s_ids = tokenizer(student)(text, add_special_tokens=False).input_ids + [tokenizer(student).eos_token_id]
     found = exact_mined(teacher, student).align(t_ids, s_ids)
     assert found.is_monotonic()
-    assert [tuple(p) for p in found.pairs.tolist()] == reference_pairs(
-        exact_mined(teacher, student), t_ids, s_ids
-    )
+    assert [tuple(p) for p in found.pairs.tolist()] == reference_pairs(exact_mined(teacher, student), t_ids, s_ids)
 
 
 def test_same_tokenizer_aligns_every_position():
     ids = tokenizer("mistral")("Same text, same tokens.", add_special_tokens=False).input_ids + [2]
-    assert exact_mined("mistral", "mistral").align(ids, ids).pairs.tolist() == [
-        [k, k] for k in range(len(ids))
-    ]
+    assert exact_mined("mistral", "mistral").align(ids, ids).pairs.tolist() == [[k, k] for k in range(len(ids))]
 
 
 def test_empty_sequences_align_nothing_and_the_aligner_pickles():

@@ -17,8 +17,16 @@ from dskd.kit.chunked import chunked_loss, dense_loss
 
 N, V, D_S, D_T = 7, 37, 5, 6
 DIVERGENCES = dskd.load_registry().divergences
-BUILTINS = {"forward_kl", "reverse_kl", "js", "tvd", "skew_forward_kl", "skew_reverse_kl", "adaptive_kl",
-            "generalized_jsd"}
+BUILTINS = {
+    "forward_kl",
+    "reverse_kl",
+    "js",
+    "tvd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "adaptive_kl",
+    "generalized_jsd",
+}
 
 
 def inputs(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -28,8 +36,12 @@ def inputs(seed: int = 0, dtype: torch.dtype = torch.float32):
         return (torch.randn(*shape, generator=gen) * scale).to(dtype).requires_grad_(grad)
 
     rows = {"h_s": randn(N, D_S, grad=True), "h_t": randn(N, D_T), "labels": torch.randint(0, V, (N,), generator=gen)}
-    shared = {"w_s": randn(V, D_S, scale=2.0, grad=True), "t2s": randn(D_S, D_T, scale=0.5, grad=True),
-              "a": randn(D_S, D_T, scale=0.5), "w_t": randn(V, D_T, scale=2.0)}
+    shared = {
+        "w_s": randn(V, D_S, scale=2.0, grad=True),
+        "t2s": randn(D_S, D_T, scale=0.5, grad=True),
+        "a": randn(D_S, D_T, scale=0.5),
+        "w_t": randn(V, D_T, scale=2.0),
+    }
     return rows, shared
 
 

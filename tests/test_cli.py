@@ -22,8 +22,9 @@ DEFAULT_JOB = REPO / "dskd.toml"
 
 
 def run_dskd(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dskd", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dskd", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +37,16 @@ def test_plugins_json_has_one_list_per_family_and_the_plugins(capsys):
     assert main(["plugins", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert list(listing) == ["divergences", "aligners", "policies", "objectives", "plugins"]
-    assert {"forward_kl", "reverse_kl", "js", "tvd", "skew_forward_kl", "skew_reverse_kl", "adaptive_kl",
-            "generalized_jsd"} <= set(listing["divergences"])
+    assert {
+        "forward_kl",
+        "reverse_kl",
+        "js",
+        "tvd",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+        "adaptive_kl",
+        "generalized_jsd",
+    } <= set(listing["divergences"])
     assert {"sft", "kd", "dskd", "dskd_v2"} <= set(listing["objectives"])
     assert "off_policy" in listing["policies"]
     for family in ("divergences", "aligners", "policies", "objectives"):
@@ -76,12 +85,16 @@ def test_validate_prints_every_problem_on_its_own_line_and_exits_2(tmp_path: Pat
 
 
 def test_validate_checks_overrides(capsys):
-    assert main(["validate", str(DEFAULT_JOB), "--set", "divergence.name=skew_forward_kl", "--set",
-                 "divergence.lamb=0.2"]) == EXIT_USER_ERROR
+    assert (
+        main(["validate", str(DEFAULT_JOB), "--set", "divergence.name=skew_forward_kl", "--set", "divergence.lamb=0.2"])
+        == EXIT_USER_ERROR
+    )
     expected = "divergence.lamb: unknown option of divergence 'skew_forward_kl'; did you mean 'lam'?"
     assert expected in capsys.readouterr().err
-    assert main(["validate", str(DEFAULT_JOB), "--set", "divergence.name=skew_forward_kl", "--set",
-                 "divergence.lam=0.2"]) == 0
+    assert (
+        main(["validate", str(DEFAULT_JOB), "--set", "divergence.name=skew_forward_kl", "--set", "divergence.lam=0.2"])
+        == 0
+    )
 
 
 def test_run_with_a_bad_key_exits_2_with_one_line_before_any_work(tmp_path: Path, capsys):
@@ -113,6 +126,7 @@ def test_debug_raises_instead_of_printing_one_line(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------------------
 # Real processes
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.integration
 def test_run_on_a_missing_file_prints_one_line_and_exits_2(tmp_path: Path):

@@ -76,12 +76,33 @@ def test_dskd_eval_scores_a_saved_model_and_writes_json(tmp_path):
     out = tmp_path / "metrics.json"
     final = str(tmp_path / "run" / "final")
     # The model measured against itself as its teacher: full agreement, no divergence.
-    result = subprocess.run([sys.executable, "-m", "dskd", "eval", "--config", str(path), "--model", final, "--teacher", final,
-                             "--output", str(out)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dskd",
+            "eval",
+            "--config",
+            str(path),
+            "--model",
+            final,
+            "--teacher",
+            final,
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(out.read_text())
     assert metrics["num_examples"] == 4 and 0 <= metrics["rougeL"] <= 100 and 0 <= metrics["exact_match"] <= 100
     assert metrics["teacher_agreement"] == 100.0 and abs(metrics["teacher_kl"]) < 1e-5
-    missing = subprocess.run([sys.executable, "-m", "dskd", "eval", "--config", str(path), "--model", str(tmp_path / "nope")],
-                             capture_output=True, text=True, timeout=600)
+    missing = subprocess.run(
+        [sys.executable, "-m", "dskd", "eval", "--config", str(path), "--model", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert "model" in one_line_error(missing)

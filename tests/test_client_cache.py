@@ -12,7 +12,18 @@ FP = "0123abcd"
 
 
 def head_entry(data: bytes):
-    meta = {"tensors": [{"name": "lm_head.weight", "dtype": 3, "shape": [len(data) // 4], "sha256": hashlib.sha256(data).hexdigest()}], "scale": 1.0, "softcap": 0.0}
+    meta = {
+        "tensors": [
+            {
+                "name": "lm_head.weight",
+                "dtype": 3,
+                "shape": [len(data) // 4],
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        ],
+        "scale": 1.0,
+        "softcap": 0.0,
+    }
     return meta, {"lm_head.weight": data}
 
 

@@ -17,7 +17,9 @@ from dskd.servers.score_plan import (
 from dskd.servers.wire import int32_array
 from dskd.types import SignalRequest
 
-LIMITS = RequestLimits(vocab_size=50, hidden_size=4, max_seq_len=8, max_batch_tokens=64, max_top_k=8, max_response_bytes=1 << 20)
+LIMITS = RequestLimits(
+    vocab_size=50, hidden_size=4, max_seq_len=8, max_batch_tokens=64, max_top_k=8, max_response_bytes=1 << 20
+)
 TOPK = SignalRequest(top_k=3)
 
 
@@ -68,7 +70,9 @@ def test_rows_out_of_sequence_order_are_sorted_for_the_wire_and_restored_after()
 
 def test_assembled_signal_has_the_teacher_interface_dtypes():
     ids, mask = batch()
-    plan = plan_score(ids, mask, torch.tensor([0, 1]), SignalRequest(hidden_states=True, top_k=2, logits=True), LIMITS, pb.BF16)
+    plan = plan_score(
+        ids, mask, torch.tensor([0, 1]), SignalRequest(hidden_states=True, top_k=2, logits=True), LIMITS, pb.BF16
+    )
     part = {
         "hidden_states": torch.ones(2, 4, dtype=torch.bfloat16),
         "topk_ids": torch.ones(2, 2, dtype=torch.int32),
@@ -82,7 +86,9 @@ def test_assembled_signal_has_the_teacher_interface_dtypes():
 
 
 def test_batch_above_the_token_budget_is_split_into_whole_sequences():
-    limits = RequestLimits(vocab_size=50, hidden_size=4, max_seq_len=8, max_batch_tokens=16, max_top_k=8, max_response_bytes=1 << 20)
+    limits = RequestLimits(
+        vocab_size=50, hidden_size=4, max_seq_len=8, max_batch_tokens=16, max_top_k=8, max_response_bytes=1 << 20
+    )
     ids = torch.arange(40).reshape(5, 8) % 50
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -101,7 +107,9 @@ def test_batch_above_the_token_budget_is_split_into_whole_sequences():
 
 
 def test_batch_above_the_response_limit_is_split():
-    limits = RequestLimits(vocab_size=50, hidden_size=4, max_seq_len=8, max_batch_tokens=64, max_top_k=8, max_response_bytes=8 * 100)
+    limits = RequestLimits(
+        vocab_size=50, hidden_size=4, max_seq_len=8, max_batch_tokens=64, max_top_k=8, max_response_bytes=8 * 100
+    )
     ids = torch.arange(24).reshape(3, 8)
     request = SignalRequest(logits=True)  # 100 bytes a row in bf16
     plan = plan_score(ids, torch.ones_like(ids), torch.arange(24), request, limits, pb.BF16)
@@ -156,10 +164,14 @@ def test_empty_request_is_refused():
 
 def test_no_rows_needs_no_call_and_gives_empty_tensors():
     ids, mask = batch()
-    plan = plan_score(ids, mask, torch.zeros(0, dtype=torch.int64), SignalRequest(hidden_states=True, top_k=3), LIMITS, pb.BF16)
+    plan = plan_score(
+        ids, mask, torch.zeros(0, dtype=torch.int64), SignalRequest(hidden_states=True, top_k=3), LIMITS, pb.BF16
+    )
     assert plan.messages == []
     signal = empty_signal(plan, LIMITS, "cpu")
-    assert signal.hidden_states.shape == (0, 4) and signal.topk_ids.shape == (0, 3) and signal.tail_logmass.shape == (0,)
+    assert (
+        signal.hidden_states.shape == (0, 4) and signal.topk_ids.shape == (0, 3) and signal.tail_logmass.shape == (0,)
+    )
     assert signal.rows_per_sequence.tolist() == [0, 0, 0]
 
 

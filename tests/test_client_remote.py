@@ -24,7 +24,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("client")
     model_dir = save_tiny_teacher(root / "model", seed=0)
     other_dir = save_tiny_teacher(root / "other", seed=1)
-    first, second, other = start_servers([(model_dir, (), "first"), (model_dir, (), "second"), (other_dir, (), "other")], root)
+    first, second, other = start_servers(
+        [(model_dir, (), "first"), (model_dir, (), "second"), (other_dir, (), "other")], root
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     local = LocalTeacher(model, AutoTokenizer.from_pretrained(model_dir))
     yield {"first": first, "second": second, "other": other, "local": local, "model": model}
@@ -115,7 +117,9 @@ def test_prefetched_score_equals_the_direct_one(remote):
 
 
 def _score_in_child(teacher, ids, queue):
-    queue.put(teacher.score(ids, torch.ones_like(ids), torch.arange(ids.numel()), SignalRequest(top_k=4)).topk_ids.tolist())
+    queue.put(
+        teacher.score(ids, torch.ones_like(ids), torch.arange(ids.numel()), SignalRequest(top_k=4)).topk_ids.tolist()
+    )
 
 
 def test_client_made_before_fork_works_in_the_child(remote):
@@ -145,7 +149,10 @@ def test_batches_are_spread_over_both_replicas(setup, tmp_path):
     with RemoteTeacher(addresses, cache_dir=tmp_path) as teacher:
         ids, mask, rows = batch(5)
         served = [teacher.score(ids, mask, rows, SignalRequest(top_k=4)).timings["replicas"][0] for _ in range(4)]
-    assert set(served) == {f"{socket.gethostname()}:{setup['first'].port}", f"{socket.gethostname()}:{setup['second'].port}"}
+    assert set(served) == {
+        f"{socket.gethostname()}:{setup['first'].port}",
+        f"{socket.gethostname()}:{setup['second'].port}",
+    }
 
 
 def _closed_port() -> int:
@@ -190,7 +197,10 @@ def test_head_that_does_not_reproduce_the_servers_top_k_is_refused(remote):
 
 def test_unreachable_teacher_is_a_teacher_error_naming_the_address(tmp_path):
     address = f"127.0.0.1:{_closed_port()}"
-    with pytest.raises(TeacherError, match=rf"teacher at {address}: the handshake \(GetInfo\) failed with UNAVAILABLE.*serve_teacher.py running"):
+    with pytest.raises(
+        TeacherError,
+        match=rf"teacher at {address}: the handshake \(GetInfo\) failed with UNAVAILABLE.*serve_teacher.py running",
+    ):
         RemoteTeacher(address, cache_dir=tmp_path, timeout_s=5)
 
 

@@ -59,7 +59,18 @@ def test_token_interceptor_adds_bearer_metadata_and_keeps_the_rest():
         seen["details"] = details
         return "reply"
 
-    details = type("D", (), {"method": "/m", "timeout": 3.0, "metadata": [("x-a", "1")], "credentials": None, "wait_for_ready": None, "compression": None})()
+    details = type(
+        "D",
+        (),
+        {
+            "method": "/m",
+            "timeout": 3.0,
+            "metadata": [("x-a", "1")],
+            "credentials": None,
+            "wait_for_ready": None,
+            "compression": None,
+        },
+    )()
     interceptor = BearerTokenClientInterceptor("s3cret")
     assert interceptor.intercept_unary_stream(continuation, details, object()) == "reply"
     assert seen["details"].metadata == [("x-a", "1"), ("authorization", "Bearer s3cret")]

@@ -114,6 +114,7 @@ def config_error(path: Path, overrides=(), registry=None) -> ConfigError:
 # Defaults and parsing
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_defaults_are_the_documented_ones():
     config = Config()
     assert config.run.stages == ("distill", "eval")
@@ -139,27 +140,79 @@ def test_tables_missing_from_the_file_take_their_defaults(job: Path):
 def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registry):
     # A non-default value for every key, so a key that is parsed into the wrong field or dropped fails here.
     raw = {
-        "run": {"output_dir": "runs/x", "seed": 7, "stages": ["teacher_sft", "distill", "eval"],
-                "deterministic": True, "log_every": 3},
-        "student": {"model": "", "config": "student.json", "tokenizer": "org/student-tok", "dtype": "bfloat16",
-                    "gradient_checkpointing": True},
-        "teacher": {"model": "", "config": "teacher.json", "tokenizer": "org/teacher-tok", "dtype": "bfloat16",
-                    "address": [], "auth_token_env": "TEACHER_TOKEN", "tls_ca_file": "", "timeout_s": 30, "retry_timeout_s": 60,
-                    "wire_dtype": "float32", "cache_dir": "teacher-cache"},
+        "run": {
+            "output_dir": "runs/x",
+            "seed": 7,
+            "stages": ["teacher_sft", "distill", "eval"],
+            "deterministic": True,
+            "log_every": 3,
+        },
+        "student": {
+            "model": "",
+            "config": "student.json",
+            "tokenizer": "org/student-tok",
+            "dtype": "bfloat16",
+            "gradient_checkpointing": True,
+        },
+        "teacher": {
+            "model": "",
+            "config": "teacher.json",
+            "tokenizer": "org/teacher-tok",
+            "dtype": "bfloat16",
+            "address": [],
+            "auth_token_env": "TEACHER_TOKEN",
+            "tls_ca_file": "",
+            "timeout_s": 30,
+            "retry_timeout_s": 60,
+            "wire_dtype": "float32",
+            "cache_dir": "teacher-cache",
+        },
         "teacher_sft": {"steps": 5, "lr": 0.002, "batch_size": 4, "warmup_steps": 1},
-        "data": {"train": "train.jsonl", "valid": "valid.jsonl", "test": "test.jsonl", "instruction_field": "q",
-                 "context_field": "input", "response_field": "a", "prompt_field": "prompt",
-                 "template": "Q: {instruction} {context}", "max_length": 64, "max_prompt_length": 32,
-                 "num_workers": 2, "cache_dir": "data-cache"},
-        "train": {"max_steps": 9, "batch_size": 2, "grad_accum": 4, "lr": 0.001, "projector_lr": 0.003,
-                  "weight_decay": 0.0, "warmup_steps": 2, "schedule": "linear", "min_lr_ratio": 0.1,
-                  "clip_grad": 0.5, "precision": "bf16", "save_every": 3, "save_every_minutes": 2.5, "keep_checkpoints": 1, "max_bad_steps": 5, "chunk_size": 16},
+        "data": {
+            "train": "train.jsonl",
+            "valid": "valid.jsonl",
+            "test": "test.jsonl",
+            "instruction_field": "q",
+            "context_field": "input",
+            "response_field": "a",
+            "prompt_field": "prompt",
+            "template": "Q: {instruction} {context}",
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "num_workers": 2,
+            "cache_dir": "data-cache",
+        },
+        "train": {
+            "max_steps": 9,
+            "batch_size": 2,
+            "grad_accum": 4,
+            "lr": 0.001,
+            "projector_lr": 0.003,
+            "weight_decay": 0.0,
+            "warmup_steps": 2,
+            "schedule": "linear",
+            "min_lr_ratio": 0.1,
+            "clip_grad": 0.5,
+            "precision": "bf16",
+            "save_every": 3,
+            "save_every_minutes": 2.5,
+            "keep_checkpoints": 1,
+            "max_bad_steps": 5,
+            "chunk_size": 16,
+        },
         "objective": {"name": "kd", "kd_rate": 0.25, "temperature": 2.0, "teacher_signal": "top_k", "top_k": 8},
         "divergence": {"name": "skew_forward_kl", "lam": 0.3},
         "aligner": {"name": ""},
         "policy": {"name": "off_policy"},
-        "eval": {"split": "valid", "max_new_tokens": 8, "batch_size": 4, "temperature": 0.7, "top_p": 0.9,
-                 "seeds": [1, 2], "max_samples": 5},
+        "eval": {
+            "split": "valid",
+            "max_new_tokens": 8,
+            "batch_size": 4,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "seeds": [1, 2],
+            "max_samples": 5,
+        },
     }
     tables = {f.name for f in dataclasses.fields(Config)} - {"source"}
     assert set(raw) == tables
@@ -188,8 +241,14 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
 
 
 def test_to_dict_round_trips_through_parse_config(job: Path, registry):
-    raw = merged(BASE, {"objective": {"name": "kd", "top_k": 16},
-                        "divergence": {"name": "generalized_jsd", "beta": 0.2}, "eval": {"seeds": [3, 4]}})
+    raw = merged(
+        BASE,
+        {
+            "objective": {"name": "kd", "top_k": 16},
+            "divergence": {"name": "generalized_jsd", "beta": 0.2},
+            "eval": {"seeds": [3, 4]},
+        },
+    )
     config = load_config(write_job(job, raw), registry=registry)
     again = parse_config(config.to_dict(), source=config.source, registry=registry)
     assert again == config
@@ -199,6 +258,7 @@ def test_to_dict_round_trips_through_parse_config(job: Path, registry):
 # ---------------------------------------------------------------------------------------------------------
 # Problems: suggestions, types, collection
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_unknown_table_suggests_the_closest_table(job: Path):
     error = config_error(write_job(job, merged(BASE, {"trian": {"lr": 0.1}})))
@@ -256,12 +316,15 @@ def test_a_list_key_accepts_a_single_string(job: Path):
 # Paths
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_relative_paths_resolve_against_the_config_folder_from_any_cwd(job: Path, tmp_path: Path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    raw = merged(BASE, {"run": {"output_dir": "runs/first"}, "data": {"cache_dir": "./cache"},
-                        "student": {"model": "org/some-model"}})
+    raw = merged(
+        BASE,
+        {"run": {"output_dir": "runs/first"}, "data": {"cache_dir": "./cache"}, "student": {"model": "org/some-model"}},
+    )
     config = load_config(Path(os.path.relpath(write_job(job, raw), elsewhere)))
     assert config.data.train == str(job / "train.jsonl")
     assert config.data.test == str(job / "test.jsonl")
@@ -288,10 +351,13 @@ def test_the_default_job_validates_from_another_cwd(tmp_path: Path, monkeypatch,
 # --set overrides
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_overrides_are_read_as_toml_values(job: Path):
     path = write_job(job, BASE)
-    config = load_config(path, ["train.lr=3e-4", "train.max_steps=7", "run.deterministic=true",
-                                "eval.seeds=[1, 2]", 'objective.name="sft"'])
+    config = load_config(
+        path,
+        ["train.lr=3e-4", "train.max_steps=7", "run.deterministic=true", "eval.seeds=[1, 2]", 'objective.name="sft"'],
+    )
     assert config.train.lr == 3e-4 and config.train.max_steps == 7
     assert config.run.deterministic is True
     assert config.eval.seeds == (1, 2)
@@ -299,8 +365,9 @@ def test_overrides_are_read_as_toml_values(job: Path):
 
 
 def test_overrides_that_are_not_toml_are_bare_strings(job: Path):
-    config = load_config(write_job(job, BASE), ["divergence.name=js", "run.output_dir=runs/over",
-                                                "teacher.address=127.0.0.1:50051"])
+    config = load_config(
+        write_job(job, BASE), ["divergence.name=js", "run.output_dir=runs/over", "teacher.address=127.0.0.1:50051"]
+    )
     assert config.divergence.name == "js"
     assert config.run.output_dir == str(job / "runs" / "over")
     assert config.teacher.address == ("127.0.0.1:50051",)
@@ -345,12 +412,24 @@ def test_override_into_a_key_that_is_not_a_table_is_a_problem_not_a_crash():
 # Plugin names and options against a registry
 # ---------------------------------------------------------------------------------------------------------
 
+
 class OptionsPlugin:
     """A divergence whose options cover the default types the config checks (float, int, str, bool, tuple, None)."""
 
     @staticmethod
-    def shaped_kl(student_logits, teacher_logits, *, temperature=1.0, weight=0.5, steps=3, mode="sum",
-                  exact=False, ids=("a",), sizes=(1, 2), anything=None):
+    def shaped_kl(
+        student_logits,
+        teacher_logits,
+        *,
+        temperature=1.0,
+        weight=0.5,
+        steps=3,
+        mode="sum",
+        exact=False,
+        ids=("a",),
+        sizes=(1, 2),
+        anything=None,
+    ):
         raise AssertionError("never called by config validation")
 
     @dskd.hookimpl
@@ -376,11 +455,31 @@ def test_plugin_names_are_not_checked_without_a_registry(job: Path):
 
 
 def test_plugin_options_are_accepted_and_converted(job: Path, options_registry):
-    raw = merged(BASE, {"divergence": {"name": "shaped_kl", "weight": 1, "steps": 4, "mode": "max", "exact": True,
-                                       "ids": ["b", "c"], "sizes": [3], "anything": [1, "x"]}})
+    raw = merged(
+        BASE,
+        {
+            "divergence": {
+                "name": "shaped_kl",
+                "weight": 1,
+                "steps": 4,
+                "mode": "max",
+                "exact": True,
+                "ids": ["b", "c"],
+                "sizes": [3],
+                "anything": [1, "x"],
+            }
+        },
+    )
     config = load_config(write_job(job, raw), registry=options_registry)
-    assert config.divergence.options == {"weight": 1, "steps": 4, "mode": "max", "exact": True, "ids": ["b", "c"],
-                                         "sizes": [3], "anything": [1, "x"]}
+    assert config.divergence.options == {
+        "weight": 1,
+        "steps": 4,
+        "mode": "max",
+        "exact": True,
+        "ids": ["b", "c"],
+        "sizes": [3],
+        "anything": [1, "x"],
+    }
 
 
 @pytest.mark.parametrize(
@@ -413,6 +512,7 @@ def test_objective_options_come_from_the_objective_signature(job: Path, registry
 # ---------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_missing_file_is_one_config_error(tmp_path: Path):
     path = tmp_path / "nope.toml"
@@ -461,8 +561,13 @@ MALFORMED = [
     ("unknown-precision", {"train": {"precision": "fp16"}}, "", "train.precision", "unknown precision 'fp16'"),
     ("kd-rate-above-one", {"objective": {"kd_rate": 2}}, "", "objective.kd_rate", "must be in [0, 1], got 2"),
     ("zero-temperature", {"objective": {"temperature": 0}}, "", "objective.temperature", "must be > 0"),
-    ("prompt-longer-than-max", {"data": {"max_prompt_length": 600}}, "", "data.max_prompt_length",
-     "must be in (0, max_length), got 600"),
+    (
+        "prompt-longer-than-max",
+        {"data": {"max_prompt_length": 600}},
+        "",
+        "data.max_prompt_length",
+        "must be in (0, max_length), got 600",
+    ),
     ("missing-train-file", {"data": {"train": "missing.jsonl"}}, "", "data.train", "file not found"),
     ("eval-without-test-split", {"data": {"test": None}}, "", "data.test", "is empty but the eval stage needs it"),
     ("unknown-dtype", {"student": {"dtype": "float16"}}, "", "student.dtype", "unknown dtype 'float16'"),
@@ -471,19 +576,40 @@ MALFORMED = [
     ("address-without-port", {"teacher": {"address": ["localhost"]}}, "", "teacher.address", "is not host:port"),
     ("negative-timeout", {"teacher": {"timeout_s": -1}}, "", "teacher.timeout_s", "must be > 0"),
     ("negative-retry-timeout", {"teacher": {"retry_timeout_s": -5}}, "", "teacher.retry_timeout_s", "must be >= 0"),
-    ("negative-save-every-minutes", {"train": {"save_every_minutes": -1}}, "", "train.save_every_minutes", "must be >= 0"),
+    (
+        "negative-save-every-minutes",
+        {"train": {"save_every_minutes": -1}},
+        "",
+        "train.save_every_minutes",
+        "must be >= 0",
+    ),
     ("unknown-wire-dtype", {"teacher": {"wire_dtype": "fp8"}}, "", "teacher.wire_dtype", "unknown dtype 'fp8'"),
-    ("teacher-sft-without-steps", {"run": {"stages": ["teacher_sft", "distill"]}}, "", "teacher_sft.steps",
-     "must be > 0 when the teacher_sft stage runs"),
+    (
+        "teacher-sft-without-steps",
+        {"run": {"stages": ["teacher_sft", "distill"]}},
+        "",
+        "teacher_sft.steps",
+        "must be > 0 when the teacher_sft stage runs",
+    ),
     ("unknown-eval-split", {"eval": {"split": "dev"}}, "", "eval.split", "unknown split 'dev'"),
     ("top-p-zero", {"eval": {"top_p": 0}}, "", "eval.top_p", "must be in (0, 1]"),
     ("empty-seeds", {"eval": {"seeds": []}}, "", "eval.seeds", "is empty"),
     ("unknown-divergence", {"divergence": {"name": "hellinger"}}, "", "divergence.name", "known: adaptive_kl"),
     ("unknown-policy", {"policy": {"name": "on_polcy"}}, "", "policy.name", "unknown policy 'on_polcy'"),
-    ("option-of-optionless-plugin", {"divergence": {"lam": 0.2}}, "", "divergence.lam",
-     "'forward_kl' takes no options"),
-    ("misspelt-option", {"divergence": {"name": "skew_forward_kl", "lamb": 0.2}}, "", "divergence.lamb",
-     "did you mean 'lam'?"),
+    (
+        "option-of-optionless-plugin",
+        {"divergence": {"lam": 0.2}},
+        "",
+        "divergence.lam",
+        "'forward_kl' takes no options",
+    ),
+    (
+        "misspelt-option",
+        {"divergence": {"name": "skew_forward_kl", "lamb": 0.2}},
+        "",
+        "divergence.lamb",
+        "did you mean 'lam'?",
+    ),
     ("option-of-wrong-type", {"objective": {"top_k": "many"}}, "", "objective.top_k", "expected an integer"),
 ]
 
@@ -508,6 +634,7 @@ def test_there_are_at_least_twenty_malformed_configs():
 # ---------------------------------------------------------------------------------------------------------
 # docs/config.md is generated from the dataclasses
 # ---------------------------------------------------------------------------------------------------------
+
 
 def load_docs_script():
     spec = importlib.util.spec_from_file_location("make_config_docs", REPO / "docs" / "make_config_docs.py")
@@ -536,8 +663,18 @@ def test_config_docs_list_every_key_with_its_default():
 
 def test_every_config_field_has_a_docstring():
     script = load_docs_script()
-    for cls in (RunConfig, StudentConfig, TeacherConfig, TeacherSFTConfig, DataConfig, TrainConfig, ObjectiveConfig,
-                DivergenceConfig, PolicyConfig, EvalConfig):
+    for cls in (
+        RunConfig,
+        StudentConfig,
+        TeacherConfig,
+        TeacherSFTConfig,
+        DataConfig,
+        TrainConfig,
+        ObjectiveConfig,
+        DivergenceConfig,
+        PolicyConfig,
+        EvalConfig,
+    ):
         docs = script.attribute_docstrings(cls)
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
         assert not missing, f"{cls.__name__}: no docstring for {missing}"

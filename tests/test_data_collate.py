@@ -63,12 +63,8 @@ def expected_tensors(ids_list, prompt_lens, pad_id):
 
 def test_collate_pads_each_model_to_its_own_longest_sequence_with_causal_labels():
     batch = collate(ROWS, student_pad_id=0, teacher_pad_id=7)
-    s_in, s_mask, s_lab = expected_tensors(
-        [r["student_ids"] for r in ROWS], [r["student_prompt_len"] for r in ROWS], 0
-    )
-    t_in, t_mask, t_lab = expected_tensors(
-        [r["teacher_ids"] for r in ROWS], [r["teacher_prompt_len"] for r in ROWS], 7
-    )
+    s_in, s_mask, s_lab = expected_tensors([r["student_ids"] for r in ROWS], [r["student_prompt_len"] for r in ROWS], 0)
+    t_in, t_mask, t_lab = expected_tensors([r["teacher_ids"] for r in ROWS], [r["teacher_prompt_len"] for r in ROWS], 7)
     assert batch.student_input_ids.shape == (3, 6) and batch.teacher_input_ids.shape == (3, 7)
     assert torch.equal(batch.student_input_ids, s_in) and torch.equal(batch.student_attention_mask, s_mask)
     assert torch.equal(batch.student_labels, s_lab)
@@ -80,9 +76,7 @@ def test_collate_pads_each_model_to_its_own_longest_sequence_with_causal_labels(
         2,
     ]
     assert batch.sample_ids.tolist() == [4, 9, 2]
-    assert all(
-        t.dtype == torch.int64 for t in (batch.student_input_ids, batch.student_labels, batch.teacher_labels)
-    )
+    assert all(t.dtype == torch.int64 for t in (batch.student_input_ids, batch.student_labels, batch.teacher_labels))
 
 
 def test_labels_are_the_response_and_eos_only():
@@ -120,9 +114,7 @@ def test_aligned_positions_of_real_tokenizers_hold_tokens_of_the_same_text(stude
     s_tok = AutoTokenizer.from_pretrained(EXAMPLES / "tokenizers" / student)
     t_tok = AutoTokenizer.from_pretrained(EXAMPLES / "tokenizers" / teacher)
     examples = load_examples(EXAMPLES / "data" / "tasks" / "test.jsonl", DataConfig(), "test")[:16]
-    rows = tokenize_split(
-        examples, s_tok, t_tok, DataConfig(), aligner=EqualTextAligner(t_tok, s_tok), split="test"
-    )
+    rows = tokenize_split(examples, s_tok, t_tok, DataConfig(), aligner=EqualTextAligner(t_tok, s_tok), split="test")
     batch = collate(
         [rows[k] for k in range(len(rows))],
         student_pad_id=s_tok.eos_token_id,

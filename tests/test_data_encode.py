@@ -119,9 +119,7 @@ def test_too_long_sample_names_split_index_length_and_fix(tokenizers):
     assert "data.valid, sample 7" in message and f"{len(ids)} tokens" in message
     assert f"data.max_length = {limit}" in message and "raise data.max_length or drop that sample" in message
     assert (
-        encode_example(
-            tok, PROMPT, "one two three", DataConfig(max_length=len(ids), max_prompt_length=limit - 1)
-        )[0]
+        encode_example(tok, PROMPT, "one two three", DataConfig(max_length=len(ids), max_prompt_length=limit - 1))[0]
         == ids
     )
 

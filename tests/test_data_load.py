@@ -36,9 +36,7 @@ def one_line_error(excinfo) -> str:
 def test_alpaca_template_matches_the_minillm_text_with_and_without_context():
     assert ALPACA.replace("{instruction}", "Name a colour.") == ALPACA_NO_INPUT_TEXT
     assert render_prompt("Name a colour.", "", "alpaca") == ALPACA_NO_INPUT_TEXT
-    assert (
-        render_prompt("Name a colour.", "  \n", "alpaca") == ALPACA_NO_INPUT_TEXT
-    )  # blank context: no section
+    assert render_prompt("Name a colour.", "  \n", "alpaca") == ALPACA_NO_INPUT_TEXT  # blank context: no section
     assert render_prompt("Add them.", "2 and 3", "alpaca") == ALPACA_INPUT_TEXT
     assert ALPACA_WITH_CONTEXT.count("{context}") == 1
 
@@ -83,19 +81,14 @@ def test_load_examples_uses_prompt_field_verbatim_and_configured_field_names(tmp
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "P: hi\n", "output": "yo", "instruction": 3}])
     examples = load_examples(path, DataConfig(prompt_field="prompt", response_field="output"), "valid")
     assert examples == [Example("P: hi\n", ("yo",))]
-    path = write_jsonl(
-        tmp_path / "alpaca.jsonl", [{"instruction": "Add them.", "input": "2 and 3", "output": "5"}]
-    )
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Add them.", "input": "2 and 3", "output": "5"}])
     cfg = DataConfig(context_field="input", response_field="output")
     assert load_examples(path, cfg, "train")[0].prompt == ALPACA_INPUT_TEXT
 
 
 def test_custom_template_renders_each_record(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Add.", "context": "1 2", "response": "3"}])
-    assert (
-        load_examples(path, DataConfig(template="{instruction} {context} ="), "train")[0].prompt
-        == "Add. 1 2 ="
-    )
+    assert load_examples(path, DataConfig(template="{instruction} {context} ="), "train")[0].prompt == "Add. 1 2 ="
 
 
 def test_missing_file_names_the_split_and_the_config_key(tmp_path):
@@ -161,11 +154,7 @@ def test_missing_field_lists_the_fields_present_and_the_key_to_set(tmp_path):
     with pytest.raises(DataError) as excinfo:
         load_examples(path, DataConfig(), "train")
     message = one_line_error(excinfo)
-    assert (
-        "no field 'instruction'" in message
-        and "question, answer" in message
-        and "data.instruction_field" in message
-    )
+    assert "no field 'instruction'" in message and "question, answer" in message and "data.instruction_field" in message
     with pytest.raises(DataError, match="data.response_field"):
         load_examples(path, DataConfig(instruction_field="question"), "train")
     with pytest.raises(DataError, match="data.prompt_field"):

@@ -59,12 +59,9 @@ def test_without_drop_last_one_process_sees_every_sample_once_per_epoch():
 def test_ranks_get_disjoint_slices_of_each_global_batch(drop_last):
     world, size, n = 3, 4, 50
     ranks = [
-        ResumableBatchSampler(n, size, seed=5, rank=r, world_size=world, drop_last=drop_last)
-        for r in range(world)
+        ResumableBatchSampler(n, size, seed=5, rank=r, world_size=world, drop_last=drop_last) for r in range(world)
     ]
-    single = ResumableBatchSampler(
-        n, size * world, seed=5, drop_last=drop_last
-    )  # one process, same global batches
+    single = ResumableBatchSampler(n, size * world, seed=5, drop_last=drop_last)  # one process, same global batches
     assert len({len(s) for s in ranks}) == 1
     global_batches = single.epoch_batches(0)
     for k in range(len(ranks[0])):
@@ -75,9 +72,7 @@ def test_ranks_get_disjoint_slices_of_each_global_batch(drop_last):
             assert joined == global_batches[k] and len(set(joined)) == size * world
         else:  # the short last global batch is topped up from the start of the epoch's order
             assert joined[: len(global_batches[k])] == global_batches[k]
-            assert (
-                joined[len(global_batches[k]) :] == global_batches[0][: size * world - len(global_batches[k])]
-            )
+            assert joined[len(global_batches[k]) :] == global_batches[0][: size * world - len(global_batches[k])]
     if not drop_last:
         covered = {i for s in ranks for b in s.epoch_batches(0) for i in b}
         assert covered == set(range(n))
@@ -115,9 +110,7 @@ def rows(n):
 def test_loader_with_prefetching_workers_resumes_at_the_consumed_batch():
     data = rows(23)
     collate_fn = functools.partial(collate, student_pad_id=0, teacher_pad_id=0)
-    uninterrupted = list(
-        itertools.islice(make_loader(data, ResumableBatchSampler(23, 3, seed=1), collate_fn, 0), 14)
-    )
+    uninterrupted = list(itertools.islice(make_loader(data, ResumableBatchSampler(23, 3, seed=1), collate_fn, 0), 14))
     assert all(isinstance(b, Batch) for b in uninterrupted)
     sampler = ResumableBatchSampler(23, 3, seed=1)
     loader = iter(make_loader(data, sampler, collate_fn, num_workers=2))
@@ -134,14 +127,10 @@ def test_loader_with_prefetching_workers_resumes_at_the_consumed_batch():
         )
 
 
-@pytest.mark.parametrize(
-    "key, value", [("seed", 1), ("world_size", 2), ("batch_size", 5), ("num_samples", 49)]
-)
+@pytest.mark.parametrize("key, value", [("seed", 1), ("world_size", 2), ("batch_size", 5), ("num_samples", 49)])
 def test_state_from_a_different_setup_is_refused(key, value):
     settings = {"num_samples": 50, "batch_size": 4, "seed": 0, "world_size": 1}
-    state = ResumableBatchSampler(
-        settings["num_samples"], settings["batch_size"], seed=settings["seed"]
-    ).state_dict(3)
+    state = ResumableBatchSampler(settings["num_samples"], settings["batch_size"], seed=settings["seed"]).state_dict(3)
     settings[key] = value
     other = ResumableBatchSampler(
         settings["num_samples"],
@@ -154,9 +143,7 @@ def test_state_from_a_different_setup_is_refused(key, value):
 
 
 def test_split_smaller_than_one_global_batch_is_reported():
-    with pytest.raises(
-        DataError, match="5 samples, fewer than one global batch of 8.*lower train.batch_size"
-    ):
+    with pytest.raises(DataError, match="5 samples, fewer than one global batch of 8.*lower train.batch_size"):
         ResumableBatchSampler(5, 4, world_size=2, rank=0)
     assert len(ResumableBatchSampler(5, 4, world_size=2, drop_last=False)) == 1
 
@@ -175,9 +162,7 @@ def test_loader_over_a_tokenized_split_collates_the_sampled_rows_in_workers():
     sampler = ResumableBatchSampler(len(dataset), 4, seed=2)
     batches = list(itertools.islice(make_loader(dataset, sampler, collate_fn, num_workers=2), 7))
     for got, indices in zip(batches, take(sampler, 7)):
-        want = collate(
-            [dataset[i] for i in indices], student_pad_id=tok.eos_token_id, teacher_pad_id=tok.eos_token_id
-        )
+        want = collate([dataset[i] for i in indices], student_pad_id=tok.eos_token_id, teacher_pad_id=tok.eos_token_id)
         assert got.sample_ids.tolist() == indices
         assert torch.equal(got.student_input_ids, want.student_input_ids) and torch.equal(
             got.student_labels, want.student_labels

@@ -60,9 +60,7 @@ def test_task_responses_are_one_to_twelve_tokens_and_answers_are_correct(name):
     tokenizer = AutoTokenizer.from_pretrained(EXAMPLES / "tokenizers" / name)
     cfg = DataConfig()
     for split in SPLITS:
-        rows = tokenize_split(
-            load_examples(TASKS / f"{split}.jsonl", cfg, split), tokenizer, None, cfg, split=split
-        )
+        rows = tokenize_split(load_examples(TASKS / f"{split}.jsonl", cfg, split), tokenizer, None, cfg, split=split)
         for row in rows:
             assert 1 <= len(row["student_ids"]) - row["student_prompt_len"] - 1 <= 12, (
                 split,

@@ -100,9 +100,7 @@ def test_workers_give_the_same_rows_as_the_main_process(gpt2, llama, examples):
     assert workers.to_dict() == here.to_dict()
 
 
-def test_cache_is_reused_until_a_tokenizer_data_aligner_or_limit_changes(
-    gpt2, llama, examples, tmp_path, monkeypatch
-):
+def test_cache_is_reused_until_a_tokenizer_data_aligner_or_limit_changes(gpt2, llama, examples, tmp_path, monkeypatch):
     cfg = DataConfig()
     first = tokenize_split(examples, gpt2, llama, cfg, cache_dir=tmp_path)
     assert len(list(tmp_path.iterdir())) == 1
@@ -133,9 +131,7 @@ def test_aligner_fingerprint_changes_with_its_tokenizers_and_options(gpt2, llama
     assert aligner_fingerprint(EqualTextAligner(llama, gpt2)) == aligner_fingerprint(
         EqualTextAligner(copy.deepcopy(llama), gpt2)
     )
-    assert aligner_fingerprint(EqualTextAligner(llama, gpt2)) != aligner_fingerprint(
-        EqualTextAligner(changed, gpt2)
-    )
+    assert aligner_fingerprint(EqualTextAligner(llama, gpt2)) != aligner_fingerprint(EqualTextAligner(changed, gpt2))
     a, b = ShiftedAligner(), ShiftedAligner()
     b.map = np.arange(5)
     assert aligner_fingerprint(a) != aligner_fingerprint(b)

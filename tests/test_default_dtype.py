@@ -57,19 +57,54 @@ def test_a_default_remote_teacher_gives_the_loss_of_the_default_local_teacher_on
     assert "teacher dtype float32" in said
     # No --dtype: the server's own default.
     port_file, log_path = tmp_path / "server.port", tmp_path / "server.log"
-    cmd = [sys.executable, str(SERVE_SCRIPT), "--model", str(teacher_dir), "--port", "0", "--port-file", str(port_file),
-           "--device", "cpu", "--max-batch-tokens", "2048", "--max-seq-len", "256", "--drain-seconds", "0.2"]
+    cmd = [
+        sys.executable,
+        str(SERVE_SCRIPT),
+        "--model",
+        str(teacher_dir),
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--device",
+        "cpu",
+        "--max-batch-tokens",
+        "2048",
+        "--max-seq-len",
+        "256",
+        "--drain-seconds",
+        "0.2",
+    ]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
     server = wait_serving(process, port_file, log_path)
     try:
         listening = next(e for e in events(server) if e["event"] == "listening")
         assert listening["dtype"] == "float32", listening
-        remote, said = _losses(tmp_path / "remote", [f'teacher.address=["{server.address}"]', 'teacher.config=""',
-                                                     "teacher.wire_dtype=float32", f"teacher.cache_dir={tmp_path / 'cache'}"], capsys)
+        remote, said = _losses(
+            tmp_path / "remote",
+            [
+                f'teacher.address=["{server.address}"]',
+                'teacher.config=""',
+                "teacher.wire_dtype=float32",
+                f"teacher.cache_dir={tmp_path / 'cache'}",
+            ],
+            capsys,
+        )
         assert "teacher dtype float32" in said
-        remote_signal = _signal(load_config(tmp_path / "remote" / "job.toml", [f'teacher.address=["{server.address}"]', 'teacher.config=""',
-                                            "teacher.wire_dtype=float32", f"teacher.cache_dir={tmp_path / 'cache'}"]))
+        remote_signal = _signal(
+            load_config(
+                tmp_path / "remote" / "job.toml",
+                [
+                    f'teacher.address=["{server.address}"]',
+                    'teacher.config=""',
+                    "teacher.wire_dtype=float32",
+                    f"teacher.cache_dir={tmp_path / 'cache'}",
+                ],
+            )
+        )
     finally:
         stop_servers([server])
     # The losses above barely feel a random teacher's near-uniform distribution; its hidden states do.

@@ -59,11 +59,7 @@ def sparse_teacher(teacher_logits, k, *, shuffle_seed=0):
     g = torch.Generator().manual_seed(shuffle_seed)
     ids = ids[:, torch.randperm(k, generator=g)]  # the buckets must not depend on the ids being sorted
     top = lt.gather(-1, ids)
-    tail = (
-        torch.log1p(-top.exp().sum(-1))
-        if k < teacher_logits.shape[1]
-        else torch.full((lt.shape[0],), -math.inf)
-    )
+    tail = torch.log1p(-top.exp().sum(-1)) if k < teacher_logits.shape[1] else torch.full((lt.shape[0],), -math.inf)
     return SparseTeacher(ids=ids, logprobs=top.float(), tail_logmass=tail.float())
 
 
@@ -79,9 +75,7 @@ def test_sparse_kl_equals_kl_over_top_k_plus_rest_bucket(name, k):
     teacher = sparse_teacher(t, k)
     out = SPARSE[name](s, teacher)
     assert out.dtype == torch.float32 and out.shape == (4,)
-    expected = bucket_reference(
-        name, s, teacher.ids, teacher.logprobs.double(), teacher.tail_logmass.double()
-    )
+    expected = bucket_reference(name, s, teacher.ids, teacher.logprobs.double(), teacher.tail_logmass.double())
     np.testing.assert_allclose(out.numpy(), expected, rtol=2e-5, atol=1e-6)
     assert (expected > 1e-3).all()
 
@@ -105,9 +99,7 @@ def test_student_rest_bucket_is_exact_when_top_k_holds_nearly_all_student_mass(n
         tail_logmass=torch.tensor([0.3]).log(),
     )
     out = SPARSE[name](s, teacher)
-    expected = bucket_reference(
-        name, s, teacher.ids, teacher.logprobs.double(), teacher.tail_logmass.double()
-    )
+    expected = bucket_reference(name, s, teacher.ids, teacher.logprobs.double(), teacher.tail_logmass.double())
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5)
     if name == "forward_kl":
         assert out.item() > 8  # 0.3 * (log 0.3 - log(5 e^-30 / 3)) dominates
@@ -127,9 +119,7 @@ def test_sparse_kl_student_gradient_matches_finite_differences(name):
         up, down = base.clone(), base.clone()
         up[idx] += h
         down[idx] -= h
-        diff = bucket_reference(name, up, teacher.ids, lp, tail) - bucket_reference(
-            name, down, teacher.ids, lp, tail
-        )
+        diff = bucket_reference(name, up, teacher.ids, lp, tail) - bucket_reference(name, down, teacher.ids, lp, tail)
         numeric[idx] = float(diff @ weights.double().numpy()) / (2 * h)
     torch.testing.assert_close(s.grad.double(), numeric, atol=3e-5, rtol=0)
     assert numeric.abs().max() > 1e-2
@@ -142,9 +132,7 @@ def test_sparse_kl_masks_minus_inf_student_entries_and_empty_tail(name):
     s[0, teacher.ids[0, 0]] = -math.inf
     s.requires_grad_(True)
     out = SPARSE[name](s, teacher)
-    expected = bucket_reference(
-        name, s, teacher.ids, teacher.logprobs.double(), teacher.tail_logmass.double()
-    )
+    expected = bucket_reference(name, s, teacher.ids, teacher.logprobs.double(), teacher.tail_logmass.double())
     np.testing.assert_allclose(out.detach().numpy(), expected, rtol=2e-5, atol=1e-6)
     out.sum().backward()
     assert torch.isfinite(s.grad).all()
@@ -159,9 +147,7 @@ def test_student_with_no_mass_outside_top_k_gets_finite_gradients(name):
     outside = torch.ones_like(s, dtype=torch.bool).scatter(-1, teacher.ids, False)
     s = s.masked_fill(outside, -math.inf).requires_grad_(True)
     out = SPARSE[name](s, teacher)
-    expected = bucket_reference(
-        name, s, teacher.ids, teacher.logprobs.double(), teacher.tail_logmass.double()
-    )
+    expected = bucket_reference(name, s, teacher.ids, teacher.logprobs.double(), teacher.tail_logmass.double())
     np.testing.assert_allclose(out.detach().numpy(), expected, rtol=2e-5, atol=1e-6)
     out.sum().backward()
     assert torch.isfinite(s.grad).all() and (s.grad[outside] == 0).all() and s.grad.abs().max() > 1e-2
@@ -179,9 +165,7 @@ def test_sparse_teacher_with_temperature_other_than_one_is_refused(name):
 def test_sparse_teacher_with_wrong_shapes_is_refused(name):
     s, t = logits(seed=24)
     teacher = sparse_teacher(t, 3)
-    bad = SparseTeacher(
-        ids=teacher.ids[:3], logprobs=teacher.logprobs[:3], tail_logmass=teacher.tail_logmass[:3]
-    )
+    bad = SparseTeacher(ids=teacher.ids[:3], logprobs=teacher.logprobs[:3], tail_logmass=teacher.tail_logmass[:3])
     with pytest.raises(DivergenceError, match=r"ids \(3, 3\)"):
         SPARSE[name](s, bad)
     bad = SparseTeacher(ids=teacher.ids, logprobs=teacher.logprobs[:, :2], tail_logmass=teacher.tail_logmass)
@@ -198,7 +182,5 @@ def test_only_forward_and_reverse_kl_declare_sparse_support():
 @pytest.mark.parametrize("fn", DENSE_ONLY, ids=lambda fn: fn.__name__)
 def test_dense_only_divergence_given_sparse_teacher_says_what_to_use(fn):
     s, t = logits(seed=25)
-    with pytest.raises(
-        DivergenceError, match=rf"{fn.__name__}.* needs dense teacher logits.*forward_kl or reverse_kl"
-    ):
+    with pytest.raises(DivergenceError, match=rf"{fn.__name__}.* needs dense teacher logits.*forward_kl or reverse_kl"):
         fn(s, sparse_teacher(t, 3))

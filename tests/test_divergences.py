@@ -158,15 +158,11 @@ def test_gradients_match_finite_differences_of_reference(name, tau):
     s64, t64 = s.detach().double().numpy(), t.detach().double().numpy()
     fixed = None
     if name == "adaptive_kl":
-        fixed = [
-            akl_weights(ref_logsoftmax(s64[n] / tau), ref_logsoftmax(t64[n] / tau), opts["mu"])
-            for n in range(3)
-        ]
+        fixed = [akl_weights(ref_logsoftmax(s64[n] / tau), ref_logsoftmax(t64[n] / tau), opts["mu"]) for n in range(3)]
 
     def objective(a, b):
         return float(
-            reference(name, torch.from_numpy(a), torch.from_numpy(b), tau, fixed, **opts)
-            @ row_weights.double().numpy()
+            reference(name, torch.from_numpy(a), torch.from_numpy(b), tau, fixed, **opts) @ row_weights.double().numpy()
         )
 
     h = 1e-6
@@ -267,9 +263,7 @@ def test_many_masked_columns_add_exactly_nothing(name):
     s[:, 10:] = -math.inf
     t[:, 10:] = -math.inf
     out = FUNCS[name](s, t, temperature=2.0, **opts)
-    np.testing.assert_allclose(
-        out.numpy(), reference(name, s[:, :10], t[:, :10], 2.0, **opts), rtol=2e-6, atol=1e-7
-    )
+    np.testing.assert_allclose(out.numpy(), reference(name, s[:, :10], t[:, :10], 2.0, **opts), rtol=2e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -493,7 +487,5 @@ def test_builtin_divergences_load_through_the_registry_with_their_options():
     for name in NAMES:
         assert option_defaults(registry.divergences[name], skip=("temperature",)) == DEFAULTS.get(name, {})
         assert option_defaults(registry.divergences[name])["temperature"] == 1.0
-    sparse = {
-        name for name, fn in registry.divergences.items() if getattr(fn, "accepts_sparse_teacher", False)
-    }
+    sparse = {name for name, fn in registry.divergences.items() if getattr(fn, "accepts_sparse_teacher", False)}
     assert sparse == {"forward_kl", "reverse_kl"}

@@ -32,8 +32,12 @@ from dskd.registry import load_registry
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 MARKER = re.compile(r"^# docs-example: ([a-z-]+)$")
-MODULES = {"divergence": "dskd_my_kl", "aligner": "dskd_end_match", "policy": "dskd_kd_dropout",
-           "objective": "dskd_agree_kd"}
+MODULES = {
+    "divergence": "dskd_my_kl",
+    "aligner": "dskd_end_match",
+    "policy": "dskd_kd_dropout",
+    "objective": "dskd_agree_kd",
+}
 
 
 def python_blocks() -> list[str]:
@@ -77,8 +81,11 @@ def gpt2_bytes(tok, ids) -> bytes:
 def llama_bytes(tok, ids) -> bytes:
     """The text (spaces removed) of SentencePiece pieces: `<0xNN>` is a byte, `▁` a space."""
     pieces = tok.convert_ids_to_tokens(ids)
-    return b"".join(bytes([int(p[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", p) else p.encode() for p in pieces
-                    ).replace("▁".encode(), b"").replace(b" ", b"")
+    return (
+        b"".join(bytes([int(p[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", p) else p.encode() for p in pieces)
+        .replace("▁".encode(), b"")
+        .replace(b" ", b"")
+    )
 
 
 def test_every_python_block_is_a_marked_example_and_the_four_contracts_have_one():
@@ -150,8 +157,9 @@ def test_the_documented_objective_runs_through_objective_loss_and_the_policy_ret
     registry = load_registry(extra_plugins=[plugin_modules["objective"], plugin_modules["policy"]])
     student, teacher = models("tinyllama", "tinyllama")
     batch = make_batch(None, "tinyllama", "tinyllama")
-    context = make_context(student, teacher, "tinyllama", divergence=forward_kl, temperature=2.0, chunk_size=3,
-                           same_vocab=True)
+    context = make_context(
+        student, teacher, "tinyllama", divergence=forward_kl, temperature=2.0, chunk_size=3, same_vocab=True
+    )
     objective = registry.get("objectives", "agree_kd")(context)
     hidden = last_hidden_state(student, batch.student_input_ids, batch.student_attention_mask)
     signal = teacher.score(batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, objective.request)

@@ -17,7 +17,10 @@ TOKENIZERS = Path(__file__).resolve().parents[1] / "examples" / "tokenizers"
 @pytest.mark.slow
 def test_doctor_reports_overlap_alignment_and_recommends_eta_across_families(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"instruction": "i", "response": r}) for r in ["Line one\nline two: 42.", "Café 😀 done"]) + "\n")
+    data.write_text(
+        "\n".join(json.dumps({"instruction": "i", "response": r}) for r in ["Line one\nline two: 42.", "Café 😀 done"])
+        + "\n"
+    )
     report = diagnose(str(TOKENIZERS / "mistral"), str(TOKENIZERS / "gpt2"), str(data))
     assert report["teacher"]["family"] == "sentencepiece" and report["student"]["family"] == "byte_level"
     assert report["teacher"]["adds_bos"] and not report["student"]["adds_bos"]
@@ -40,13 +43,43 @@ def test_doctor_on_one_tokenizer_says_identical_and_needs_no_aligner():
 
 @pytest.mark.integration
 def test_doctor_json_cli_and_missing_folder_error(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "dskd", "doctor", "--teacher", str(TOKENIZERS / "mistral"),
-                         "--student", str(TOKENIZERS / "tinyllama"), "--json"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dskd",
+            "doctor",
+            "--teacher",
+            str(TOKENIZERS / "mistral"),
+            "--student",
+            str(TOKENIZERS / "tinyllama"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["alignment"]["eta_recall"] == 1.0
-    bad = subprocess.run([sys.executable, "-m", "dskd", "doctor", "--teacher", str(tmp_path / "nope"), "--student", str(TOKENIZERS / "gpt2")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--teacher" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dskd",
+            "doctor",
+            "--teacher",
+            str(tmp_path / "nope"),
+            "--student",
+            str(TOKENIZERS / "gpt2"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.count("\n") == 1
+        and "--teacher" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
 
 
 @pytest.mark.slow

@@ -97,6 +97,7 @@ def test_rank_deficient_heads_give_the_minimum_norm_solution(kind):
 
 # -- the objective: initialisation and the per-step s2t map, over the real TinyLlama vocabulary -------------------
 
+
 @pytest.fixture(scope="module")
 def models():
     return student_and_teacher(tokenizer("tinyllama"))

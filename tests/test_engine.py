@@ -51,8 +51,12 @@ def _capture_first_step_grads(monkeypatch, job: Job) -> list[torch.Tensor]:
 def test_two_micro_batches_give_the_gradient_of_one_batch_holding_both(tmp_path, monkeypatch):
     # The same 4 sequences as one micro-batch of 4, or as 2 micro-batches of 2 (the shuffled order does not
     # depend on the batch size): spec §0 normalisation makes the step's gradient the same global token mean.
-    one = _capture_first_step_grads(monkeypatch, _job(tmp_path / "a", ["train.batch_size=4", "train.grad_accum=1", "train.max_steps=1"]))
-    two = _capture_first_step_grads(monkeypatch, _job(tmp_path / "b", ["train.batch_size=2", "train.grad_accum=2", "train.max_steps=1"]))
+    one = _capture_first_step_grads(
+        monkeypatch, _job(tmp_path / "a", ["train.batch_size=4", "train.grad_accum=1", "train.max_steps=1"])
+    )
+    two = _capture_first_step_grads(
+        monkeypatch, _job(tmp_path / "b", ["train.batch_size=2", "train.grad_accum=2", "train.max_steps=1"])
+    )
     assert len(one) == len(two) > 0
     for a, b in zip(one, two):
         scale = a.abs().max().clamp_min(1e-12)
@@ -160,7 +164,10 @@ def test_bf16_training_runs_and_stays_close_to_fp32(tmp_path):
     def losses(sub, overrides):
         job = _job(tmp_path / sub, ["train.max_steps=2", *overrides])
         job.distill(None)
-        return [json.loads(line)["train/loss"] for line in (tmp_path / sub / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [
+            json.loads(line)["train/loss"]
+            for line in (tmp_path / sub / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
 
     fp32 = losses("fp32", [])
     bf16 = losses("bf16", ["train.precision=bf16", "student.dtype=bfloat16", "teacher.dtype=bfloat16"])
@@ -194,9 +201,22 @@ def test_train_step_runs_on_a_trainer_given_its_optimizer_and_takes_the_kit_loss
     teacher = build_teacher(config, torch.device("cpu"))
     objective, ce_terms = build_objective(config, REGISTRY, student, teacher, None)
     policy = REGISTRY.get("policies", REGISTRY.default("policies"))(None)
-    spec = StageSpec("distill", student.model, objective, policy, teacher, lambda consumed: iter(()), config.train,
-                     tmp_path / "run", 1, kd_rate=config.objective.kd_rate, ce_terms=ce_terms)
-    trainer = Trainer(spec, make_accelerator("no"), Console(enabled=False), torch.optim.SGD(student.model.parameters(), lr=lr))
+    spec = StageSpec(
+        "distill",
+        student.model,
+        objective,
+        policy,
+        teacher,
+        lambda consumed: iter(()),
+        config.train,
+        tmp_path / "run",
+        1,
+        kd_rate=config.objective.kd_rate,
+        ce_terms=ce_terms,
+    )
+    trainer = Trainer(
+        spec, make_accelerator("no"), Console(enabled=False), torch.optim.SGD(student.model.parameters(), lr=lr)
+    )
     trainer.train_step([reference.batch], Meter())
     assert trainer.state.step == 1 and expected
     for name, p in student.model.named_parameters():

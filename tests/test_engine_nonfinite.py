@@ -16,10 +16,10 @@ from broken_plugins import error_lines, installed_env, run_dskd
 from tiny_job import write_job
 
 import dskd
-from dskd.run import checkpoint
 from dskd.config import load_config
 from dskd.errors import ConfigError
 from dskd.registry import load_registry
+from dskd.run import checkpoint
 from dskd.run.engine import Trainer
 from dskd.run.job import Job
 
@@ -40,8 +40,16 @@ def _assert_finite_checkpoint(run_dir, step: int) -> None:
 def test_a_learning_rate_of_1e8_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
     # Step 1 starts from finite weights and is checkpointed; its update (lr 1e8) makes every later gradient infinite.
     write_job(tmp_path, objective="kd", stages=("distill", "eval"), steps=8)
-    result = run_dskd("run", "job.toml", "--set", "train.lr=1e8", "--set", "train.save_every=1", env=installed_env(tmp_path / "site"),
-                      cwd=tmp_path)
+    result = run_dskd(
+        "run",
+        "job.toml",
+        "--set",
+        "train.lr=1e8",
+        "--set",
+        "train.save_every=1",
+        env=installed_env(tmp_path / "site"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     lines = error_lines(result)
@@ -59,12 +67,22 @@ def test_a_learning_rate_of_1e8_stops_with_one_line_and_keeps_the_last_good_chec
 @pytest.mark.integration
 def test_a_nan_divergence_plugin_stops_after_max_bad_steps_without_a_final_model(tmp_path):
     write_job(tmp_path, objective="kd", steps=6)
-    result = run_dskd("run", "job.toml", "--set", "divergence.name=nan_kl", "--set", "train.max_bad_steps=2",
-                      env=installed_env(tmp_path / "site"), cwd=tmp_path)
+    result = run_dskd(
+        "run",
+        "job.toml",
+        "--set",
+        "divergence.name=nan_kl",
+        "--set",
+        "train.max_bad_steps=2",
+        env=installed_env(tmp_path / "site"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     lines = error_lines(result)
-    assert len(lines) == 1 and "not finite for 2 steps in a row (steps 1-2" in lines[0] and "nothing was saved" in lines[0], lines
+    assert (
+        len(lines) == 1 and "not finite for 2 steps in a row (steps 1-2" in lines[0] and "nothing was saved" in lines[0]
+    ), lines
     run_dir = tmp_path / "run"
     assert not (run_dir / "final").exists()
     assert _checkpoint_steps(run_dir) == []
@@ -91,7 +109,9 @@ def test_one_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatc
     poisonable = Poisonable()
     registry = load_registry(extra_plugins=[poisonable])
     path = write_job(tmp_path, objective="kd", steps=4)
-    job = Job(load_config(path, ["divergence.name=kl_or_nan", f"train.clip_grad={clip_grad}"], registry=registry), registry)
+    job = Job(
+        load_config(path, ["divergence.name=kl_or_nan", f"train.clip_grad={clip_grad}"], registry=registry), registry
+    )
     job.prepare_run_dir()
     original = Trainer.train_step
     before: dict[str, torch.Tensor] = {}
@@ -99,7 +119,9 @@ def test_one_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatc
     def step(self, window, meter):
         poisonable.on = self.state.step == 1  # the second step
         if poisonable.on:
-            before.update({k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()})
+            before.update(
+                {k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
+            )
         original(self, window, meter)
         if poisonable.on:  # the skipped step left the weights exactly as they were
             after = self.accelerator.unwrap_model(self.model).state_dict()

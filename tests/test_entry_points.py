@@ -44,7 +44,7 @@ def test_every_plugin_module_is_an_entry_point_and_every_entry_point_a_plugin_mo
     modules = plugin_modules()
     unlisted = {stem: path for stem, path in modules.items() if declared.get(stem) != path}
     assert not unlisted, (
-        f"plugin modules without an entry point in pyproject.toml: {unlisted}; add `name = \"module\"` lines "
+        f'plugin modules without an entry point in pyproject.toml: {unlisted}; add `name = "module"` lines '
         "under [project.entry-points.dskd] (a helper module that is no plugin must be named _*.py)"
     )
     builtin = {name: value for name, value in declared.items() if value.startswith("dskd.plugins.")}
@@ -70,7 +70,8 @@ def test_entry_point_module_registers_its_own_name_in_its_family(name, value):
 
 def hookspec_names() -> list[str]:
     return sorted(
-        name for name, obj in vars(hookspecs).items()
+        name
+        for name, obj in vars(hookspecs).items()
         if inspect.isfunction(obj) and hasattr(obj, f"{hookspecs.PROJECT}_spec")
     )
 

@@ -96,7 +96,11 @@ def make_batch(student_tok, teacher_tok, samples, *, align: bool) -> Batch:
         rows = []
         for b, ((_, s_lab, s_spans), (_, t_lab, t_spans)) in enumerate(zip(s, t)):
             s_at = {span: i for i, (span, lab) in enumerate(zip(s_spans, s_lab)) if lab != IGNORE_INDEX}
-            rows += [(b, i, s_at[span]) for i, (span, lab) in enumerate(zip(t_spans, t_lab)) if lab != IGNORE_INDEX and span in s_at]
+            rows += [
+                (b, i, s_at[span])
+                for i, (span, lab) in enumerate(zip(t_spans, t_lab))
+                if lab != IGNORE_INDEX and span in s_at
+            ]
         alignment = torch.tensor(rows, dtype=torch.long)
     return Batch(
         student_input_ids=pad([x[0] for x in s], student_tok.pad_token_id),
@@ -170,7 +174,7 @@ def test_generation_continues_the_encoded_prompts(llama_tok, monkeypatch):
 
     monkeypatch.setattr(model, "generate", spy)
     generate_and_score(model, llama_tok, PROMPTS, REFERENCES, max_new_tokens=2, batch_size=8)
-    (ids, mask), = seen
+    ((ids, mask),) = seen
     for row, row_mask, prompt in zip(ids, mask, PROMPTS):
         assert row[row_mask.bool()].tolist() == _encode_prompt(llama_tok, prompt)
 
@@ -204,7 +208,9 @@ def test_scores_are_the_metrics_of_the_predictions_averaged_over_seeds(gpt2_tok,
     for key in ("rougeL", "exact_match", "avg_new_tokens"):
         assert result[key] == pytest.approx((singles[0][key] + singles[1][key]) / 2)
     # The answers themselves as references score an exact match.
-    echoed = generate_and_score(gpt2_model, gpt2_tok, PROMPTS, [(p,) for p in result["predictions"]], seeds=(4,), **kwargs)
+    echoed = generate_and_score(
+        gpt2_model, gpt2_tok, PROMPTS, [(p,) for p in result["predictions"]], seeds=(4,), **kwargs
+    )
     assert echoed["exact_match"] == 100.0
 
 
@@ -225,7 +231,9 @@ def test_avg_new_tokens_counts_generated_tokens_including_the_stopping_eos(gpt2_
     assert stops["avg_new_tokens"] == 1.0
     assert stops["predictions"] == ["", "", ""]  # EOS is a special token and is not decoded
     assert stops["exact_match"] == 100.0
-    runs_on = generate_and_score(head_with_bias(tiny_gpt2(), eos, -1e4), gpt2_tok, PROMPTS, REFERENCES, max_new_tokens=5)
+    runs_on = generate_and_score(
+        head_with_bias(tiny_gpt2(), eos, -1e4), gpt2_tok, PROMPTS, REFERENCES, max_new_tokens=5
+    )
     assert runs_on["avg_new_tokens"] == 5.0
 
 
@@ -254,9 +262,19 @@ def test_a_student_that_is_the_teacher_agrees_everywhere_with_zero_kl(gpt2_tok):
 def test_same_vocabulary_metrics_equal_a_dense_softmax_computation(llama_tok):
     student, teacher_model = tiny_llama(seed=1), tiny_llama(seed=2)
     teacher = LocalTeacher(teacher_model, llama_tok)
-    batches = [make_batch(llama_tok, llama_tok, SAMPLES[:2], align=False), make_batch(llama_tok, llama_tok, SAMPLES[2:], align=False)]
-    zs = torch.cat([dense_logits(student, b.student_input_ids, b.student_attention_mask, b.student_labels, 32000) for b in batches])
-    zt = torch.cat([dense_logits(teacher_model, b.teacher_input_ids, b.teacher_attention_mask, b.teacher_labels, 32000) for b in batches])
+    batches = [
+        make_batch(llama_tok, llama_tok, SAMPLES[:2], align=False),
+        make_batch(llama_tok, llama_tok, SAMPLES[2:], align=False),
+    ]
+    zs = torch.cat(
+        [dense_logits(student, b.student_input_ids, b.student_attention_mask, b.student_labels, 32000) for b in batches]
+    )
+    zt = torch.cat(
+        [
+            dense_logits(teacher_model, b.teacher_input_ids, b.teacher_attention_mask, b.teacher_labels, 32000)
+            for b in batches
+        ]
+    )
     p, q = torch.softmax(zt.double(), -1), torch.softmax(zs.double(), -1)
     expected_kl = float((p * (p.log() - q.log())).sum(-1).mean())
     expected_agreement = 100.0 * float((zt.argmax(-1) == zs.argmax(-1)).double().mean())
@@ -277,17 +295,23 @@ def test_cross_vocabulary_metrics_equal_a_dense_computation_on_the_mapped_overla
 
     # Dense oracle: full logits from each model's own forward; the aligned positions picked by (b, t, s) directly.
     with torch.no_grad():
-        zt_all = teacher_model(input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask).logits.double()
+        zt_all = teacher_model(
+            input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask
+        ).logits.double()
         zs_all = student(input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask).logits.double()
     b, t, s = batch.alignment.unbind(1)
     zt, zs = zt_all[b, t], zs_all[b, s]
     mapped = token_map >= 0
     n_mapped = int(mapped.sum())
     onehot = torch.sparse_coo_tensor(
-        torch.stack([torch.arange(n_mapped), token_map[mapped]]), torch.ones(n_mapped, dtype=torch.float64), (n_mapped, 32000),
+        torch.stack([torch.arange(n_mapped), token_map[mapped]]),
+        torch.ones(n_mapped, dtype=torch.float64),
+        (n_mapped, 32000),
         check_invariants=True,
     )  # (mapped teacher ids, student ids)
-    p = torch.sparse.mm(onehot.t(), torch.softmax(zt[:, mapped], -1).t()).t()  # teacher mass on the overlap, in student ids
+    p = torch.sparse.mm(
+        onehot.t(), torch.softmax(zt[:, mapped], -1).t()
+    ).t()  # teacher mass on the overlap, in student ids
     overlap = torch.zeros(32000, dtype=torch.bool)
     overlap[token_map[mapped]] = True
     q = torch.softmax(zs.masked_fill(~overlap, float("-inf")), -1)
@@ -295,7 +319,9 @@ def test_cross_vocabulary_metrics_equal_a_dense_computation_on_the_mapped_overla
     expected_kl = float(terms.sum(-1).mean())
     expected_agreement = 100.0 * float((token_map[zt.argmax(-1)] == zs.argmax(-1)).double().mean())
 
-    result = teacher_agreement(student, teacher, [batch], token_map=token_map, student_vocab_size=len(llama_tok), chunk_rows=4)
+    result = teacher_agreement(
+        student, teacher, [batch], token_map=token_map, student_vocab_size=len(llama_tok), chunk_rows=4
+    )
     assert result["teacher_kl"] == pytest.approx(expected_kl, rel=1e-4)
     assert result["teacher_agreement"] == pytest.approx(expected_agreement)
 
@@ -308,7 +334,9 @@ def test_unmappable_teacher_predictions_count_as_disagreement_while_kl_is_renorm
     assert teacher_agreement(model, teacher, [batch], token_map=identity)["teacher_agreement"] == 100.0
 
     rows = batch.index_rows().aligned_rows[:, 1]
-    top = dense_logits(model, batch.student_input_ids, batch.student_attention_mask, batch.student_labels, len(gpt2_tok))
+    top = dense_logits(
+        model, batch.student_input_ids, batch.student_attention_mask, batch.student_labels, len(gpt2_tok)
+    )
     holes = identity.clone()
     holes[top[rows].argmax(-1)] = -1  # the teacher's every prediction now has no student token
     result = teacher_agreement(model, teacher, [batch], token_map=holes)

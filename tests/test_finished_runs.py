@@ -25,8 +25,15 @@ def _env() -> dict[str, str]:
 
 
 def _dskd(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dskd", "run", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=WAIT, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "dskd", "run", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
 
 
 def _snapshot(run_dir: Path) -> dict[str, str]:
@@ -34,7 +41,9 @@ def _snapshot(run_dir: Path) -> dict[str, str]:
     out = {}
     for path in sorted(run_dir.rglob("*")):
         if path.is_file() and "cache" not in path.relative_to(run_dir).parts:
-            out[str(path.relative_to(run_dir))] = f"{hashlib.sha256(path.read_bytes()).hexdigest()} {path.stat().st_mtime_ns}"
+            out[str(path.relative_to(run_dir))] = (
+                f"{hashlib.sha256(path.read_bytes()).hexdigest()} {path.stat().st_mtime_ns}"
+            )
     return out
 
 

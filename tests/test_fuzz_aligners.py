@@ -28,7 +28,9 @@ CROSS = [("gpt2", "tinyllama"), ("mistral", "gpt2"), ("tinyllama", "mistral")]
 SAME = [("tinyllama", "tinyllama"), ("gpt2", "gpt2")]
 # identity is only defined for one vocabulary (it refuses two, see test_aligner_identity.py).
 CASES = [(name, t, s) for name in ALIGNERS for t, s in (SAME if name == "identity" else CROSS + SAME[:1])]
-FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 # Real tokenizer tables and the mined aligner's edit-distance map: CI's `-m ""` runs these, plain `pytest` not.
 pytestmark = pytest.mark.slow
 
@@ -65,7 +67,9 @@ def check_contract(pairs: np.ndarray, teacher_len: int, student_len: int) -> Non
 def ids_of(name: str, vocab: int):
     """Random ids of one vocabulary, biased towards the edges and the special tokens."""
     tok = tokenizer(name)
-    specials = sorted({i for i in (tok.eos_token_id, tok.bos_token_id, tok.unk_token_id, 0, vocab - 1) if i is not None})
+    specials = sorted(
+        {i for i in (tok.eos_token_id, tok.bos_token_id, tok.unk_token_id, 0, vocab - 1) if i is not None}
+    )
     return st.lists(st.one_of(st.integers(0, vocab - 1), st.sampled_from(specials)), max_size=48)
 
 
@@ -76,7 +80,19 @@ def label_ids(name: str, text: str) -> list[int]:
 
 
 TEXT = st.text(st.characters(codec="utf-8"), max_size=60) | st.sampled_from(
-    ["", " ", "\n\n", "\t x", "naïve café", "日本語のテキスト", "emoji 🙂👍🏽 mix", "a\u0301\u0302", "\u200b\u200d", "▁Ġ<0x0A>", "</s><s><|endoftext|>"]
+    [
+        "",
+        " ",
+        "\n\n",
+        "\t x",
+        "naïve café",
+        "日本語のテキスト",
+        "emoji 🙂👍🏽 mix",
+        "a\u0301\u0302",
+        "\u200b\u200d",
+        "▁Ġ<0x0A>",
+        "</s><s><|endoftext|>",
+    ]
 )
 
 
@@ -117,7 +133,13 @@ def test_ids_outside_the_vocabulary_are_refused_with_a_data_error(name, teacher,
     bad = st.sampled_from([-1, -(2**31), 2**31 - 1]) | st.integers(max(t_vocab, s_vocab), 2**40)
 
     @FUZZ
-    @given(good_t=ids_of(teacher, t_vocab), good_s=ids_of(student, s_vocab), wrong=bad, side=st.sampled_from(["teacher", "student"]), data=st.data())
+    @given(
+        good_t=ids_of(teacher, t_vocab),
+        good_s=ids_of(student, s_vocab),
+        wrong=bad,
+        side=st.sampled_from(["teacher", "student"]),
+        data=st.data(),
+    )
     def check(good_t, good_s, wrong, side, data):
         t_ids, s_ids = list(good_t), list(good_s)
         target = t_ids if side == "teacher" else s_ids

@@ -38,10 +38,10 @@ def test_the_mask_is_what_keeps_padded_rows_out(padded_model):
     torch.manual_seed(3)
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([PROMPTS[0]])).logits[0, -1]
-    padded_share = torch.softmax(logits, -1)[len(tok):].sum()
+    padded_share = torch.softmax(logits, -1)[len(tok) :].sum()
     assert padded_share > 0.3
     masked = PaddedRowsMask(len(tok))(torch.tensor([PROMPTS[0]]), logits[None].clone())
-    assert torch.isneginf(masked[0, len(tok):]).all() and torch.equal(masked[0, : len(tok)], logits[: len(tok)])
+    assert torch.isneginf(masked[0, len(tok) :]).all() and torch.equal(masked[0, : len(tok)], logits[: len(tok)])
 
 
 def test_no_mask_when_the_head_matches_the_tokenizer():

@@ -37,8 +37,10 @@ def servers(tmp_path_factory):
     model = save_tiny_teacher(root / "model", hidden_size=32, layers=1)
     (root / "token").write_text(TOKEN + "\n")
     plain, auth = start_servers(
-        [(model, ("--max-top-k", str(MAX_TOP_K), "--max-response-bytes", str(RESPONSE_LIMIT)), "plain"),
-         (model, ("--auth-token-file", str(root / "token")), "auth")],
+        [
+            (model, ("--max-top-k", str(MAX_TOP_K), "--max-response-bytes", str(RESPONSE_LIMIT)), "plain"),
+            (model, ("--auth-token-file", str(root / "token")), "auth"),
+        ],
         root,
     )
     yield {"plain": plain, "auth": auth}
@@ -47,7 +49,9 @@ def servers(tmp_path_factory):
 
 def _channel(address: str) -> grpc.Channel:
     # No send limit here: the oversized case must reach the server and be refused there.
-    return grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    return grpc.insecure_channel(
+        address, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    )
 
 
 def _raw_call(channel: grpc.Channel, method: str, payload: bytes, metadata=None) -> None:
@@ -78,7 +82,9 @@ def packed(ids: list[int], lengths: list[int]) -> pb.PackedTokens:
 
 
 def generate(**fields) -> pb.GenerateRequest:
-    return pb.GenerateRequest(**{"prompts": pack_sequences([[1, 450]]), "max_new_tokens": 2, "temperature": 1.0, "top_p": 1.0, **fields})
+    return pb.GenerateRequest(
+        **{"prompts": pack_sequences([[1, 450]]), "max_new_tokens": 2, "temperature": 1.0, "top_p": 1.0, **fields}
+    )
 
 
 VALID_SCORE = score().SerializeToString()
@@ -93,20 +99,60 @@ CASES = {
     "id_int32_max": ("Score", score(sequences=[(1, INT32_MAX)], positions=[(0,)]), INVALID, "tokens.ids"),
     "id_int32_min": ("Score", score(sequences=[(-(2**31), 5)], positions=[(0,)]), INVALID, "tokens.ids"),
     # negative, zero and huge lengths; bytes that disagree with them
-    "length_negative": ("Score", edited(score(), lambda r: r.tokens.CopyFrom(packed([1, 2, 3], [-3]))), INVALID, "tokens.lengths"),
-    "length_zero": ("Score", edited(score(), lambda r: r.tokens.CopyFrom(packed([1, 2], [2, 0]))), INVALID, "tokens.lengths"),
-    "length_int32_max": ("Score", edited(score(), lambda r: r.tokens.CopyFrom(packed([1, 2], [INT32_MAX]))), INVALID, "tokens.lengths"),
-    "lengths_sum_past_the_ids": ("Score", edited(score(), lambda r: r.tokens.CopyFrom(packed([1, 2], [200, 200]))), INVALID, "tokens.ids"),
-    "ids_not_whole_int32s": ("Score", edited(score(), lambda r: setattr(r.tokens, "ids", r.tokens.ids + b"\x01")), INVALID, "tokens.ids"),
+    "length_negative": (
+        "Score",
+        edited(score(), lambda r: r.tokens.CopyFrom(packed([1, 2, 3], [-3]))),
+        INVALID,
+        "tokens.lengths",
+    ),
+    "length_zero": (
+        "Score",
+        edited(score(), lambda r: r.tokens.CopyFrom(packed([1, 2], [2, 0]))),
+        INVALID,
+        "tokens.lengths",
+    ),
+    "length_int32_max": (
+        "Score",
+        edited(score(), lambda r: r.tokens.CopyFrom(packed([1, 2], [INT32_MAX]))),
+        INVALID,
+        "tokens.lengths",
+    ),
+    "lengths_sum_past_the_ids": (
+        "Score",
+        edited(score(), lambda r: r.tokens.CopyFrom(packed([1, 2], [200, 200]))),
+        INVALID,
+        "tokens.ids",
+    ),
+    "ids_not_whole_int32s": (
+        "Score",
+        edited(score(), lambda r: setattr(r.tokens, "ids", r.tokens.ids + b"\x01")),
+        INVALID,
+        "tokens.ids",
+    ),
     "too_many_sequences": ("Score", score(sequences=[(1,)] * 5000, positions=[(0,)] * 5000), INVALID, "tokens"),
     "sequence_too_long": ("Score", score(sequences=[[1] * 257], positions=[(0,)]), INVALID, "tokens.lengths"),
     # empty batches
     "empty_message": ("Score", pb.ScoreRequest(), INVALID, "outputs"),
     "empty_batch": ("Score", pb.ScoreRequest(outputs=pb.OutputSpec(top_k=2)), INVALID, "tokens.lengths"),
     # positions
-    "position_count_negative": ("Score", edited(score(), lambda r: r.position_counts.__setitem__(1, -1)), INVALID, "position_counts"),
-    "position_count_int32_max": ("Score", edited(score(), lambda r: r.position_counts.__setitem__(1, INT32_MAX)), INVALID, "positions"),
-    "positions_not_whole_int32s": ("Score", edited(score(), lambda r: setattr(r, "positions", r.positions[:-1])), INVALID, "positions"),
+    "position_count_negative": (
+        "Score",
+        edited(score(), lambda r: r.position_counts.__setitem__(1, -1)),
+        INVALID,
+        "position_counts",
+    ),
+    "position_count_int32_max": (
+        "Score",
+        edited(score(), lambda r: r.position_counts.__setitem__(1, INT32_MAX)),
+        INVALID,
+        "positions",
+    ),
+    "positions_not_whole_int32s": (
+        "Score",
+        edited(score(), lambda r: setattr(r, "positions", r.positions[:-1])),
+        INVALID,
+        "positions",
+    ),
     "position_past_its_sequence": ("Score", score(positions=((0, 4), (1,))), INVALID, "positions"),
     "position_int32_min": ("Score", score(positions=((0, -(2**31)), (1,))), INVALID, "positions"),
     # top-k
@@ -119,9 +165,25 @@ CASES = {
     "head_dtype_unknown": ("FetchHead", pb.FetchHeadRequest(dtype=99), INVALID, "dtype"),
     "head_dtype_int32": ("FetchHead", pb.FetchHeadRequest(dtype=pb.INT32), INVALID, "dtype"),
     # answers over the server's size limits
-    "response_too_large": ("Score", score(sequences=[list(range(1, 201))], positions=[list(range(200))], hidden_states=False, top_k=0,
-                                          logits=True, wire_dtype=pb.FP32), INVALID, "outputs"),
-    "oversized_message": ("Score", pb.ScoreRequest(request_id="x" * (MAX_MESSAGE_BYTES + 1024)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    "response_too_large": (
+        "Score",
+        score(
+            sequences=[list(range(1, 201))],
+            positions=[list(range(200))],
+            hidden_states=False,
+            top_k=0,
+            logits=True,
+            wire_dtype=pb.FP32,
+        ),
+        INVALID,
+        "outputs",
+    ),
+    "oversized_message": (
+        "Score",
+        pb.ScoreRequest(request_id="x" * (MAX_MESSAGE_BYTES + 1024)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "",
+    ),
     # bytes that are not a message
     "truncated_score": ("Score", VALID_SCORE[:-3], INVALID, "request:"),
     "truncated_in_the_middle": ("Score", VALID_SCORE[: len(VALID_SCORE) // 2], INVALID, "request:"),
@@ -139,11 +201,25 @@ CASES = {
     "generate_nan_top_p": ("Generate", generate(top_p=math.nan), INVALID, "top_p"),
     "generate_top_p_above_one": ("Generate", generate(top_p=1.5), INVALID, "top_p"),
     "generate_no_prompts": ("Generate", generate(prompts=pb.PackedTokens()), INVALID, "prompts.lengths"),
-    "generate_prompt_id_out_of_range": ("Generate", generate(prompts=pack_sequences([[1, VOCAB + 5]])), INVALID, "prompts.ids"),
-    "generate_past_max_seq_len": ("Generate", generate(prompts=pack_sequences([[1] * 250]), max_new_tokens=10), INVALID, "prompts.lengths"),
+    "generate_prompt_id_out_of_range": (
+        "Generate",
+        generate(prompts=pack_sequences([[1, VOCAB + 5]])),
+        INVALID,
+        "prompts.ids",
+    ),
+    "generate_past_max_seq_len": (
+        "Generate",
+        generate(prompts=pack_sequences([[1] * 250]), max_new_tokens=10),
+        INVALID,
+        "prompts.lengths",
+    ),
     # a request for another model
-    "another_models_fingerprint": ("Score", edited(score(), lambda r: setattr(r, "expected_fingerprint", "0" * 32)),
-                                   grpc.StatusCode.FAILED_PRECONDITION, "expected_fingerprint"),
+    "another_models_fingerprint": (
+        "Score",
+        edited(score(), lambda r: setattr(r, "expected_fingerprint", "0" * 32)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "expected_fingerprint",
+    ),
 }
 
 
@@ -162,13 +238,26 @@ def test_malformed_request_gets_the_right_status_and_a_one_line_message(servers,
     assert "Traceback" not in details and "Unexpected <class" not in details
 
 
-TOKENLESS = [None, (("authorization", "Bearer wrong"),), (("authorization", TOKEN),), (("authorization", f"bearer {TOKEN}"),),
-             (("authorization", f"Bearer {TOKEN} "),), (("authorization", ""),)]
-RPCS = {"GetInfo": pb.GetInfoRequest(), "FetchTokenizer": pb.FetchTokenizerRequest(), "FetchHead": pb.FetchHeadRequest(),
-        "Score": score(), "Generate": generate()}
+TOKENLESS = [
+    None,
+    (("authorization", "Bearer wrong"),),
+    (("authorization", TOKEN),),
+    (("authorization", f"bearer {TOKEN}"),),
+    (("authorization", f"Bearer {TOKEN} "),),
+    (("authorization", ""),),
+]
+RPCS = {
+    "GetInfo": pb.GetInfoRequest(),
+    "FetchTokenizer": pb.FetchTokenizerRequest(),
+    "FetchHead": pb.FetchHeadRequest(),
+    "Score": score(),
+    "Generate": generate(),
+}
 
 
-@pytest.mark.parametrize("metadata", TOKENLESS, ids=["none", "wrong", "no_scheme", "lowercase_scheme", "trailing_space", "empty"])
+@pytest.mark.parametrize(
+    "metadata", TOKENLESS, ids=["none", "wrong", "no_scheme", "lowercase_scheme", "trailing_space", "empty"]
+)
 @pytest.mark.parametrize("method", sorted(RPCS))
 def test_every_method_without_the_right_token_is_unauthenticated(servers, method, metadata):
     with _channel(servers["auth"].address) as channel, pytest.raises(grpc.RpcError) as info:
@@ -191,10 +280,14 @@ def test_after_the_whole_corpus_the_servers_are_healthy_and_answer(servers):
         parts = [pb.ScorePart.FromString(p) for p in channel.unary_stream(METHOD + "Score")(VALID_SCORE, timeout=60)]
         assert parts[0].WhichOneof("part") == "header" and parts[-1].WhichOneof("part") == "trailer"
         assert list(parts[0].header.rows_per_sequence) == [2, 1]
-        reply = pb.GenerateResponse.FromString(channel.unary_unary(METHOD + "Generate")(generate().SerializeToString(), timeout=60))
+        reply = pb.GenerateResponse.FromString(
+            channel.unary_unary(METHOD + "Generate")(generate().SerializeToString(), timeout=60)
+        )
         assert list(reply.tokens.lengths) and 1 <= reply.tokens.lengths[0] <= 2
     with _channel(servers["auth"].address) as channel:
-        info = pb.TeacherInfo.FromString(channel.unary_unary(METHOD + "GetInfo")(b"", timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),)))
+        info = pb.TeacherInfo.FromString(
+            channel.unary_unary(METHOD + "GetInfo")(b"", timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),))
+        )
         assert info.tokenizer_size == VOCAB
     for server in servers.values():
         assert server.process.poll() is None

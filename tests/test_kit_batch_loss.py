@@ -13,8 +13,10 @@ from dskd.kit import loss_terms_on_batch
 from dskd.run.components import build_student, build_teacher
 from dskd.types import IGNORE_INDEX
 
-SAMPLES = [("### Instruction:\nName a colour.\n### Response:\n", "Blue."),
-           ("### Instruction:\nAdd 2 and 3.\n### Response:\n", "The sum is 5.")]
+SAMPLES = [
+    ("### Instruction:\nName a colour.\n### Response:\n", "Blue."),
+    ("### Instruction:\nAdd 2 and 3.\n### Response:\n", "The sum is 5."),
+]
 
 
 def dense_logits(model, batch, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,10 +83,13 @@ def test_normalize_answer_removes_ascii_punctuation_and_collapses_spaces():
 def test_corpus_scores_are_means_over_examples():
     predictions = ["Paris", "running dogs", "no"]
     references = [("paris",), ("the dog runs", "cats"), "yes"]
-    expected_rouge = sum(
-        max(100.0 * ORACLE.score(r, p)["rougeL"].fmeasure for r in ([refs] if isinstance(refs, str) else refs))
-        for p, refs in zip(predictions, references)
-    ) / 3
+    expected_rouge = (
+        sum(
+            max(100.0 * ORACLE.score(r, p)["rougeL"].fmeasure for r in ([refs] if isinstance(refs, str) else refs))
+            for p, refs in zip(predictions, references)
+        )
+        / 3
+    )
     assert corpus_rouge_l(predictions, references) == pytest.approx(expected_rouge)
     assert corpus_exact_match(predictions, references) == pytest.approx(100.0 / 3)
     assert score_corpus(predictions, references) == {

@@ -34,7 +34,9 @@ def test_the_split_marks_exactly_the_samples_whose_tokenizations_disagree(tmp_pa
     student = AutoTokenizer.from_pretrained(ROOT / "examples" / "tokenizers" / "tinyllama")
     responses = [unicodedata.normalize("NFD", text) for text in ACCENTED]
     examples = [Example(prompt="Q:", references=(" " + r,)) for r in responses]
-    rows = tokenize_split(examples, student, teacher, DataConfig(max_length=64, max_prompt_length=16), aligner=eta(teacher, student))
+    rows = tokenize_split(
+        examples, student, teacher, DataConfig(max_length=64, max_prompt_length=16), aligner=eta(teacher, student)
+    )
     assert rows["text_differs"] == [True, True, False]  # the ASCII sample reads the same in both
     assert all(len(a) > 0 for a in rows["alignment"])  # and still pairs tokens around the differences
 

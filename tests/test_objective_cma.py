@@ -40,10 +40,6 @@ DENOMINATOR = 19.0  # not the local token count, so a locally normalised term wo
 DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl}
 
 
-
-
-
-
 def oracle(student, teacher, projectors, batch, *, divergence: str, temperature: float, kd_rate: float):
     y_s, y_t = batch.student_labels, batch.teacher_labels
     m_s, m_t = y_s != -100, y_t != -100
@@ -62,8 +58,10 @@ def oracle(student, teacher, projectors, batch, *, divergence: str, temperature:
         )
     h_s, z_s, h_t, z_t = out_s.hidden_states[-1], out_s.logits, out_t.hidden_states[-1], out_t.logits
     emb_s, emb_t = student.get_input_embeddings().weight.detach(), teacher.get_input_embeddings().weight
+
     def formal(ids, mask):
         return torch.where(mask, ids, torch.zeros_like(ids))
+
     e_s = torch.cat([emb_s[formal(batch.student_input_ids, m_s)], emb_s[formal(y_s, m_s)]], -1)
     e_t_y = emb_t[formal(y_t, m_t)]
     e_t = torch.cat([emb_t[formal(batch.teacher_input_ids, m_t)], e_t_y], -1)
@@ -80,9 +78,7 @@ def oracle(student, teacher, projectors, batch, *, divergence: str, temperature:
     out = {
         "ce": -log_softmax64(z_s[m_s]).gather(-1, gold[:, None]).sum(),
         "projector_ce": -log_softmax64(z_t2s[m_s]).gather(-1, gold[:, None]).sum(),
-        "kd_student_space": (
-            divergence_oracle(divergence, z_s[m_s], z_t2s[m_s].detach(), temperature) * agree
-        ).sum(),
+        "kd_student_space": (divergence_oracle(divergence, z_s[m_s], z_t2s[m_s].detach(), temperature) * agree).sum(),
         "kd_teacher_space": divergence_oracle(divergence, z_s2t[m_t], z_t[m_t], temperature).sum(),
         "n_agree": int(agree.sum()),
     }
@@ -120,9 +116,7 @@ def agreeing_objective(context, batch):
     return objective
 
 
-@pytest.mark.parametrize(
-    "divergence,temperature,chunk_size", [("forward_kl", 1.0, 4), ("reverse_kl", 2.0, 64)]
-)
+@pytest.mark.parametrize("divergence,temperature,chunk_size", [("forward_kl", 1.0, 4), ("reverse_kl", 2.0, 64)])
 def test_dskd_cma_terms_and_gradients_match_the_dense_oracle(setup, divergence, temperature, chunk_size):
     student, teacher, batch = setup
     context = make_context(
@@ -153,10 +147,7 @@ def test_dskd_cma_terms_and_gradients_match_the_dense_oracle(setup, divergence, 
     )
     assert 0 < ref["n_agree"] < n_student
     assert int(result.counts["kd_student_space"]) == ref["n_agree"] == int(result.sums["t2s_agreement"])
-    assert (
-        int(result.counts["projector_ce"]) == n_student
-        and int(result.counts["kd_teacher_space"]) == n_teacher
-    )
+    assert int(result.counts["projector_ce"]) == n_student and int(result.counts["kd_teacher_space"]) == n_teacher
     for term in ("ce", "projector_ce", "kd_student_space", "kd_teacher_space"):
         assert_rel(result.sums[term], ref[term], what=term)
     assert_rel(result.loss, ref["loss"], what="loss")

@@ -40,8 +40,9 @@ def test_teacher_hidden_states_that_do_not_fit_its_head_are_refused(models, name
     objective = FACTORIES[name](make_context(student, teacher, divergence=forward_kl))
     batch = make_batch([6, 5], [1, 1])
     hidden = last_hidden_state(student, batch.student_input_ids, batch.student_attention_mask)
-    signal = teacher.score(batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows,
-                           SignalRequest(hidden_states=True))
+    signal = teacher.score(
+        batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, SignalRequest(hidden_states=True)
+    )
     signal.hidden_states = torch.randn(signal.hidden_states.shape[0], 32)  # a server whose head is not its model's
     with pytest.raises(ModelError) as error:
         objective.compute(batch, hidden, signal)
@@ -86,6 +87,7 @@ def test_dskd_v2_options_out_of_range_are_refused(models):
 
 # -- heads that do more than a plain linear map ---------------------------------------------------------------
 
+
 def probe_ids(vocab_size: int) -> torch.Tensor:
     return torch.arange(3, 13).remainder(vocab_size).unsqueeze(0)
 
@@ -118,9 +120,17 @@ def assert_needed(model, head, **undeclared) -> None:
 
 
 def test_a_soft_capped_head_is_described_and_verified():
-    config = Gemma2Config(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                          final_logit_softcapping=2.0)
+    config = Gemma2Config(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        final_logit_softcapping=2.0,
+    )
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(config).float()
     with torch.no_grad():
@@ -132,8 +142,16 @@ def test_a_soft_capped_head_is_described_and_verified():
 
 
 def test_a_scaled_head_is_described_and_verified():
-    config = CohereConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, logit_scale=0.25)
+    config = CohereConfig(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        logit_scale=0.25,
+    )
     torch.manual_seed(0)
     model = CohereForCausalLM(config).float()
     with torch.no_grad():

@@ -91,8 +91,16 @@ def test_dskd_v1_head_gradient_comes_from_student_space_kd_alone(models, batch):
     objective = build("v1", models)
     backward(objective, models, batch, kd_rate=1.0)
     got = student.lm_head.weight.grad.clone()
-    ref = oracle("v1", student, teacher.model, objective.trainable_modules(), batch, divergence="forward_kl",
-                 temperature=1.0, kd_rate=1.0)
+    ref = oracle(
+        "v1",
+        student,
+        teacher.model,
+        objective.trainable_modules(),
+        batch,
+        divergence="forward_kl",
+        temperature=1.0,
+        kd_rate=1.0,
+    )
     (expected,) = torch.autograd.grad(ref["kd_student_space"] / DENOMINATOR, [student.lm_head.weight])
     assert_rel(got, expected, what="lm_head")
 
@@ -111,8 +119,9 @@ def test_the_t2s_projector_learns_from_the_projector_ce_alone(models, batch, ver
     backward(objective, models, batch, kd_rate=kd_rate)
     projectors = objective.trainable_modules()
     got = {n: p.grad.clone() for n, p in projectors.named_parameters()}
-    ref = oracle(version, student, teacher.model, projectors, batch, divergence="forward_kl", temperature=1.0,
-                 kd_rate=kd_rate)
+    ref = oracle(
+        version, student, teacher.model, projectors, batch, divergence="forward_kl", temperature=1.0, kd_rate=kd_rate
+    )
     t2s = dict(projectors.t2s.named_parameters())
     only_ce = torch.autograd.grad(kd_rate * ref["projector_ce"] / DENOMINATOR, list(t2s.values()), retain_graph=True)
     for (name, _), expected in zip(t2s.items(), only_ce):

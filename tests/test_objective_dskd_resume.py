@@ -58,4 +58,6 @@ def test_resume_restores_the_projectors_and_the_s2t_map_exactly(tmp_path, versio
         assert torch.equal(restored[key], value), key
     if version == "v2":
         assert torch.equal(fresh.s2t_weight, objective.s2t_weight)
-    assert torch.equal(run_objective(fresh, fresh_student, teacher, batch, 10.0, kd_rate=0.5).loss.detach(), reference_loss)
+    assert torch.equal(
+        run_objective(fresh, fresh_student, teacher, batch, 10.0, kd_rate=0.5).loss.detach(), reference_loss
+    )

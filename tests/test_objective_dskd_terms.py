@@ -36,13 +36,8 @@ DENOMINATOR = 11.0  # not the local token count, so a term normalised locally wo
 # -- the oracle: spec formulas, full logits, float64 -------------------------------------------------------------
 
 
-
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -log_softmax64(logits).gather(-1, targets[:, None]).sum()
-
-
-
-
 
 
 def model_outputs(model, batch, *, student: bool):
@@ -54,8 +49,18 @@ def model_outputs(model, batch, *, student: bool):
     return out.hidden_states[-1][valid], out.logits[valid], labels[valid]
 
 
-def oracle(version: str, student, teacher, projectors, batch, *, divergence: str, temperature: float,
-           kd_rate: float, terms: str = "both") -> dict[str, torch.Tensor]:
+def oracle(
+    version: str,
+    student,
+    teacher,
+    projectors,
+    batch,
+    *,
+    divergence: str,
+    temperature: float,
+    kd_rate: float,
+    terms: str = "both",
+) -> dict[str, torch.Tensor]:
     """Per-term sums, the agreement count and the total loss, from the spec's formulas."""
     h_s, z_s, gold = model_outputs(student, batch, student=True)
     with torch.no_grad():
@@ -79,14 +84,17 @@ def oracle(version: str, student, teacher, projectors, batch, *, divergence: str
     out["kd_student_space"] = (divergence_oracle(divergence, z_s, z_t2s.detach(), temperature) * agree).sum()
     out["kd_teacher_space"] = divergence_oracle(divergence, z_s2t, z_t, temperature).sum()
     out["n_agree"] = agree.sum()
-    kd = {"both": out["kd_student_space"] + out["projector_ce"] + out["kd_teacher_space"],
-          "student": out["kd_student_space"] + out["projector_ce"],
-          "teacher": out["kd_teacher_space"]}[terms]
+    kd = {
+        "both": out["kd_student_space"] + out["projector_ce"] + out["kd_teacher_space"],
+        "student": out["kd_student_space"] + out["projector_ce"],
+        "teacher": out["kd_teacher_space"],
+    }[terms]
     out["loss"] = ((1 - kd_rate) * out["ce"] + kd_rate * kd) / DENOMINATOR
     return out
 
 
 # -- fixtures and plumbing ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def models():
@@ -118,8 +126,17 @@ def objective_and_oracle(version, models, batch, *, divergence, temperature, kd_
     got = grads(params)
     for p in params.values():
         p.grad = None
-    ref = oracle(version, student, teacher.model, objective.trainable_modules(), batch, divergence=divergence,
-                 temperature=temperature, kd_rate=kd_rate, terms=terms)
+    ref = oracle(
+        version,
+        student,
+        teacher.model,
+        objective.trainable_modules(),
+        batch,
+        divergence=divergence,
+        temperature=temperature,
+        kd_rate=kd_rate,
+        terms=terms,
+    )
     ref["loss"].backward()
     expected = grads(params)
     for p in params.values():
@@ -129,10 +146,12 @@ def objective_and_oracle(version, models, batch, *, divergence, temperature, kd_
 
 # -- tests -------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("divergence,temperature", [("forward_kl", 1.0), ("reverse_kl", 2.0)])
 def test_dskd_v2_terms_and_gradients_match_the_dense_oracle(models, batch, divergence, temperature):
-    result, ref, got, expected = objective_and_oracle("v2", models, batch, divergence=divergence,
-                                                      temperature=temperature, kd_rate=0.3)
+    result, ref, got, expected = objective_and_oracle(
+        "v2", models, batch, divergence=divergence, temperature=temperature, kd_rate=0.3
+    )
     n_valid = int((batch.student_labels != -100).sum())
     # The fixture is built so that the agreement gate keeps some tokens and drops others.
     assert 0 < int(ref["n_agree"]) < n_valid
@@ -147,8 +166,9 @@ def test_dskd_v2_terms_and_gradients_match_the_dense_oracle(models, batch, diver
 
 @pytest.mark.parametrize("terms", ["student", "teacher"])
 def test_dskd_v2_single_space_terms_match_the_dense_oracle(models, batch, terms):
-    result, ref, got, expected = objective_and_oracle("v2", models, batch, divergence="forward_kl",
-                                                      temperature=1.0, kd_rate=0.6, terms=terms)
+    result, ref, got, expected = objective_and_oracle(
+        "v2", models, batch, divergence="forward_kl", temperature=1.0, kd_rate=0.6, terms=terms
+    )
     assert_rel(result.loss, ref["loss"], what="loss")
     for name in expected:
         assert_rel(got[name], expected[name], what=f"grad {name}")
@@ -165,8 +185,9 @@ def test_dskd_v2_chunk_size_does_not_change_loss_or_gradients(models, batch):
 
 @pytest.mark.parametrize("divergence,temperature", [("forward_kl", 2.0), ("reverse_kl", 1.0)])
 def test_dskd_v1_terms_and_gradients_match_the_dense_oracle(models, batch, divergence, temperature):
-    result, ref, got, expected = objective_and_oracle("v1", models, batch, divergence=divergence,
-                                                      temperature=temperature, kd_rate=0.5)
+    result, ref, got, expected = objective_and_oracle(
+        "v1", models, batch, divergence=divergence, temperature=temperature, kd_rate=0.5
+    )
     n_valid = int((batch.student_labels != -100).sum())
     assert int(result.counts["kd_student_space"]) == n_valid  # v1: no agreement gate
     for term in ("ce", "kd_student_space", "projector_ce", "kd_teacher_space"):
@@ -185,8 +206,9 @@ def test_dskd_v2_matches_the_oracle_over_the_real_tinyllama_vocabulary():
     tok = tokenizer("tinyllama")
     models = student_and_teacher(tok)
     batch = make_batch([9, 7], [2, 1], vocab_size=len(tok), seed=5)
-    result, ref, got, expected = objective_and_oracle("v2", models, batch, divergence="forward_kl",
-                                                      temperature=2.0, kd_rate=0.5, chunk_size=4)
+    result, ref, got, expected = objective_and_oracle(
+        "v2", models, batch, divergence="forward_kl", temperature=2.0, kd_rate=0.5, chunk_size=4
+    )
     for term in ("ce", "kd_student_space", "projector_ce", "kd_teacher_space"):
         assert_rel(result.sums[term], ref[term], tol=5e-5, what=term)
     assert_rel(result.loss, ref["loss"], tol=5e-5, what="loss")

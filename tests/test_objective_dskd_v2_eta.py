@@ -52,16 +52,20 @@ def oracle(student, teacher, objective, batch, denominator):
     ce_total = torch.zeros((), dtype=torch.float64)
     kd_total = torch.zeros((), dtype=torch.float64)
     for b in range(batch.size):
-        h_s, z_s, y_s = valid_outputs(student, batch.student_input_ids, batch.student_attention_mask, batch.student_labels, b)
+        h_s, z_s, y_s = valid_outputs(
+            student, batch.student_input_ids, batch.student_attention_mask, batch.student_labels, b
+        )
         with torch.no_grad():
-            h_t, _, _ = valid_outputs(teacher.model, batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels, b)
+            h_t, _, _ = valid_outputs(
+                teacher.model, batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels, b
+            )
         ce_total = ce_total + ce64(z_s, y_s).sum()
         # Label-position pairs of this sequence -> indices into its valid rows.
         s_first = int((batch.student_labels[b] != -100).nonzero()[0])
         t_first = int((batch.teacher_labels[b] != -100).nonzero()[0])
         for _, t_pos, s_pos in batch.alignment[batch.alignment[:, 0] == b].tolist():
             i, j = t_pos - t_first, s_pos - s_first
-            zt = (h_t[i].double() @ w_t.double().T)
+            zt = h_t[i].double() @ w_t.double().T
             label = int(vocab_map[int(zt.argmax())])
             if label < 0:
                 continue  # the teacher's top-1 has no student token: the pair carries nothing (spec §6.3)
@@ -117,7 +121,10 @@ def test_pairs_whose_teacher_prediction_has_no_student_token_carry_no_kd_and_the
     terms = run_objective(objective, student, teacher, batch, denominator, kd_rate=ALPHA)
     # Only the gold CE remains, weighted (1 - kd_rate) like any step (spec §1.3).
     assert torch.isclose(terms.loss, (1 - ALPHA) * terms.sums["ce"] / denominator)
-    assert float(terms.sums["accepted_pairs"]) == 0.0 and float(terms.counts["accepted_pairs"]) == batch.aligned_rows.shape[0]
+    assert (
+        float(terms.sums["accepted_pairs"]) == 0.0
+        and float(terms.counts["accepted_pairs"]) == batch.aligned_rows.shape[0]
+    )
     assert float(terms.counts["kd_teacher_space"]) == 0.0  # the term has no tokens, so the engine does not log it
     terms.loss.backward()
     assert np.isfinite(float(terms.loss.detach()))

@@ -85,9 +85,7 @@ def test_transformed_teacher_logits_move_mapped_columns_and_one_hot_unpaired_row
 # -- the objective against the oracle ------------------------------------------------------------------------------
 
 
-def oracle(
-    student, teacher, batch, stu2tea: torch.Tensor, *, temperature: float, kd_rate: float, skip: bool = False
-):
+def oracle(student, teacher, batch, stu2tea: torch.Tensor, *, temperature: float, kd_rate: float, skip: bool = False):
     out_s = student(
         input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask, use_cache=False
     ).logits
@@ -121,9 +119,7 @@ def setup(tmp_path_factory):
     return student, teacher, aligner, make_batch(aligner, STUDENT, TEACHER)
 
 
-@pytest.mark.parametrize(
-    "temperature,chunk_size,unaligned", [(1.0, 4, "gold"), (2.0, 64, "gold"), (1.0, 5, "skip")]
-)
+@pytest.mark.parametrize("temperature,chunk_size,unaligned", [(1.0, 4, "gold"), (2.0, 64, "gold"), (1.0, 5, "skip")])
 def test_mined_kd_loss_terms_and_gradients_match_the_dense_oracle(setup, temperature, chunk_size, unaligned):
     student, teacher, aligner, batch = setup
     context = make_context(
@@ -153,9 +149,7 @@ def test_mined_kd_loss_terms_and_gradients_match_the_dense_oracle(setup, tempera
     # The batch holds both paired and unpaired student tokens.
     assert 0 < batch.aligned_rows.shape[0] < n_student
     assert (
-        int(result.counts["kd"])
-        == ref["n_kd"]
-        == (n_student if unaligned == "gold" else batch.aligned_rows.shape[0])
+        int(result.counts["kd"]) == ref["n_kd"] == (n_student if unaligned == "gold" else batch.aligned_rows.shape[0])
     )
     for term in ("ce", "kd"):
         assert_rel(result.sums[term], ref[term], what=term)
@@ -204,11 +198,7 @@ def test_mined_kd_declares_the_mined_aligner_as_its_default():
 def test_mined_kd_refuses_a_run_without_a_teacher(setup):
     student, teacher, aligner, _ = setup
     with pytest.raises(PluginError, match="needs a teacher"):
-        mined_kd(
-            replace(
-                make_context(student, teacher, STUDENT, divergence=forward_kl, aligner=aligner), teacher=None
-            )
-        )
+        mined_kd(replace(make_context(student, teacher, STUDENT, divergence=forward_kl, aligner=aligner), teacher=None))
 
 
 def test_mined_kd_refuses_an_aligner_without_a_vocabulary_map(setup):
@@ -236,9 +226,7 @@ def test_mined_kd_refuses_a_vocabulary_map_that_reaches_no_student_token(setup):
 def test_mined_kd_refuses_an_unknown_unaligned_option(setup):
     student, teacher, aligner, _ = setup
     with pytest.raises(PluginError, match='"gold" or "skip"'):
-        mined_kd(
-            make_context(student, teacher, STUDENT, divergence=forward_kl, aligner=aligner), unaligned="drop"
-        )
+        mined_kd(make_context(student, teacher, STUDENT, divergence=forward_kl, aligner=aligner), unaligned="drop")
 
 
 def test_mined_kd_accepts_the_index_aligners_exact_map(setup):

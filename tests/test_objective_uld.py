@@ -117,9 +117,7 @@ def setup():
 
 
 @pytest.mark.parametrize("temperature,chunk_size", [(1.0, 4), (2.0, 64)])
-def test_uld_loss_terms_and_gradients_match_the_dense_oracle_without_touching_inputs(
-    setup, temperature, chunk_size
-):
+def test_uld_loss_terms_and_gradients_match_the_dense_oracle_without_touching_inputs(setup, temperature, chunk_size):
     student, teacher, aligner, batch = setup
     context = make_context(
         student,
@@ -132,9 +130,7 @@ def test_uld_loss_terms_and_gradients_match_the_dense_oracle_without_touching_in
     objective = uld(context)
     params = dict(student.named_parameters())
     hidden = last_hidden_state(student, batch.student_input_ids, batch.student_attention_mask)
-    signal = teacher.score(
-        batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, objective.request
-    )
+    signal = teacher.score(batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, objective.request)
     # The reference rotated labels and logits in place (spec §14.19); nothing here may change.
     before = [
         t.detach().clone()

@@ -49,6 +49,7 @@ def hellinger(example_module):
 # The divergence (example code users copy) against the closed form
 # ---------------------------------------------------------------------------------------------------------
 
+
 def closed_form(student_logits: np.ndarray, teacher_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """H^2 = 1 - sum_v sqrt(p_t,v p_s,v), in float64, one row at a time."""
     out = []
@@ -143,6 +144,7 @@ def test_hellinger_registers_in_process_and_takes_no_options(example_module):
 # The package as an installed distribution, through the real loader in subprocesses
 # ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def installed_env(tmp_path_factory) -> dict[str, str]:
     """An environment in which `python -m dskd` sees dskd-example-plugin as installed."""
@@ -159,8 +161,9 @@ def installed_env(tmp_path_factory) -> dict[str, str]:
 
 
 def run_dskd(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dskd", *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "dskd", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 def test_example_pyproject_declares_the_entry_point():
@@ -176,8 +179,12 @@ def test_installed_example_is_listed_by_dskd_plugins(installed_env):
     listing = json.loads(result.stdout)
     assert "hellinger" in listing["divergences"] and "forward_kl" in listing["divergences"]
     plugin = next(p for p in listing["plugins"] if p["name"] == "hellinger")
-    assert plugin == {"name": "hellinger", "package": "dskd-example-plugin", "version": "0.1.0",
-                      "registered": {"divergences": ["hellinger"]}}
+    assert plugin == {
+        "name": "hellinger",
+        "package": "dskd-example-plugin",
+        "version": "0.1.0",
+        "registered": {"divergences": ["hellinger"]},
+    }
 
 
 @pytest.mark.integration
@@ -197,9 +204,20 @@ def test_validate_accepts_hellinger_only_while_the_plugin_loads(installed_env):
 def test_tiny_distillation_with_the_example_divergence(installed_env, tmp_path: Path):
     from transformers import AutoModelForCausalLM
 
-    model = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 32,
-             "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
-             "max_position_embeddings": 256, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
+    model = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     (tmp_path / "student.json").write_text(json.dumps(model))
     (tmp_path / "teacher.json").write_text(json.dumps({**model, "hidden_size": 48, "intermediate_size": 96}))
     lines = (REPO / "examples" / "data" / "tasks" / "train.jsonl").read_text().splitlines()[:64]

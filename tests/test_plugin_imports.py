@@ -26,7 +26,9 @@ def dskd_imports(tree: ast.AST) -> list[tuple[int, str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] == "dskd"]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "dskd":
+        elif (
+            isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "dskd"
+        ):
             found.append((node.lineno, node.module))
     return found
 
@@ -42,18 +44,27 @@ def test_there_are_plugins_to_check():
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PLUGINS)))
 def test_a_plugin_imports_only_dskd_the_kit_and_its_own_package(path: Path):
     tree = ast.parse(path.read_text(), filename=str(path))
-    bad = [f"{path.relative_to(PLUGINS.parent)}:{line}: {module}" for line, module in dskd_imports(tree) if not allowed(module)]
+    bad = [
+        f"{path.relative_to(PLUGINS.parent)}:{line}: {module}"
+        for line, module in dskd_imports(tree)
+        if not allowed(module)
+    ]
     assert not bad, "plugins import only dskd, dskd.kit or dskd.plugins.*:\n" + "\n".join(bad)
 
 
 def test_the_import_check_catches_private_modules():
-    tree = ast.parse("import dskd\nfrom dskd.kit import member\nfrom dskd.kit.weights import LossWeights\n"
-                     "import dskd.run.engine\nfrom dskd.plugins.aligners._edit_distance import dtw_path\nfrom . import x\n")
+    tree = ast.parse(
+        "import dskd\nfrom dskd.kit import member\nfrom dskd.kit.weights import LossWeights\n"
+        "import dskd.run.engine\nfrom dskd.plugins.aligners._edit_distance import dtw_path\nfrom . import x\n"
+    )
     assert [m for _, m in dskd_imports(tree) if not allowed(m)] == ["dskd.kit.weights", "dskd.run.engine"]
 
 
 def test_no_plugin_mentions_a_denominator_or_split_step_scales():
-    hits = [f"{path.relative_to(PLUGINS.parent)}:{n}: {line.strip()}"
-            for path in TEXT_FILES for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
-            if RETIRED.search(line)]
+    hits = [
+        f"{path.relative_to(PLUGINS.parent)}:{n}: {line.strip()}"
+        for path in TEXT_FILES
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if RETIRED.search(line)
+    ]
     assert not hits, "objectives return unweighted parts; the engine alone weights them:\n" + "\n".join(hits)

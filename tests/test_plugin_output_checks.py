@@ -47,14 +47,23 @@ def _logits(rows: int = 5, vocab: int = 11) -> tuple[torch.Tensor, torch.Tensor]
     return student, torch.randn(rows, vocab, generator=generator)
 
 
-@pytest.mark.parametrize(("name", "problem"), [
-    ("mean_kl", r"returned shape \(\) \(a scalar: drop the \.mean\(\) or \.sum\(\) over rows\) for \(5, 11\) logits"),
-    ("vocab_kl", r"returned shape \(5, 11\) for \(5, 11\) logits"),
-])
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        (
+            "mean_kl",
+            r"returned shape \(\) \(a scalar: drop the \.mean\(\) or \.sum\(\) over rows\) for \(5, 11\) logits",
+        ),
+        ("vocab_kl", r"returned shape \(5, 11\) for \(5, 11\) logits"),
+    ],
+)
 def test_a_divergence_of_the_wrong_shape_is_named_with_its_package_on_its_first_call(registry, name, problem):
     divergence = _divergence(registry, name)
-    with pytest.raises(PluginError, match=rf"^divergence '{name}' \(plugin 'dskd_broken_plugins', package '\(in process\)'\) {problem}; "
-                                          r"a divergence returns the per-row loss, a float tensor of shape \(5,\)"):
+    with pytest.raises(
+        PluginError,
+        match=rf"^divergence '{name}' \(plugin 'dskd_broken_plugins', package '\(in process\)'\) {problem}; "
+        r"a divergence returns the per-row loss, a float tensor of shape \(5,\)",
+    ):
         divergence(*_logits(), temperature=1.0)
 
 
@@ -78,7 +87,9 @@ def test_a_divergence_detached_from_the_student_or_not_a_tensor_is_named(registr
                 register(name, getattr(self, name))
 
     careless = load_registry(extra_plugins=[Careless()], entry_points=False)
-    with pytest.raises(PluginError, match=r"^divergence 'detached' \(plugin 'Careless-0', .*detached from the student's logits"):
+    with pytest.raises(
+        PluginError, match=r"^divergence 'detached' \(plugin 'Careless-0', .*detached from the student's logits"
+    ):
         _divergence(careless, "detached")(*_logits(), temperature=1.0)
     with pytest.raises(PluginError, match=r"^divergence 'as_list' .* returned list for \(5, 11\) logits"):
         _divergence(careless, "as_list")(*_logits(), temperature=1.0)
@@ -99,11 +110,14 @@ def _aligner(registry, fault: str, teacher: str = "mistral", student: str = "gpt
     return build_aligner(config, registry, tokenizer(teacher), tokenizer(student), False)
 
 
-@pytest.mark.parametrize(("fault", "problem"), [
-    ("past_end", "a position past the end"),
-    ("reversed", "pairs that are not strictly increasing"),
-    ("negative", r"a negative position \(-1\)"),
-])
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        ("past_end", "a position past the end"),
+        ("reversed", "pairs that are not strictly increasing"),
+        ("negative", r"a negative position \(-1\)"),
+    ],
+)
 @pytest.mark.slow
 def test_aligner_pairs_on_student_samples_are_checked_and_name_the_plugin(registry, fault, problem):
     # The on-policy path: the student's sampled ids, re-tokenised for the teacher and aligned by the plugin.
@@ -111,7 +125,10 @@ def test_aligner_pairs_on_student_samples_are_checked_and_name_the_plugin(regist
     rollouts = Rollouts(context)
     batch = example_batch("different")
     samples = [tokenizer("gpt2").encode(" a sampled answer") for _ in range(len(batch.sample_ids))]
-    with pytest.raises(PluginError, match=rf"^aligner 'broken' \(plugin 'dskd_broken_plugins', package '\(in process\)'\) returned {problem}"):
+    with pytest.raises(
+        PluginError,
+        match=rf"^aligner 'broken' \(plugin 'dskd_broken_plugins', package '\(in process\)'\) returned {problem}",
+    ):
         rollouts.from_student_samples(batch, samples)
 
 
@@ -120,7 +137,13 @@ def test_a_wrapped_aligner_keeps_its_attributes_and_fingerprint(registry):
 
     built = _aligner(registry, "past_end")
     assert built.fault == "past_end"
-    eta = build_aligner(dataclasses.replace(Config(), aligner=AlignerConfig(name="eta")), registry, tokenizer("mistral"), tokenizer("gpt2"), False)
+    eta = build_aligner(
+        dataclasses.replace(Config(), aligner=AlignerConfig(name="eta")),
+        registry,
+        tokenizer("mistral"),
+        tokenizer("gpt2"),
+        False,
+    )
     raw = registry.get("aligners", "eta")(tokenizer("mistral"), tokenizer("gpt2"))
     assert aligner_fingerprint(eta) == aligner_fingerprint(raw)  # the data cache of an unwrapped aligner stays valid
     assert torch.equal(eta.vocab_map(), raw.vocab_map())
@@ -134,11 +157,15 @@ def test_a_wrapped_aligner_keeps_its_attributes_and_fingerprint(registry):
 @pytest.mark.parametrize("name", ["mean_kl", "vocab_kl"])
 def test_dskd_run_names_a_divergence_of_the_wrong_shape_in_one_line(tmp_path, name):
     write_job(tmp_path, objective="dskd_v2", steps=2)
-    result = run_dskd("run", "job.toml", "--set", f"divergence.name={name}", env=installed_env(tmp_path / "site"), cwd=tmp_path)
+    result = run_dskd(
+        "run", "job.toml", "--set", f"divergence.name={name}", env=installed_env(tmp_path / "site"), cwd=tmp_path
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     lines = error_lines(result)
-    assert len(lines) == 1 and lines[0].startswith(f"dskd: error: divergence '{name}' (plugin '{PLUGIN}', package '{PACKAGE}') returned shape"), lines
+    assert len(lines) == 1 and lines[0].startswith(
+        f"dskd: error: divergence '{name}' (plugin '{PLUGIN}', package '{PACKAGE}') returned shape"
+    ), lines
     assert not (tmp_path / "run" / "final").exists()
 
 
@@ -146,10 +173,13 @@ def test_dskd_run_names_a_divergence_of_the_wrong_shape_in_one_line(tmp_path, na
 def test_dskd_run_names_an_aligner_whose_pairs_break_the_contract(tmp_path):
     from policy_setup import write_policy_job
 
-    write_policy_job(tmp_path, vocab="different", objective="uld", extra='\n[aligner]\nname = "broken"\nfault = "reversed"\n')
+    write_policy_job(
+        tmp_path, vocab="different", objective="uld", extra='\n[aligner]\nname = "broken"\nfault = "reversed"\n'
+    )
     result = run_dskd("run", "job.toml", env=installed_env(tmp_path / "site"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     lines = error_lines(result)
     assert len(lines) == 1 and lines[0].startswith(
-        f"dskd: error: aligner 'broken' (plugin '{PLUGIN}', package '{PACKAGE}') returned pairs that are not strictly increasing"), lines
+        f"dskd: error: aligner 'broken' (plugin '{PLUGIN}', package '{PACKAGE}') returned pairs that are not strictly increasing"
+    ), lines

@@ -17,12 +17,17 @@ POLICIES = {
     "mixed_lam0": ("mixed", {**SAMPLING, "lam": 0.0}, {"off_policy"}),
     "mixed_lam1": ("mixed", {**SAMPLING, "lam": 1.0}, {"mixed:sampled"}),
     "mixed_lam0.5": ("mixed", {**SAMPLING, "lam": 0.5}, {"off_policy", "mixed:sampled"}),
-    "adaptive": ("adaptive", {**SAMPLING, "init_prob": 1.0, "max_prob": 1.0, "buffer_size": 2, "replay_prob": 0.5},
-                 {"adaptive:sampled", "adaptive:replay"}),
+    "adaptive": (
+        "adaptive",
+        {**SAMPLING, "init_prob": 1.0, "max_prob": 1.0, "buffer_size": 2, "replay_prob": 0.5},
+        {"adaptive:sampled", "adaptive:replay"},
+    ),
     "teacher_generated": ("teacher_generated", SAMPLING, {"teacher_generated"}),
 }
 OBJECTIVES = {"same": ("dskd_v2", "kd", "dskd"), "different": ("dskd_v2", "uld", "mined_kd", "dskd_cma")}
-CASES = [(vocab, objective, policy) for vocab, names in OBJECTIVES.items() for objective in names for policy in POLICIES]
+CASES = [
+    (vocab, objective, policy) for vocab, names in OBJECTIVES.items() for objective in names for policy in POLICIES
+]
 # sft has no KD term: it takes the dataset's responses or, as sequence-level KD, the teacher's (the sampling
 # policies refuse it, tests/test_policy_refusals.py).
 CASES += [(vocab, "sft", policy) for vocab in OBJECTIVES for policy in ("off_policy", "teacher_generated")]
@@ -32,7 +37,9 @@ FAST = {("same", "kd", "mixed_lam0.5"), ("different", "dskd_v2", "on_policy")}
 
 def run_policy(tmp_path, vocab: str, objective: str, policy: str) -> list[dict]:
     name, options, _ = POLICIES[policy]
-    job = make_job(write_policy_job(tmp_path, vocab=vocab, objective=objective, policy=name, options=options, steps=STEPS))
+    job = make_job(
+        write_policy_job(tmp_path, vocab=vocab, objective=objective, policy=name, options=options, steps=STEPS)
+    )
     job.distill(None)
     return metrics(tmp_path / "run")
 

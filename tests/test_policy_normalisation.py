@@ -91,8 +91,15 @@ def forward_kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, tau: float)
 @pytest.mark.parametrize("ce_on_gold", [True, False])
 def test_an_on_policy_step_is_the_gold_ce_mean_plus_the_sampled_kd_mean(tmp_path, monkeypatch, ce_on_gold):
     teacher_dir = save_sharp_teacher(tmp_path / "teacher_model")
-    path = write_policy_job(tmp_path, vocab="same", objective="kd", policy="on_policy", steps=1, samples=8,
-                            options={"max_new_tokens": 6, "ce_on_gold": ce_on_gold})
+    path = write_policy_job(
+        tmp_path,
+        vocab="same",
+        objective="kd",
+        policy="on_policy",
+        steps=1,
+        samples=8,
+        options={"max_new_tokens": 6, "ce_on_gold": ce_on_gold},
+    )
     seen = spy_first_step(monkeypatch)
     make_job(path, [f"teacher.model={teacher_dir}", f"objective.kd_rate={KD_RATE}"]).distill(None)
     [line] = metrics(tmp_path / "run")
@@ -100,15 +107,21 @@ def test_an_on_policy_step_is_the_gold_ce_mean_plus_the_sampled_kd_mean(tmp_path
     window = seen["window"]
     assert [(b.ce, b.kd) for b in window] == ([(True, False), (False, True)] if ce_on_gold else [(False, True)])
     sampled, student, teacher = window[-1], seen["student"], seen["teacher"]
-    s_logits, _ = label_logits(student, sampled.student_input_ids, sampled.student_attention_mask, sampled.student_labels)
-    t_logits, _ = label_logits(teacher, sampled.teacher_input_ids, sampled.teacher_attention_mask, sampled.teacher_labels)
+    s_logits, _ = label_logits(
+        student, sampled.student_input_ids, sampled.student_attention_mask, sampled.student_labels
+    )
+    t_logits, _ = label_logits(
+        teacher, sampled.teacher_input_ids, sampled.teacher_attention_mask, sampled.teacher_labels
+    )
     kd_mean = forward_kl_by_hand(s_logits, t_logits, TEMPERATURE) / s_logits.shape[0]
     assert kd_mean > 0.5, "setup: the KD term should be large enough to see its normaliser"
     expected = KD_RATE * kd_mean
     assert line["train/kd"] == pytest.approx(float(kd_mean), rel=1e-4)
     if ce_on_gold:
         gold = window[0]
-        g_logits, g_labels = label_logits(student, gold.student_input_ids, gold.student_attention_mask, gold.student_labels)
+        g_logits, g_labels = label_logits(
+            student, gold.student_input_ids, gold.student_attention_mask, gold.student_labels
+        )
         assert g_logits.shape[0] != s_logits.shape[0], "setup: equal token counts could not tell the normalisers apart"
         ce_mean = F.cross_entropy(g_logits, g_labels, reduction="sum") / g_logits.shape[0]
         expected = expected + (1 - KD_RATE) * ce_mean
@@ -135,8 +148,12 @@ DENOMINATOR = 11.0
 def cross_vocab(tmp_path_factory):
     student, teacher = models("gpt2", "tinyllama")
     t_tok, s_tok = tokenizer("tinyllama"), tokenizer("gpt2")
-    aligners = {"uld": index(t_tok, s_tok), "mined_kd": mined(t_tok, s_tok, cache_dir=str(tmp_path_factory.mktemp("mined"))),
-                "dskd_v2": eta(t_tok, s_tok), "dskd_cma": None}
+    aligners = {
+        "uld": index(t_tok, s_tok),
+        "mined_kd": mined(t_tok, s_tok, cache_dir=str(tmp_path_factory.mktemp("mined"))),
+        "dskd_v2": eta(t_tok, s_tok),
+        "dskd_cma": None,
+    }
     return student, teacher, aligners
 
 
@@ -156,7 +173,9 @@ def gold_ce_sum(student, batch) -> float:
     total = 0.0
     with torch.no_grad():
         for b in range(batch.size):
-            _, logits, labels = valid_outputs(student, batch.student_input_ids, batch.student_attention_mask, batch.student_labels, b)
+            _, logits, labels = valid_outputs(
+                student, batch.student_input_ids, batch.student_attention_mask, batch.student_labels, b
+            )
             total += float(F.cross_entropy(logits.double(), labels, reduction="sum"))
     return total
 
@@ -199,7 +218,8 @@ def test_the_engines_ce_alone_is_the_objective_on_a_ce_only_batch_without_the_te
         return loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
     full, full_grads = loss_and_grads(
-        lambda: run_objective(objective, student, teacher, ce_only, DENOMINATOR, kd_rate=KD_RATE, weights=weights).loss)
+        lambda: run_objective(objective, student, teacher, ce_only, DENOMINATOR, kd_rate=KD_RATE, weights=weights).loss
+    )
     hidden = lambda: last_hidden_state(student, ce_only.student_input_ids, ce_only.student_attention_mask)  # noqa: E731
 
     def engine_ce():
@@ -217,8 +237,15 @@ def test_the_engines_ce_alone_is_the_objective_on_a_ce_only_batch_without_the_te
 
 @pytest.mark.parametrize("vocab, objective", [("same", "kd"), ("different", "dskd_v2")])
 def test_an_on_policy_step_asks_the_teacher_only_about_the_samples(tmp_path, monkeypatch, vocab, objective):
-    path = write_policy_job(tmp_path, vocab=vocab, objective=objective, policy="on_policy", steps=2, samples=8,
-                            options={"max_new_tokens": 6, "ce_on_gold": True})
+    path = write_policy_job(
+        tmp_path,
+        vocab=vocab,
+        objective=objective,
+        policy="on_policy",
+        steps=2,
+        samples=8,
+        options={"max_new_tokens": 6, "ce_on_gold": True},
+    )
     asked: list[torch.Tensor] = []
     score = LocalTeacher.score
 
@@ -233,4 +260,6 @@ def test_an_on_policy_step_asks_the_teacher_only_about_the_samples(tmp_path, mon
     assert (gold.ce, gold.kd, sampled.ce, sampled.kd) == (True, False, False, True)
     assert len(asked) == 2, "one teacher call per step: the samples', none for the dataset responses"
     assert torch.equal(asked[0], sampled.teacher_input_ids)
-    assert all(math.isfinite(line["train/ce"]) and math.isfinite(line["train/loss"]) for line in metrics(tmp_path / "run"))
+    assert all(
+        math.isfinite(line["train/ce"]) and math.isfinite(line["train/loss"]) for line in metrics(tmp_path / "run")
+    )

@@ -97,7 +97,9 @@ def test_student_samples_are_refused_for_an_objective_that_uses_no_teacher(name)
         ("on_policy", {"max_new_tokens": 4}, "kd", "different", ModelError, ("objective kd", "cross-tokenizer")),
     ],
 )
-def test_a_run_with_a_combination_that_cannot_work_stops_at_setup(tmp_path, policy, options, objective, vocab, error_type, fragments):
+def test_a_run_with_a_combination_that_cannot_work_stops_at_setup(
+    tmp_path, policy, options, objective, vocab, error_type, fragments
+):
     job = make_job(write_policy_job(tmp_path, vocab=vocab, objective=objective, policy=policy, options=options))
     with pytest.raises(error_type) as error:
         job.distill(None)

@@ -30,8 +30,10 @@ def server(tmp_path_factory):
 def remote_run(tmp_path, server, *, vocab: str, policy: str, objective: str = "dskd_v2") -> list[dict]:
     process, _, root = server
     path = write_policy_job(tmp_path, vocab=vocab, objective=objective, policy=policy, options=SAMPLING)
-    job = make_job(path, [f'teacher.address=["{process.address}"]', 'teacher.config=""',
-                          f"teacher.cache_dir={root / 'head-cache'}"])
+    job = make_job(
+        path,
+        [f'teacher.address=["{process.address}"]', 'teacher.config=""', f"teacher.cache_dir={root / 'head-cache'}"],
+    )
     job.distill(None)
     return metrics(tmp_path / "run")
 
@@ -67,8 +69,13 @@ def test_teacher_generated_samples_come_from_the_servers_generate(tmp_path, serv
     local = LocalTeacher(AutoModelForCausalLM.from_pretrained(teacher_dir), AutoTokenizer.from_pretrained(teacher_dir))
     first = records[:4]
     prompts = _teacher_prompts(tmp_path, local, [r["sample_id"] for r in first])
-    samples = local.generate(prompts, max_new_tokens=SAMPLING["max_new_tokens"], temperature=1.0, top_p=1.0,
-                             seed=generation_seed(3, 0, first[0]["sample_id"]))
+    samples = local.generate(
+        prompts,
+        max_new_tokens=SAMPLING["max_new_tokens"],
+        temperature=1.0,
+        top_p=1.0,
+        seed=generation_seed(3, 0, first[0]["sample_id"]),
+    )
     eos = local.tokenizer.eos_token_id
     assert [r["ended"] for r in first] == [bool(s) and s[-1] == eos for s in samples]
     texts = [text_bytes("tinyllama", [i for i in s if i != eos]).decode("utf-8", errors="replace") for s in samples]

@@ -109,7 +109,9 @@ def test_student_samples_keep_the_sampled_ids_and_the_teacher_gets_the_same_text
         if s.same:
             assert t_full == full and t_prompt == len(prompt)
         else:
-            joint, joint_prompt = encode_example(tokenizer(s.teacher), EXAMPLES[b].prompt, expected_texts[b], CFG, split_straddling=True)
+            joint, joint_prompt = encode_example(
+                tokenizer(s.teacher), EXAMPLES[b].prompt, expected_texts[b], CFG, split_straddling=True
+            )
             assert (t_full, t_prompt) == (joint if ended else joint[:-1], joint_prompt)
             # The prompt exactly as the data loader gave it to the teacher, the response exactly the sampled text.
             assert t_full[:t_prompt] == s.prompt_ids("teacher", b)
@@ -123,7 +125,9 @@ def test_student_samples_keep_the_sampled_ids_and_the_teacher_gets_the_same_text
 def test_a_sampled_newline_after_the_prompts_newline_is_split_for_a_byte_level_teacher():
     s = setup("sentencepiece_student")
     gpt2 = tokenizer("gpt2")
-    assert "ĊĊ" in gpt2.convert_ids_to_tokens(gpt2(EXAMPLES[1].prompt + TEXTS[1])["input_ids"]), "setup: no merged newline"
+    assert "ĊĊ" in gpt2.convert_ids_to_tokens(gpt2(EXAMPLES[1].prompt + TEXTS[1])["input_ids"]), (
+        "setup: no merged newline"
+    )
     out = s.rollouts.from_student_samples(s.batch, [[], continuation(s, 1, TEXTS[1]), []])
     t_prompt = int(out.teacher_prompt_lengths[1])
     t_full = sequence(out, "teacher", 1)

@@ -77,7 +77,9 @@ def test_mixed_draws_continue_identically_after_a_checkpoint(same_vocab):
     resumed.load_state_dict(state)
     assert step_outputs(resumed, batch, range(4, 10)) == after
     unrestored = step_outputs(mixed(context, lam=0.5, **SAMPLING), batch, range(4, 10))
-    assert [label for label, _ in unrestored] != [label for label, _ in after], "setup: the draws do not depend on the state"
+    assert [label for label, _ in unrestored] != [label for label, _ in after], (
+        "setup: the draws do not depend on the state"
+    )
 
 
 def test_adaptive_probability_and_replay_buffer_continue_identically_after_a_checkpoint(same_vocab):
@@ -130,8 +132,10 @@ def test_a_resumed_adaptive_run_logs_what_an_uninterrupted_run_logs(tmp_path, mo
     overrides = ["train.save_every=2", "run.deterministic=true"]
 
     def job(folder):
-        return make_job(write_policy_job(folder, vocab=vocab, objective="dskd_v2", policy="adaptive", options=options,
-                                         steps=6), overrides)
+        return make_job(
+            write_policy_job(folder, vocab=vocab, objective="dskd_v2", policy="adaptive", options=options, steps=6),
+            overrides,
+        )
 
     job(tmp_path / "straight").distill(None)
     straight = metrics(tmp_path / "straight" / "run")

@@ -32,7 +32,9 @@ def teacher(name: str, seed: int) -> CountingTeacher:
 
 
 def prepare(pair: str, teacher_, cache_dir, **settings):
-    policy = teacher_generated(policy_context(pair, teacher=teacher_, cache_dir=str(cache_dir)), **{**SETTINGS, **settings})
+    policy = teacher_generated(
+        policy_context(pair, teacher=teacher_, cache_dir=str(cache_dir)), **{**SETTINGS, **settings}
+    )
     [batch] = policy.prepare(dataclasses.replace(example_batch(pair), meta={}), 0)  # one batch of teacher samples
     return policy, batch
 
@@ -92,4 +94,3 @@ def test_a_sample_cut_off_by_an_interrupted_write_is_generated_again_alone(tmp_p
     _, resumed = prepare("same", again, tmp_path)
     assert [len(prompts) for prompts, _ in again.calls] == [1]
     assert resumed.student_input_ids.shape[0] == whole.student_input_ids.shape[0]
-

@@ -43,7 +43,9 @@ def test_drift_check_notices_a_changed_proto(tmp_path):
     proto = (REPO / "protos" / "teacher.proto").read_text()
     changed = tmp_path / "src"
     changed.mkdir()
-    (changed / "teacher.proto").write_text(proto.replace("uint32 batch_tokens = 6;", "uint32 batch_tokens = 6;\n  uint32 extra = 7;"))
+    (changed / "teacher.proto").write_text(
+        proto.replace("uint32 batch_tokens = 6;", "uint32 batch_tokens = 6;\n  uint32 extra = 7;")
+    )
     regenerate.generate(tmp_path / "out", proto_dir=changed)
     assert (tmp_path / "out" / "teacher_pb2.py").read_text() != (REPO / "protos" / "teacher_pb2.py").read_text()
 

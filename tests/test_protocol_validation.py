@@ -16,7 +16,15 @@ from dskd.servers.validation import (
 from dskd.servers.wire import int32_bytes, pack_sequences
 from dskd.types import SignalRequest
 
-LIMITS = ServerLimits(vocab_size=100, hidden_size=8, max_seq_len=16, max_batch_tokens=32, max_top_k=10, max_response_bytes=4000, max_new_tokens=8)
+LIMITS = ServerLimits(
+    vocab_size=100,
+    hidden_size=8,
+    max_seq_len=16,
+    max_batch_tokens=32,
+    max_top_k=10,
+    max_response_bytes=4000,
+    max_new_tokens=8,
+)
 
 
 def score_request(sequences=([1, 2, 3], [4, 5]), positions=([0, 2], [1]), **outputs) -> pb.ScoreRequest:
@@ -120,7 +128,9 @@ def test_request_for_nothing_is_refused():
 
 
 def test_batch_above_token_budget_is_refused():
-    assert "split the batch" in _refused(score_request(sequences=([1] * 16, [2] * 16, [3]), positions=([0], [0], [0])), "tokens")
+    assert "split the batch" in _refused(
+        score_request(sequences=([1] * 16, [2] * 16, [3]), positions=([0], [0], [0])), "tokens"
+    )
 
 
 def test_response_above_size_limit_is_refused():
@@ -138,7 +148,14 @@ def test_response_size_counts_every_requested_tensor():
 
 
 def generate_request(**overrides) -> pb.GenerateRequest:
-    fields = {"prompts": pack_sequences([[1, 2], [3]]), "max_new_tokens": 4, "temperature": 1.0, "top_p": 0.9, "seed": 3, **overrides}
+    fields = {
+        "prompts": pack_sequences([[1, 2], [3]]),
+        "max_new_tokens": 4,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "seed": 3,
+        **overrides,
+    }
     return pb.GenerateRequest(**fields)
 
 

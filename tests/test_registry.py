@@ -19,8 +19,16 @@ import dskd
 from dskd.errors import PluginError
 from dskd.registry import LOAD_ENV, load_registry, option_defaults
 
-BUILTIN_DIVERGENCES = {"forward_kl", "reverse_kl", "js", "tvd", "skew_forward_kl", "skew_reverse_kl", "adaptive_kl",
-                       "generalized_jsd"}
+BUILTIN_DIVERGENCES = {
+    "forward_kl",
+    "reverse_kl",
+    "js",
+    "tvd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "adaptive_kl",
+    "generalized_jsd",
+}
 BUILTIN_OBJECTIVES = {"sft", "kd", "dskd", "dskd_v2"}
 
 
@@ -71,6 +79,7 @@ DIVERGENCE_MODULE = """
 # Built-ins
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_builtins_load_through_entry_points_with_their_package():
     registry = load_registry()
     assert BUILTIN_DIVERGENCES <= set(registry.divergences)
@@ -101,13 +110,18 @@ def test_describe_has_one_sorted_list_per_family_and_the_plugins():
     assert set(described) == {"divergences", "aligners", "policies", "objectives", "plugins"}
     assert described["divergences"] == sorted(described["divergences"])
     forward = next(p for p in described["plugins"] if p["name"] == "forward_kl")
-    assert forward == {"name": "forward_kl", "package": "dskd", "version": dskd.__version__,
-                       "registered": {"divergences": ["forward_kl"]}}
+    assert forward == {
+        "name": "forward_kl",
+        "package": "dskd",
+        "version": dskd.__version__,
+        "registered": {"divergences": ["forward_kl"]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
 # In-process plugins (extra_plugins)
 # ---------------------------------------------------------------------------------------------------------
+
 
 class TwoFamilies:
     """A plugin object: a class instance with `@dskd.hookimpl` methods, as a test or notebook writes one."""
@@ -170,6 +184,7 @@ def test_hook_implementations_may_omit_the_register_argument():
 # ---------------------------------------------------------------------------------------------------------
 # Plugin errors
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_duplicate_name_names_both_plugins():
     class Shadow:
@@ -262,9 +277,14 @@ def test_registered_object_must_be_callable():
 # Entry-point discovery (fake installed distributions)
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_entry_point_of_an_installed_package_is_discovered(fake_package):
-    fake_package("dskd-fake-div", {"fake_div": "fake_div_module"},
-                 {"fake_div_module": DIVERGENCE_MODULE.format(name="fake_div")}, version="1.2.3")
+    fake_package(
+        "dskd-fake-div",
+        {"fake_div": "fake_div_module"},
+        {"fake_div_module": DIVERGENCE_MODULE.format(name="fake_div")},
+        version="1.2.3",
+    )
     registry = load_registry()
     assert "fake_div" in registry.divergences
     assert BUILTIN_DIVERGENCES <= set(registry.divergences)
@@ -286,8 +306,11 @@ def test_package_whose_module_fails_to_import_is_named(fake_package):
 
 
 def test_entry_point_name_taken_by_a_builtin_names_both_packages(fake_package):
-    fake_package("dskd-impostor", {"forward_kl": "impostor_module"},
-                 {"impostor_module": DIVERGENCE_MODULE.format(name="impostor")})
+    fake_package(
+        "dskd-impostor",
+        {"forward_kl": "impostor_module"},
+        {"impostor_module": DIVERGENCE_MODULE.format(name="impostor")},
+    )
     with pytest.raises(PluginError, match=r"plugin name 'forward_kl' is provided by both 'dskd' and 'dskd-impostor'"):
         load_registry()
 
@@ -315,6 +338,7 @@ def test_entry_point_with_a_misspelt_hook_fails(fake_package):
 # ---------------------------------------------------------------------------------------------------------
 # DSKD_LOAD_PLUGINS
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def two_packages(fake_package):
@@ -350,6 +374,7 @@ def test_load_plugins_env_steps_around_a_broken_package(fake_package, monkeypatc
 # ---------------------------------------------------------------------------------------------------------
 # option_defaults
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_option_defaults_are_the_keyword_parameters_with_defaults():
     def divergence(student_logits, teacher_logits, *, temperature=1.0, lam=0.1, mode="sum"):

@@ -28,8 +28,15 @@ def test_a_remote_teacher_gets_the_generation_metrics_of_the_same_teacher_in_pro
     local = _teacher_metrics(tmp_path / "local", [f"teacher.model={teacher_dir}", "eval.max_new_tokens=6"])
     [server] = start_servers([(teacher_dir, (), "teacher")], tmp_path / "servers")
     try:
-        remote = _teacher_metrics(tmp_path / "remote", [f'teacher.address=["{server.address}"]', 'teacher.config=""',
-                                                        f"teacher.cache_dir={tmp_path / 'cache'}", "eval.max_new_tokens=6"])
+        remote = _teacher_metrics(
+            tmp_path / "remote",
+            [
+                f'teacher.address=["{server.address}"]',
+                'teacher.config=""',
+                f"teacher.cache_dir={tmp_path / 'cache'}",
+                "eval.max_new_tokens=6",
+            ],
+        )
     finally:
         stop_servers([server])
     assert "teacher" in remote, remote
@@ -48,15 +55,24 @@ def test_the_server_warm_up_runs_the_lm_head_on_one_chunk_of_rows_only():
     from dskd.kit.lm_head import head_from_model
     from dskd.servers.batcher import ModelWorker
 
-    config = LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     head = head_from_model(model, 96).detached()
     head_rows, body_tokens = [], []
     logits = head.logits
     head.logits = lambda hidden: (head_rows.append(hidden.shape[0]), logits(hidden))[1]
-    model.register_forward_hook(lambda module, args, kwargs, out: body_tokens.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    model.register_forward_hook(
+        lambda module, args, kwargs, out: body_tokens.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
     worker = ModelWorker(model, head, None, max_batch_tokens=2048, chunk_rows=128)
     worker.warm_up(2048, 256)
     assert sum(head_rows) <= 128, head_rows

@@ -30,9 +30,16 @@ def test_first_losses_with_a_remote_teacher_equal_those_with_the_local_teacher(t
     local = _losses(tmp_path / "local", [f"teacher.model={teacher_dir}", "objective.name=dskd_v2"])
     [server] = start_servers([(teacher_dir, (), "teacher")], tmp_path / "servers")
     try:
-        remote = _losses(tmp_path / "remote", [f'teacher.address=["{server.address}"]', "teacher.config=\"\"",
-                                               f"teacher.wire_dtype={wire_dtype}", "objective.name=dskd_v2",
-                                               f"teacher.cache_dir={tmp_path / 'cache'}"])
+        remote = _losses(
+            tmp_path / "remote",
+            [
+                f'teacher.address=["{server.address}"]',
+                'teacher.config=""',
+                f"teacher.wire_dtype={wire_dtype}",
+                "objective.name=dskd_v2",
+                f"teacher.cache_dir={tmp_path / 'cache'}",
+            ],
+        )
     finally:
         stop_servers([server])
     assert [r["step"] for r in remote] == [r["step"] for r in local] == [1, 2, 3]

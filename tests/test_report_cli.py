@@ -22,11 +22,19 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.integration
 def test_dskd_report_plots_a_finished_tiny_run(tmp_path):
     registry = load_registry()
-    run_job(load_config(write_job(tmp_path, samples=16, steps=2, stages=("distill", "eval")), [], registry=registry),
-            registry=registry)
+    run_job(
+        load_config(write_job(tmp_path, samples=16, steps=2, stages=("distill", "eval")), [], registry=registry),
+        registry=registry,
+    )
     run_dir = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "dskd", "report", str(run_dir)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+    done = subprocess.run(
+        [sys.executable, "-m", "dskd", "report", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     printed = [Path(line) for line in done.stdout.splitlines() if line.strip()]
     names = [p.name for p in printed]

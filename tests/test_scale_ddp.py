@@ -32,8 +32,16 @@ def _free_port() -> int:
 
 
 def _overrides(batch_size: int) -> list[str]:
-    return ["--set", f"train.batch_size={batch_size}", "--set", f"train.max_steps={STEPS}", "--set", "train.save_every=3",
-            "--set", "run.deterministic=true"]
+    return [
+        "--set",
+        f"train.batch_size={batch_size}",
+        "--set",
+        f"train.max_steps={STEPS}",
+        "--set",
+        "train.save_every=3",
+        "--set",
+        "run.deterministic=true",
+    ]
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -43,8 +51,22 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _accelerate(num_processes: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        *args,
+    ]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -69,7 +91,11 @@ def test_two_processes_give_the_loss_curve_of_one_process_with_the_same_global_b
     one, two = _metrics(runs[0]), _metrics(runs[1])
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, STEPS + 1))  # written once, by rank 0
     for a, b in zip(one, two):
-        assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5 * abs(a["train/loss"]), (a["step"], a["train/loss"], b["train/loss"])
+        assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5 * abs(a["train/loss"]), (
+            a["step"],
+            a["train/loss"],
+            b["train/loss"],
+        )
         terms = {k for k in a if k.startswith("train/") and k != "train/lr"}
         assert terms == {k for k in b if k.startswith("train/") and k != "train/lr"}
         for key in terms:
@@ -82,13 +108,24 @@ def test_every_rank_checkpoints_its_own_rng_and_policy_and_rank_0_the_shared_sta
     for step in (3, STEPS):
         shared = root / f"step-{step:08d}"
         own = root / "rank-1" / f"step-{step:08d}"
-        assert {p.name for p in shared.iterdir()} >= {"model.pt", "optimizer.pt", "scheduler.pt", "objective.pt", "rng.pt", "policy.pt", "manifest.json"}
+        assert {p.name for p in shared.iterdir()} >= {
+            "model.pt",
+            "optimizer.pt",
+            "scheduler.pt",
+            "objective.pt",
+            "rng.pt",
+            "policy.pt",
+            "manifest.json",
+        }
         assert {p.name for p in own.iterdir()} == {"rng.pt", "policy.pt", "manifest.json"}
         for manifest in (shared / "manifest.json", own / "manifest.json"):
             body = json.loads(manifest.read_text())
             assert body["world_size"] == 2 and body["state"]["step"] == step
         # Each rank draws from its own generator state; the two saved states are those of two processes.
-        assert torch.load(shared / "rng.pt", weights_only=False)["torch"].shape == torch.load(own / "rng.pt", weights_only=False)["torch"].shape
+        assert (
+            torch.load(shared / "rng.pt", weights_only=False)["torch"].shape
+            == torch.load(own / "rng.pt", weights_only=False)["torch"].shape
+        )
 
 
 def test_the_final_student_of_two_processes_loads_and_matches_one_process(runs):
@@ -125,7 +162,10 @@ def test_two_processes_resume_together_from_the_newest_step_both_saved_intact(ru
     (crashed / "run" / "finished.json").unlink()  # as if it had died before its end: a finished run is never resumed
     broken = crashed / "run" / "checkpoints" / "distill" / "rank-1" / f"step-{STEPS:08d}"
     (broken / "rng.pt").write_bytes(b"garbage")
-    done = _run(_accelerate(2, "--multi_gpu", "-m", "dskd", "run", str(crashed / "job.toml"), *_overrides(2), "--resume"), crashed)
+    done = _run(
+        _accelerate(2, "--multi_gpu", "-m", "dskd", "run", str(crashed / "job.toml"), *_overrides(2), "--resume"),
+        crashed,
+    )
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and str(broken) in warnings[0] and "checksum" in warnings[0], done.stderr[-3000:]
     assert "resumed from step-00000003" in done.stdout

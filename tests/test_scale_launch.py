@@ -73,7 +73,9 @@ def test_a_model_whose_weights_accelerate_moved_or_sharded_is_refused(tmp_path):
             return model
 
     objective = SimpleNamespace(trainable_modules=lambda: None, request=SignalRequest())
-    spec = StageSpec("distill", torch.nn.Linear(4, 3), objective, None, None, lambda consumed: iter(()), TrainConfig(), tmp_path, 1)
+    spec = StageSpec(
+        "distill", torch.nn.Linear(4, 3), objective, None, None, lambda consumed: iter(()), TrainConfig(), tmp_path, 1
+    )
     with pytest.raises(LaunchError, match="FSDP") as info:
         Trainer.for_stage(spec, ShardingAccelerator(), Console(enabled=False))
     assert "\n" not in str(info.value) and "DDP" in str(info.value)
@@ -85,8 +87,25 @@ CPU_CHILD = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_P
 @pytest.mark.parametrize(
     "parent, expected",
     [
-        (["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "dskd", "run", "x.toml"], 2),
-        (["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes=3", "-m", "dskd", "run", "x.toml"], 3),
+        (
+            [
+                "/venv/bin/python",
+                "/venv/bin/accelerate",
+                "launch",
+                "--num_processes",
+                "2",
+                "--cpu",
+                "-m",
+                "dskd",
+                "run",
+                "x.toml",
+            ],
+            2,
+        ),
+        (
+            ["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes=3", "-m", "dskd", "run", "x.toml"],
+            3,
+        ),
         (["python", "some_other_launcher.py"], 0),  # N cannot be read: the launch is refused later, in one line
     ],
 )

@@ -30,7 +30,15 @@ def model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
@@ -41,7 +49,10 @@ def make_worker(model, **kwargs) -> ModelWorker:
 
 def score_input(sequences, positions, request, wire_dtype=pb.FP32) -> ScoreInput:
     return ScoreInput(
-        tokens=Packed(np.concatenate([np.asarray(s, np.int64) for s in sequences]), np.array([len(s) for s in sequences], np.int64)),
+        tokens=Packed(
+            np.concatenate([np.asarray(s, np.int64) for s in sequences]),
+            np.array([len(s) for s in sequences], np.int64),
+        ),
         positions=np.concatenate([np.asarray(p, np.int64) for p in positions]) if positions else np.zeros(0, np.int64),
         counts=np.array([len(p) for p in positions], np.int64),
         request=request,
@@ -118,7 +129,10 @@ def test_no_batching_runs_one_request_per_forward(model):
 
 
 def test_bf16_wire_rounds_only_the_float_outputs(model):
-    (result,) = run_all(make_worker(model), [score_input([[7, 8, 9, 10]], [[0, 3]], SignalRequest(hidden_states=True, top_k=4), wire_dtype=pb.BF16)])
+    (result,) = run_all(
+        make_worker(model),
+        [score_input([[7, 8, 9, 10]], [[0, 3]], SignalRequest(hidden_states=True, top_k=4), wire_dtype=pb.BF16)],
+    )
     dtypes = {t.name: t.dtype for t in result.tensors}
     assert dtypes == {"hidden_states": pb.BF16, "topk_ids": pb.INT32, "topk_logprobs": pb.BF16, "tail_logmass": pb.FP32}
     hidden, *_ = reference(model, [7, 8, 9, 10], [0, 3], 4)
@@ -140,7 +154,9 @@ def test_cancelled_job_is_skipped_and_others_still_run(model):
 
 def test_job_whose_deadline_passed_in_the_queue_is_dropped(model):
     worker = make_worker(model)
-    expired = worker.submit(ScoreJob(input=score_input([[1, 2]], [[0]], SignalRequest(top_k=2)), deadline=time.monotonic() - 1))
+    expired = worker.submit(
+        ScoreJob(input=score_input([[1, 2]], [[0]], SignalRequest(top_k=2)), deadline=time.monotonic() - 1)
+    )
     worker.start()
     try:
         with pytest.raises(DeadlineExpiredError):

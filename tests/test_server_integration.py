@@ -51,7 +51,15 @@ def setup(tmp_path_factory):
         ],
         root,
     )
-    yield {"root": root, "model": model, "plain": plain, "auth": auth, "tls": tls, "cert": cert, "token_file": token_file}
+    yield {
+        "root": root,
+        "model": model,
+        "plain": plain,
+        "auth": auth,
+        "tls": tls,
+        "cert": cert,
+        "token_file": token_file,
+    }
     assert stop_servers([plain, auth, tls]) == [0, 0, 0]
 
 
@@ -60,7 +68,9 @@ def stub(address: str) -> pb_grpc.TeacherStub:
     return pb_grpc.TeacherStub(grpc.insecure_channel(address, options=options))
 
 
-def score_request(sequences=((1, 450, 4996, 17354), (1, 22172)), positions=((0, 3), (1,)), **outputs) -> pb.ScoreRequest:
+def score_request(
+    sequences=((1, 450, 4996, 17354), (1, 22172)), positions=((0, 3), (1,)), **outputs
+) -> pb.ScoreRequest:
     outputs = {"hidden_states": True, "top_k": 8, **outputs}
     return pb.ScoreRequest(
         request_id="r1",
@@ -83,7 +93,10 @@ def test_server_reports_serving_and_describes_its_model(setup):
     server = setup["plain"]
     assert health_status(server.address, service="") == health_pb2.HealthCheckResponse.SERVING
     info = stub(server.address).GetInfo(pb.GetInfoRequest(), timeout=10)
-    local = LocalTeacher(AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32), AutoTokenizer.from_pretrained(setup["model"]))
+    local = LocalTeacher(
+        AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32),
+        AutoTokenizer.from_pretrained(setup["model"]),
+    )
     assert info.protocol_version == "dskd.teacher.v1"
     assert info.fingerprint == local.fingerprint  # same weights, tokenizer and dtype: same fingerprint
     assert (info.tokenizer_size, info.hidden_size, info.num_layers, info.lm_head_rows) == (VOCAB, 64, 2, VOCAB)
@@ -98,7 +111,14 @@ def test_server_reports_serving_and_describes_its_model(setup):
 
 def test_score_stream_is_header_parts_trailer_with_bounded_parts(setup):
     # 100 rows of fp32 logits over 32000 tokens: 12.8 MB, so several parts.
-    request = score_request(sequences=[list(range(1, 101))], positions=[list(range(100))], hidden_states=False, top_k=0, logits=True, wire_dtype=pb.FP32)
+    request = score_request(
+        sequences=[list(range(1, 101))],
+        positions=[list(range(100))],
+        hidden_states=False,
+        top_k=0,
+        logits=True,
+        wire_dtype=pb.FP32,
+    )
     parts = list(stub(setup["plain"].address).Score(request, timeout=60))
     kinds = [p.WhichOneof("part") for p in parts]
     assert kinds[0] == "header" and kinds[-1] == "trailer" and set(kinds[1:-1]) == {"tensor"}
@@ -135,7 +155,14 @@ def _bad_requests():
         "nothing_requested": (score_request(hidden_states=False, top_k=0), "outputs"),
         "over_token_budget": (score_request(sequences=[[1] * 200] * 11, positions=[(0,)] * 11), "tokens"),
         "response_too_large": (
-            score_request(sequences=[list(range(1, 201))], positions=[list(range(200))], hidden_states=False, top_k=0, logits=True, wire_dtype=pb.FP32),
+            score_request(
+                sequences=[list(range(1, 201))],
+                positions=[list(range(200))],
+                hidden_states=False,
+                top_k=0,
+                logits=True,
+                wire_dtype=pb.FP32,
+            ),
             "outputs",
         ),
     }
@@ -155,10 +182,17 @@ def test_bad_score_request_is_invalid_argument_naming_the_field(setup, case):
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
-    [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": -0.5}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"prompts": pack_sequences([[1, VOCAB]])}, "prompts.ids")],
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"top_p": -0.5}, "top_p"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"prompts": pack_sequences([[1, VOCAB]])}, "prompts.ids"),
+    ],
 )
 def test_bad_generate_request_is_invalid_argument(setup, overrides, field):
-    request = pb.GenerateRequest(**{"prompts": pack_sequences([[1, 2]]), "max_new_tokens": 2, "temperature": 1.0, "top_p": 1.0, **overrides})
+    request = pb.GenerateRequest(
+        **{"prompts": pack_sequences([[1, 2]]), "max_new_tokens": 2, "temperature": 1.0, "top_p": 1.0, **overrides}
+    )
     with pytest.raises(grpc.RpcError) as info:
         stub(setup["plain"].address).Generate(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -176,7 +210,14 @@ def test_server_keeps_serving_after_bad_requests(setup):
     for request, _ in BAD.values():
         with pytest.raises(grpc.RpcError):
             read_score(s.Score(request, timeout=30))
-    assert read_score(s.Score(score_request(), timeout=30)) == ["header", "tensor", "tensor", "tensor", "tensor", "trailer"]
+    assert read_score(s.Score(score_request(), timeout=30)) == [
+        "header",
+        "tensor",
+        "tensor",
+        "tensor",
+        "tensor",
+        "trailer",
+    ]
     assert health_status(setup["plain"].address) == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -210,7 +251,9 @@ def test_call_with_the_bearer_token_on_plaintext_is_served(setup, tmp_path):
 
 
 def test_remote_teacher_without_token_gets_a_teacher_error_with_a_hint(setup, tmp_path):
-    with pytest.raises(TeacherError, match=rf"teacher at {setup['auth'].address}: .*UNAUTHENTICATED.*pass the server's token"):
+    with pytest.raises(
+        TeacherError, match=rf"teacher at {setup['auth'].address}: .*UNAUTHENTICATED.*pass the server's token"
+    ):
         RemoteTeacher(setup["auth"].address, cache_dir=tmp_path)
 
 
@@ -219,9 +262,13 @@ def test_health_is_open_without_a_token(setup):
 
 
 def test_tls_server_serves_a_client_that_trusts_its_certificate(setup, tmp_path):
-    with RemoteTeacher(setup["tls"].address, auth_token=TOKEN, tls_ca_file=setup["cert"], cache_dir=tmp_path, wire_dtype="float32") as teacher:
+    with RemoteTeacher(
+        setup["tls"].address, auth_token=TOKEN, tls_ca_file=setup["cert"], cache_dir=tmp_path, wire_dtype="float32"
+    ) as teacher:
         ids = torch.tensor([[1, 450, 4996, 17354]])
-        signal = teacher.score(ids, torch.ones_like(ids), torch.tensor([1, 3]), SignalRequest(hidden_states=True, top_k=4))
+        signal = teacher.score(
+            ids, torch.ones_like(ids), torch.tensor([1, 3]), SignalRequest(hidden_states=True, top_k=4)
+        )
         assert signal.hidden_states.shape == (2, 64)
 
 
@@ -256,7 +303,14 @@ def test_reflection_is_off_by_default(setup):
 
 
 def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SERVE_SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
+    return subprocess.run(
+        [sys.executable, str(SERVE_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
 
 
 def test_wide_host_without_token_is_refused_at_start():
@@ -269,7 +323,9 @@ def test_wide_host_without_token_is_refused_at_start():
 def test_unloadable_model_is_a_one_line_error(tmp_path):
     result = run_script("--model", str(tmp_path / "missing"), "--port", "0", "--device", "cpu")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(f"serve_teacher: --model {tmp_path / 'missing'}: cannot load")
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith(f"serve_teacher: --model {tmp_path / 'missing'}: cannot load")
+    )
 
 
 def test_sigterm_drains_finishes_calls_and_exits_zero(setup, tmp_path):
@@ -292,7 +348,9 @@ def test_sigterm_drains_finishes_calls_and_exits_zero(setup, tmp_path):
     assert server.process.wait(timeout=60) == 0
     assert [e["event"] for e in events(server)][-2:] == ["draining", "stopped"]
     # Once it is gone, the client says so (naming the address) instead of returning anything.
-    with pytest.raises(TeacherError, match=rf"teacher at {server.address}: Score failed with UNAVAILABLE.*serve_teacher.py running"):
+    with pytest.raises(
+        TeacherError, match=rf"teacher at {server.address}: Score failed with UNAVAILABLE.*serve_teacher.py running"
+    ):
         teacher.score(ids[:1, :10], torch.ones_like(ids[:1, :10]), torch.tensor([3]), SignalRequest(top_k=4))
     teacher.close()
 
@@ -304,7 +362,11 @@ def test_concurrent_clients_are_merged_into_shared_forwards(setup):
     def client():
         try:
             for _ in range(6):
-                parts = list(s.Score(score_request(sequences=[list(range(1, 65))] * 2, positions=[list(range(64))] * 2), timeout=60))
+                parts = list(
+                    s.Score(
+                        score_request(sequences=[list(range(1, 65))] * 2, positions=[list(range(64))] * 2), timeout=60
+                    )
+                )
                 trailers.append(parts[-1].trailer)
         except Exception as error:  # pragma: no cover - reported below
             errors.append(error)

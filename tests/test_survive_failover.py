@@ -61,7 +61,9 @@ def test_client_fails_over_when_a_replica_dies_and_uses_it_again_once_restarted(
     restarted = None
     try:
         request = SignalRequest(hidden_states=True, top_k=4)
-        with RemoteTeacher([first.address, second.address], cache_dir=tmp_path / "cache", wire_dtype="float32", timeout_s=30) as teacher:
+        with RemoteTeacher(
+            [first.address, second.address], cache_dir=tmp_path / "cache", wire_dtype="float32", timeout_s=30
+        ) as teacher:
             expected = [teacher.score(*_batch(i), request) for i in range(4)]
             before = teacher.stats()
             assert before[f"calls/{first.address}"] > 0 and before[f"calls/{second.address}"] > 0
@@ -79,7 +81,9 @@ def test_client_fails_over_when_a_replica_dies_and_uses_it_again_once_restarted(
             assert after[f"calls/{first.address}"] == before[f"calls/{first.address}"]
             assert after[f"calls/{second.address}"] >= before[f"calls/{second.address}"] + 4
 
-            process, port_file, log = launch_server(model, tmp_path / "servers", "--port", str(first.port), name="first-again")
+            process, port_file, log = launch_server(
+                model, tmp_path / "servers", "--port", str(first.port), name="first-again"
+            )
             restarted = wait_serving(process, port_file, log, timeout=WAIT)
             assert restarted.port == first.port
             _until(lambda: teacher.stats()["healthy_replicas"] == 2, "the client to see the restarted replica serving")
@@ -120,8 +124,15 @@ def test_a_run_survives_a_replica_killed_mid_run_without_losing_or_repeating_a_b
     watcher = threading.Thread(target=kill_after_step_k, daemon=True)
     watcher.start()
     try:
-        remote = _distill(tmp_path / "remote", [f'teacher.address=["{first.address}", "{second.address}"]', 'teacher.config=""',
-                                                "teacher.wire_dtype=float32", f"teacher.cache_dir={tmp_path / 'cache'}"])
+        remote = _distill(
+            tmp_path / "remote",
+            [
+                f'teacher.address=["{first.address}", "{second.address}"]',
+                'teacher.config=""',
+                "teacher.wire_dtype=float32",
+                f"teacher.cache_dir={tmp_path / 'cache'}",
+            ],
+        )
     finally:
         stop.set()
         watcher.join(30)

@@ -32,8 +32,20 @@ def _env() -> dict[str, str]:
 
 
 def _command(job: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dskd", "run", str(job), "--set", f"train.max_steps={STEPS}", "--set", f"train.save_every={SAVE_EVERY}",
-            "--set", "run.deterministic=true", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dskd",
+        "run",
+        str(job),
+        "--set",
+        f"train.max_steps={STEPS}",
+        "--set",
+        f"train.save_every={SAVE_EVERY}",
+        "--set",
+        "run.deterministic=true",
+        *extra,
+    ]
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -69,7 +81,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_ru
     process.send_signal(signal.SIGKILL)
     process.wait(60)
     log.close()
-    assert alive, f"the first attempt ended before it could be killed:\n{(crashed / 'first-attempt.log').read_text()[-3000:]}"
+    assert alive, (
+        f"the first attempt ended before it could be killed:\n{(crashed / 'first-attempt.log').read_text()[-3000:]}"
+    )
     assert not (crashed / "run" / "final").exists()
     good = _completed_steps(root)[-1]
     assert good < STEPS
@@ -133,17 +147,29 @@ def test_with_only_broken_checkpoints_resume_names_them_and_finds_none(tmp_path)
 @pytest.mark.integration
 def test_resume_with_another_student_tokenizer_is_refused_unless_forced(tmp_path):
     job = write_job(tmp_path)
-    _run([sys.executable, "-m", "dskd", "run", str(job), "--set", "train.max_steps=2", "--set", "train.save_every=1"], tmp_path)
+    _run(
+        [sys.executable, "-m", "dskd", "run", str(job), "--set", "train.max_steps=2", "--set", "train.save_every=1"],
+        tmp_path,
+    )
     # As if it had died before its end (a finished run, with finished.json, is never resumed with changes).
     shutil.rmtree(tmp_path / "run" / "final")
     (tmp_path / "run" / "finished.json").unlink()
     # Mistral's tokenizer has the same 32000 ids as TinyLlama's, so the models still fit: only the fingerprint tells.
     other = ["--set", f"student.tokenizer={TOKENIZERS / 'mistral'}", "--set", "train.max_steps=3", "--resume"]
-    refused = subprocess.run([sys.executable, "-m", "dskd", "run", str(job), *other], cwd=tmp_path, env=_env(),
-                             capture_output=True, text=True, timeout=WAIT, check=False)
+    refused = subprocess.run(
+        [sys.executable, "-m", "dskd", "run", str(job), *other],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("dskd: error:")]
-    assert len(errors) == 1 and "different student_tokenizer" in errors[0] and "--force-resume" in errors[0], refused.stderr[-2000:]
+    assert len(errors) == 1 and "different student_tokenizer" in errors[0] and "--force-resume" in errors[0], (
+        refused.stderr[-2000:]
+    )
     _run([sys.executable, "-m", "dskd", "run", str(job), *other, "--force-resume"], tmp_path)
     assert (tmp_path / "run" / "final" / "config.json").exists()
 
@@ -168,8 +194,16 @@ def test_a_teacher_read_from_a_moved_folder_keeps_its_fingerprint(tmp_path):
     from dskd.models.teacher import model_fingerprint
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32000,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "tinyllama")
     fingerprints = []
     for folder in (tmp_path / "here", tmp_path / "moved" / "there"):
@@ -202,8 +236,14 @@ def test_an_interrupted_teacher_sft_checkpoints_and_resumes_to_the_teacher_of_an
 
     job = write_job(stopped, stages=("teacher_sft", "distill"), extra=extra)
     metrics = stopped / "run" / "metrics.jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "dskd", "run", str(job), *command], cwd=stopped, env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dskd", "run", str(job), *command],
+        cwd=stopped,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + WAIT
     while process.poll() is None and time.monotonic() < deadline:
         lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -225,7 +265,11 @@ def test_an_interrupted_teacher_sft_checkpoints_and_resumes_to_the_teacher_of_an
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if json.loads(line)["stage"] == "teacher_sft"]
+    steps = [
+        json.loads(line)["step"]
+        for line in metrics.read_text().splitlines()
+        if json.loads(line)["stage"] == "teacher_sft"
+    ]
     assert steps == list(range(1, sft_steps + 1))
 
 
@@ -233,5 +277,18 @@ def test_an_interrupted_teacher_sft_checkpoints_and_resumes_to_the_teacher_of_an
 def test_checkpoints_are_written_every_save_every_minutes_without_a_step_interval(tmp_path):
     job = write_job(tmp_path, steps=4)
     # A tiny interval: every logged step is due. keep_checkpoints high enough to see them all.
-    _run([sys.executable, "-m", "dskd", "run", str(job), "--set", "train.save_every_minutes=1e-6", "--set", "train.keep_checkpoints=10"], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "dskd",
+            "run",
+            str(job),
+            "--set",
+            "train.save_every_minutes=1e-6",
+            "--set",
+            "train.keep_checkpoints=10",
+        ],
+        tmp_path,
+    )
     assert _completed_steps(tmp_path / "run" / "checkpoints" / "distill") == [1, 2, 3, 4]

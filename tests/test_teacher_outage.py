@@ -46,9 +46,24 @@ def _kill(server: ServerProcess) -> None:
 
 
 def _command(job: Path, address: str, cache: Path, retry_timeout_s: float, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dskd", "run", str(job), "--set", f'teacher.address=["{address}"]', "--set", 'teacher.config=""',
-            "--set", "teacher.wire_dtype=float32", "--set", f"teacher.cache_dir={cache}",
-            "--set", f"teacher.retry_timeout_s={retry_timeout_s}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dskd",
+        "run",
+        str(job),
+        "--set",
+        f'teacher.address=["{address}"]',
+        "--set",
+        'teacher.config=""',
+        "--set",
+        "teacher.wire_dtype=float32",
+        "--set",
+        f"teacher.cache_dir={cache}",
+        "--set",
+        f"teacher.retry_timeout_s={retry_timeout_s}",
+        *extra,
+    ]
 
 
 def _kill_after(metrics: Path, server: ServerProcess, process: subprocess.Popen) -> int:
@@ -69,14 +84,21 @@ def test_a_run_waits_for_its_only_teacher_to_be_restarted_and_goes_on(tmp_path):
     job = write_job(tmp_path / "job", steps=STEPS)
     metrics = tmp_path / "job" / "run" / "metrics.jsonl"
     log = (tmp_path / "run.log").open("w")
-    process = subprocess.Popen(_command(job, server.address, tmp_path / "cache", 120), cwd=tmp_path / "job", env=_env(),
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        _command(job, server.address, tmp_path / "cache", 120),
+        cwd=tmp_path / "job",
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     restarted = None
     try:
         killed_at = _kill_after(metrics, server, process)
         time.sleep(2.0)  # down for a while: far longer than the three attempts (0.6 s) the client used to make
         assert process.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-        new, port_file, server_log = launch_server(teacher_dir, tmp_path / "servers", "--port", str(server.port), name="again")
+        new, port_file, server_log = launch_server(
+            teacher_dir, tmp_path / "servers", "--port", str(server.port), name="again"
+        )
         restarted = wait_serving(new, port_file, server_log, timeout=WAIT)
         assert process.wait(WAIT) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
@@ -97,7 +119,9 @@ def test_an_outage_longer_than_retry_timeout_checkpoints_exits_2_naming_resume_a
     job = write_job(tmp_path / "job", steps=STEPS)  # default checkpointing: nothing periodic within a few seconds
     run_dir = tmp_path / "job" / "run"
     command = _command(job, server.address, tmp_path / "cache", 2)
-    process = subprocess.Popen(command, cwd=tmp_path / "job", env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=tmp_path / "job", env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     restarted = None
     try:
         killed_at = _kill_after(run_dir / "metrics.jsonl", server, process)
@@ -111,10 +135,19 @@ def test_an_outage_longer_than_retry_timeout_checkpoints_exits_2_naming_resume_a
         assert f"step {saved.manifest['step']} is checkpointed" in errors[0]
         assert not (run_dir / "final").exists()
 
-        new, port_file, server_log = launch_server(teacher_dir, tmp_path / "servers", "--port", str(server.port), name="again")
+        new, port_file, server_log = launch_server(
+            teacher_dir, tmp_path / "servers", "--port", str(server.port), name="again"
+        )
         restarted = wait_serving(new, port_file, server_log, timeout=WAIT)
-        resumed = subprocess.run([*command, "--resume"], cwd=tmp_path / "job", env=_env(), capture_output=True, text=True,
-                                 timeout=WAIT, check=False)
+        resumed = subprocess.run(
+            [*command, "--resume"],
+            cwd=tmp_path / "job",
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"resumed from step-{saved.manifest['step']:08d}" in resumed.stdout
     finally:

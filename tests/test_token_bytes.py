@@ -65,9 +65,7 @@ FRAGMENTS = [
 ]
 TEXT = st.lists(
     st.one_of(
-        st.text(
-            st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581"), max_size=6
-        ),
+        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581"), max_size=6),
         st.text("abcdefghij ABC.,'0123456789", max_size=8),
         st.sampled_from(FRAGMENTS),
     ),
@@ -148,9 +146,7 @@ def test_gather_of_an_empty_sequence_is_empty():
 @pytest.mark.slow
 @pytest.mark.parametrize("teacher", NAMES)
 @pytest.mark.parametrize("student", NAMES)
-def test_top1_map_sends_each_teacher_token_to_the_student_token_with_the_same_bytes_or_to_minus_one(
-    teacher, student
-):
+def test_top1_map_sends_each_teacher_token_to_the_student_token_with_the_same_bytes_or_to_minus_one(teacher, student):
     t, s, mapping = table(teacher), table(student), top1(teacher, student)
     assert mapping.shape == (t.size,) and mapping.dtype == np.int64
     student_bytes = {s.table.token(i) for i in range(s.size) if not s.special[i]}
@@ -203,9 +199,7 @@ def test_top1_map_crosses_spellings_and_keeps_word_starts_apart():
 
 @pytest.mark.slow
 def test_top1_map_pads_to_a_larger_model_vocabulary_and_refuses_a_smaller_one():
-    padded = teacher_to_student_map(
-        tokenizer("mistral"), tokenizer("tinyllama"), num_teacher_ids=32064
-    )
+    padded = teacher_to_student_map(tokenizer("mistral"), tokenizer("tinyllama"), num_teacher_ids=32064)
     assert padded.shape == (32064,) and bool((padded[32000:] == -1).all())
     with pytest.raises(ModelError, match="31000 output ids but its tokenizer has 32000"):
         teacher_to_student_map(tokenizer("mistral"), tokenizer("tinyllama"), num_teacher_ids=31000)
@@ -213,9 +207,7 @@ def test_top1_map_pads_to_a_larger_model_vocabulary_and_refuses_a_smaller_one():
 
 def test_token_ids_names_the_bad_id_and_the_fix():
     assert token_ids([1, 2], 10, "teacher_ids").dtype == np.int64
-    with pytest.raises(
-        DataError, match=r"teacher_ids holds id -100, outside .*\[0, 10\).*without the -100"
-    ):
+    with pytest.raises(DataError, match=r"teacher_ids holds id -100, outside .*\[0, 10\).*without the -100"):
         token_ids([3, -100], 10, "teacher_ids")
     with pytest.raises(DataError, match=r"student_ids holds id 10"):
         token_ids([10], 10, "student_ids")

@@ -58,7 +58,10 @@ def test_no_stages_is_found(tmp_path):
 
 def test_warmup_longer_than_the_run_is_found(tmp_path):
     one(problems(write_job(tmp_path), "train.warmup_steps=10", "train.max_steps=4"), "train.warmup_steps", "10", "4")
-    one(problems(write_job(tmp_path, stages=("teacher_sft",)), "teacher_sft.steps=2", "teacher_sft.warmup_steps=5"), "teacher_sft.warmup_steps")
+    one(
+        problems(write_job(tmp_path, stages=("teacher_sft",)), "teacher_sft.steps=2", "teacher_sft.warmup_steps=5"),
+        "teacher_sft.warmup_steps",
+    )
 
 
 def test_an_output_dir_that_is_a_file_is_found(tmp_path):
@@ -119,7 +122,7 @@ def test_a_teacher_sft_only_job_needs_no_student(tmp_path):
     path = write_job(tmp_path, stages=("teacher_sft",))
     text = path.read_text()
     start = text.index("[student]")
-    path.write_text(text[:start] + text[text.index("[data]"):] + "\n[teacher_sft]\nsteps = 1\n")
+    path.write_text(text[:start] + text[text.index("[data]") :] + "\n[teacher_sft]\nsteps = 1\n")
     config = load_config(path, registry=load_registry())
     assert config.run.stages == ("teacher_sft",)
 
@@ -146,7 +149,20 @@ def test_a_tokenizer_folder_without_a_tokenizer_says_so(tmp_path):
 
 
 def test_generate_without_top_p_means_no_nucleus_filter():
-    limits = ServerLimits(vocab_size=100, hidden_size=8, max_seq_len=16, max_batch_tokens=32, max_top_k=10, max_response_bytes=4000, max_new_tokens=8)
-    request = pb.GenerateRequest(prompts=pack_sequences([[1, 2, 3]]), max_new_tokens=2, temperature=1.0)  # top_p unset: 0
+    limits = ServerLimits(
+        vocab_size=100,
+        hidden_size=8,
+        max_seq_len=16,
+        max_batch_tokens=32,
+        max_top_k=10,
+        max_response_bytes=4000,
+        max_new_tokens=8,
+    )
+    request = pb.GenerateRequest(
+        prompts=pack_sequences([[1, 2, 3]]), max_new_tokens=2, temperature=1.0
+    )  # top_p unset: 0
     assert validate_generate(request, limits).top_p == 1.0
-    assert np.isclose(validate_generate(pb.GenerateRequest(prompts=pack_sequences([[1]]), max_new_tokens=1, top_p=0.5), limits).top_p, 0.5)
+    assert np.isclose(
+        validate_generate(pb.GenerateRequest(prompts=pack_sequences([[1]]), max_new_tokens=1, top_p=0.5), limits).top_p,
+        0.5,
+    )

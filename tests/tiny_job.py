@@ -13,14 +13,24 @@ TASKS = ROOT / "examples" / "data" / "tasks"
 
 def llama_config(hidden: int, layers: int = 1, vocab: int = 32000) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
-        "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
-        "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True,
-        "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
 
 
-def write_job(tmp: Path, *, samples: int = 48, objective: str = "dskd_v2", extra: str = "", stages=("distill",), steps: int = 4) -> Path:
+def write_job(
+    tmp: Path, *, samples: int = 48, objective: str = "dskd_v2", extra: str = "", stages=("distill",), steps: int = 4
+) -> Path:
     """Write models, data and a TOML job under `tmp`; return the TOML path."""
     (tmp / "teacher").mkdir(parents=True, exist_ok=True)
     (tmp / "student").mkdir(exist_ok=True)
@@ -38,11 +48,11 @@ log_every = 1
 
 [teacher]
 config = "teacher"
-tokenizer = "{TOKENIZERS / 'tinyllama'}"
+tokenizer = "{TOKENIZERS / "tinyllama"}"
 
 [student]
 config = "student"
-tokenizer = "{TOKENIZERS / 'tinyllama'}"
+tokenizer = "{TOKENIZERS / "tinyllama"}"
 
 [data]
 train = "train.jsonl"

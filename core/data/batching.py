@@ -57,9 +57,7 @@ def collate(rows: Sequence[dict[str, Any]], *, student_pad_id: int, teacher_pad_
         for b, row in enumerate(rows):
             pairs = np.asarray(row["alignment"], dtype=np.int64).reshape(-1, 2)
             blocks.append(
-                np.column_stack(
-                    [np.full(len(pairs), b), pairs[:, 0] + t_prompt[b] - 1, pairs[:, 1] + s_prompt[b] - 1]
-                )
+                np.column_stack([np.full(len(pairs), b), pairs[:, 0] + t_prompt[b] - 1, pairs[:, 1] + s_prompt[b] - 1])
             )
         alignment = torch.from_numpy(np.concatenate(blocks).astype(np.int64).reshape(-1, 3))
     batch = Batch(
@@ -116,9 +114,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
             world_size,
             infinite,
         )
-        self.batches_per_epoch = (
-            num_samples // global_size if drop_last else math.ceil(num_samples / global_size)
-        )
+        self.batches_per_epoch = num_samples // global_size if drop_last else math.ceil(num_samples / global_size)
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"the split has {num_samples} samples, fewer than one global batch of {global_size} "

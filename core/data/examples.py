@@ -104,22 +104,24 @@ def load_examples(path: str | Path, cfg: DataConfig, split: str) -> list[Example
     return examples
 
 
-def _read_rows(
-    path: Path, where: str, split: str, fields: list[str]
-) -> tuple[list[str], Iterable[dict[str, Any]]]:
+def _read_rows(path: Path, where: str, split: str, fields: list[str]) -> tuple[list[str], Iterable[dict[str, Any]]]:
     """The file's field names and its records (read by `datasets`)."""
     if not str(path) or str(path) == ".":
         raise DataError(f"data.{split} is not set; point it at a JSONL file (one JSON object per line)")
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "is not a regular file (a pipe, socket or device)" if path.exists() else "not found"
+        what = (
+            "is a directory"
+            if path.is_dir()
+            else "is not a regular file (a pipe, socket or device)"
+            if path.exists()
+            else "not found"
+        )
         raise DataError(f"{where}: {what}; set data.{split} to a JSONL file (one JSON object per line)")
     try:
         with path.open("rb") as handle:
             empty = not handle.read(1 << 16).strip()
     except OSError as exc:
-        raise DataError(
-            f"{where}: cannot be read ({exc.strerror}); check the path and its permissions"
-        ) from None
+        raise DataError(f"{where}: cannot be read ({exc.strerror}); check the path and its permissions") from None
     if empty:
         raise DataError(f"{where}: split is empty; add samples or point data.{split} at another file")
     _check_utf8(path, where)
@@ -247,7 +249,12 @@ def _fragment(tokenizer: Any, text: str) -> list[int]:
 
 
 def _encode_many(
-    tokenizer: Any, prompts: list[str], responses: list[str], cfg: DataConfig, split: str, indices: list[int],
+    tokenizer: Any,
+    prompts: list[str],
+    responses: list[str],
+    cfg: DataConfig,
+    split: str,
+    indices: list[int],
     split_straddling: bool = False,
 ) -> list[tuple[list[int], int]]:
     eos = tokenizer.eos_token_id
@@ -298,7 +305,13 @@ def _encode_many(
 
 
 def encode_example(
-    tokenizer: Any, prompt: str, response: str, cfg: DataConfig, *, split: str = "train", index: int = 0,
+    tokenizer: Any,
+    prompt: str,
+    response: str,
+    cfg: DataConfig,
+    *,
+    split: str = "train",
+    index: int = 0,
     split_straddling: bool = False,
 ) -> tuple[list[int], int]:
     """`(ids, prompt_len)`: BOS (if the tokenizer adds one) + prompt + response + EOS, tokenised jointly.
@@ -480,7 +493,9 @@ def tokenize_split(
             return load_from_disk(str(target))
         except Exception:  # a partial or foreign folder: rebuild it below
             shutil.rmtree(target, ignore_errors=True)
-    features = dict(FEATURES, **({"alignment": List(Value("int32")), "text_differs": Value("bool")} if aligner is not None else {}))
+    features = dict(
+        FEATURES, **({"alignment": List(Value("int32")), "text_differs": Value("bool")} if aligner is not None else {})
+    )
     raw = Dataset.from_dict(
         {
             "sample_id": list(range(len(examples))),

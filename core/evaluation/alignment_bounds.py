@@ -118,9 +118,7 @@ def exact_span_count(t_tok, s_tok, text: str) -> int:
     return len(exact_span_pairs(t_tok, s_tok, text)) + 1  # + the EOS pair
 
 
-def greedy_pairs(
-    t_raw: list[str], s_raw: list[str], t_eos: str, s_eos: str
-) -> list[tuple[int, int]]:
+def greedy_pairs(t_raw: list[str], s_raw: list[str], t_eos: str, s_eos: str) -> list[tuple[int, int]]:
     """The reference's greedy matching on raw token strings with `▁`/`Ġ` deleted (spec §6.2)."""
     t_norm = [p.replace("▁", "").replace("Ġ", "") for p in t_raw]
     s_norm = [p.replace("▁", "").replace("Ġ", "") for p in s_raw]
@@ -128,9 +126,7 @@ def greedy_pairs(
     t_hist = s_hist = ""
     found = []
     while i < len(t_norm) and j < len(s_norm):
-        if t_hist == s_hist and (
-            t_norm[i] == s_norm[j] or (t_raw[i] == t_eos and s_raw[j] == s_eos)
-        ):
+        if t_hist == s_hist and (t_norm[i] == s_norm[j] or (t_raw[i] == t_eos and s_raw[j] == s_eos)):
             found.append((i, j))
             t_hist, s_hist, i, j = t_hist + t_norm[i], s_hist + s_norm[j], i + 1, j + 1
         elif len(t_hist) > len(s_hist):

@@ -65,8 +65,11 @@ def _side(tokenizer, folder: str) -> dict[str, Any]:
         "vocab_size": len(tokenizer),
         "lm_head_rows": rows,
         "padded_head_rows": None if rows is None else max(rows - len(tokenizer), 0),
-        "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "unk": tokenizer.unk_token,
-        "pad": tokenizer.pad_token, "adds_bos": _adds_bos(tokenizer),
+        "bos": tokenizer.bos_token,
+        "eos": tokenizer.eos_token,
+        "unk": tokenizer.unk_token,
+        "pad": tokenizer.pad_token,
+        "adds_bos": _adds_bos(tokenizer),
     }
 
 
@@ -88,10 +91,14 @@ def diagnose(teacher_path: str, student_path: str, data: str | None = None) -> d
     }
     warnings = []
     if report["teacher"]["adds_bos"] != report["student"]["adds_bos"]:
-        warnings.append("only one tokenizer adds BOS: the sequences differ by one position; align with eta, never by index")
+        warnings.append(
+            "only one tokenizer adds BOS: the sequences differ by one position; align with eta, never by index"
+        )
     for side in ("teacher", "student"):
         if report[side]["padded_head_rows"]:
-            warnings.append(f"the {side} LM head has {report[side]['padded_head_rows']} rows past its tokenizer (padding); dskd ignores them")
+            warnings.append(
+                f"the {side} LM head has {report[side]['padded_head_rows']} rows past its tokenizer (padding); dskd ignores them"
+            )
     registry = load_registry()
     aligner = registry.get("aligners", registry.default("aligners"))(teacher, student)
     texts = _sample_texts(data)
@@ -101,7 +108,12 @@ def diagnose(teacher_path: str, student_path: str, data: str | None = None) -> d
         eta_pairs += len(aligner.align(t_ids, s_ids))
         mismatches += bool(getattr(aligner, "text_differs", lambda *_: False)(t_ids, s_ids))
         exact = set(exact_span_pairs(teacher, student, text)) | {(len(t_ids) - 1, len(s_ids) - 1)}
-        found = greedy_pairs(teacher.convert_ids_to_tokens(t_ids), student.convert_ids_to_tokens(s_ids), teacher.eos_token, student.eos_token)
+        found = greedy_pairs(
+            teacher.convert_ids_to_tokens(t_ids),
+            student.convert_ids_to_tokens(s_ids),
+            teacher.eos_token,
+            student.eos_token,
+        )
         bound += len(exact)
         greedy += len(found)
         # Like for like with ETA: only the greedy pairs whose spans on the original text coincide, not its
@@ -109,15 +121,23 @@ def diagnose(teacher_path: str, student_path: str, data: str | None = None) -> d
         greedy_exact += len(exact.intersection(found))
         student_tokens += len(s_ids)
     report["alignment"] = {
-        "samples": len(texts), "source": data or "pydoc_data.topics paragraphs", "student_tokens": student_tokens,
-        "eta_pairs": eta_pairs, "exact_span_pairs": bound, "eta_recall": eta_pairs / max(bound, 1),
-        "eta_ratio": eta_pairs / max(student_tokens, 1), "reference_greedy_pairs": greedy,
-        "reference_greedy_exact_pairs": greedy_exact, "reference_greedy_ratio": greedy_exact / max(student_tokens, 1),
+        "samples": len(texts),
+        "source": data or "pydoc_data.topics paragraphs",
+        "student_tokens": student_tokens,
+        "eta_pairs": eta_pairs,
+        "exact_span_pairs": bound,
+        "eta_recall": eta_pairs / max(bound, 1),
+        "eta_ratio": eta_pairs / max(student_tokens, 1),
+        "reference_greedy_pairs": greedy,
+        "reference_greedy_exact_pairs": greedy_exact,
+        "reference_greedy_ratio": greedy_exact / max(student_tokens, 1),
         "normalisation_mismatches": mismatches,
     }
     if mismatches:
-        warnings.append(f"in {mismatches} of {len(texts)} samples the two tokenizers decode to different text (a normaliser such "
-                        "as NFC/NFKC, or a special-token string); ETA pairs around the difference, the tokens it touches stay unpaired")
+        warnings.append(
+            f"in {mismatches} of {len(texts)} samples the two tokenizers decode to different text (a normaliser such "
+            "as NFC/NFKC, or a special-token string); ETA pairs around the difference, the tokens it touches stay unpaired"
+        )
     report["warnings"] = warnings
     report["recommended"] = _recommend(same, report)
     return report
@@ -128,10 +148,16 @@ def _recommend(same: bool, report: dict[str, Any]) -> dict[str, str]:
         return {"objective": "dskd_v2", "aligner": "", "why": "identical vocabularies: positions pair one to one"}
     ratio = report["alignment"]["eta_ratio"]
     if ratio >= 0.3 and report["vocabulary"]["exact_overlap"] >= 1000:
-        return {"objective": "dskd_v2", "aligner": "eta",
-                "why": f"{ratio:.0%} of student tokens have an exact teacher counterpart; DSKDv2 with ETA distils on those"}
-    return {"objective": "dskd_cma", "aligner": "",
-            "why": f"only {ratio:.0%} of student tokens align exactly; cross-model attention needs no exact alignment"}
+        return {
+            "objective": "dskd_v2",
+            "aligner": "eta",
+            "why": f"{ratio:.0%} of student tokens have an exact teacher counterpart; DSKDv2 with ETA distils on those",
+        }
+    return {
+        "objective": "dskd_cma",
+        "aligner": "",
+        "why": f"only {ratio:.0%} of student tokens align exactly; cross-model attention needs no exact alignment",
+    }
 
 
 def run_doctor(teacher: str, student: str, *, data: str | None = None, as_json: bool = False) -> int:
@@ -143,16 +169,22 @@ def run_doctor(teacher: str, student: str, *, data: str | None = None, as_json: 
         print(json.dumps(report, indent=2))
         return 0
     console = Console()
-    rows = [[key, str(report["teacher"][key]), str(report["student"][key])]
-            for key in ("family", "vocab_size", "lm_head_rows", "padded_head_rows", "bos", "eos", "unk", "pad", "adds_bos")]
+    rows = [
+        [key, str(report["teacher"][key]), str(report["student"][key])]
+        for key in ("family", "vocab_size", "lm_head_rows", "padded_head_rows", "bos", "eos", "unk", "pad", "adds_bos")
+    ]
     console.table("tokenizers", ["", "teacher", "student"], rows)
     v, a, r = report["vocabulary"], report["alignment"], report["recommended"]
-    console.print(f"vocabularies identical: {v['identical']}; exact overlap {v['exact_overlap']} tokens "
-                  f"({v['overlap_of_teacher']:.1%} of the teacher's, {v['overlap_of_student']:.1%} of the student's)")
-    console.print(f"ETA on {a['samples']} samples ({a['source']}): {a['eta_pairs']} pairs of {a['exact_span_pairs']} exact spans "
-                  f"(recall {a['eta_recall']:.3f}); {a['eta_ratio']:.1%} of student tokens aligned; "
-                  f"the reference's greedy matching: {a['reference_greedy_exact_pairs']} exact pairs "
-                  f"({a['reference_greedy_ratio']:.1%} of student tokens) of the {a['reference_greedy_pairs']} it makes")
+    console.print(
+        f"vocabularies identical: {v['identical']}; exact overlap {v['exact_overlap']} tokens "
+        f"({v['overlap_of_teacher']:.1%} of the teacher's, {v['overlap_of_student']:.1%} of the student's)"
+    )
+    console.print(
+        f"ETA on {a['samples']} samples ({a['source']}): {a['eta_pairs']} pairs of {a['exact_span_pairs']} exact spans "
+        f"(recall {a['eta_recall']:.3f}); {a['eta_ratio']:.1%} of student tokens aligned; "
+        f"the reference's greedy matching: {a['reference_greedy_exact_pairs']} exact pairs "
+        f"({a['reference_greedy_ratio']:.1%} of student tokens) of the {a['reference_greedy_pairs']} it makes"
+    )
     for warning in report["warnings"]:
         console.warn(warning)
     aligner = f" with aligner {r['aligner']}" if r["aligner"] else ""

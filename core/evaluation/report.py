@@ -102,7 +102,9 @@ def load_results(path: Path) -> dict:
     except ValueError as exc:
         raise DskdError(f"{path} is not valid JSON ({exc}); rerun the evaluation stage to rewrite it") from None
     if not isinstance(results, dict):
-        raise DskdError(f"{path} must hold a JSON object of models to metrics; rerun the evaluation stage to rewrite it")
+        raise DskdError(
+            f"{path} must hold a JSON object of models to metrics; rerun the evaluation stage to rewrite it"
+        )
     return results
 
 
@@ -221,7 +223,12 @@ def _plot_agreement(records: list[dict]):
         ax = next(panels)
         for s in agreement:
             held_out = s.key.startswith("eval/")
-            ax.plot(s.steps, _percent(s.values), marker="o" if held_out else None, label="held-out" if held_out else "training")
+            ax.plot(
+                s.steps,
+                _percent(s.values),
+                marker="o" if held_out else None,
+                label="held-out" if held_out else "training",
+            )
         _finish(ax, "top-1 agreement with the teacher", "%", legend=True, ylim=(0, 105))
     if kl:
         ax = next(panels)
@@ -241,7 +248,9 @@ def _fmt(value) -> str:
         return str(value)
     if not math.isfinite(value):
         return str(value)
-    return f"{value:.2f}" if value == 0 or abs(value) >= 1 else f"{value:.4g}"  # scores to 2 decimals; small values (KL, lr) to 4 digits
+    return (
+        f"{value:.2f}" if value == 0 or abs(value) >= 1 else f"{value:.4g}"
+    )  # scores to 2 decimals; small values (KL, lr) to 4 digits
 
 
 def _summary(run_dir: Path, records: list[dict], results: dict, plots: list[str]) -> str:
@@ -249,11 +258,16 @@ def _summary(run_dir: Path, records: list[dict], results: dict, plots: list[str]
     rows = [r for r in RESULT_ROWS if isinstance(results.get(r), dict)]
     rows += [r for r, v in results.items() if r not in RESULT_ROWS and isinstance(v, dict)]
     if rows:
-        extra = sorted({k for r in rows for k, v in results[r].items() if isinstance(v, (int, float)) and k not in RESULT_COLUMNS})
+        extra = sorted(
+            {k for r in rows for k, v in results[r].items() if isinstance(v, (int, float)) and k not in RESULT_COLUMNS}
+        )
         columns = [c for c in RESULT_COLUMNS if any(c in results[r] for r in rows)] + extra
         lines += ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         lines += ["| " + r + " | " + " | ".join(_fmt(results[r].get(c)) for c in columns) + " |" for r in rows]
-        lines += ["", "exact_match, rougeL and teacher_agreement are on a 0-100 scale; teacher_kl is in nats per token."]
+        lines += [
+            "",
+            "exact_match, rougeL and teacher_agreement are on a 0-100 scale; teacher_kl is in nats per token.",
+        ]
     else:
         lines.append(f"No {RESULTS_FILE} yet: the run has not finished its final evaluation.")
 

@@ -68,7 +68,9 @@ def generate_and_score(
     """
     seeds = [int(s) for s in seeds]
     if len(prompts) != len(references):
-        raise DskdError(f"got {len(prompts)} prompts but {len(references)} reference lists; give one reference list per prompt")
+        raise DskdError(
+            f"got {len(prompts)} prompts but {len(references)} reference lists; give one reference list per prompt"
+        )
     if not prompts:
         raise DskdError("no prompts to evaluate; check the evaluation split and eval.max_samples")
     if not seeds:
@@ -94,7 +96,9 @@ def generate_and_score(
                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                 )  # fmt: skip
             else:  # a remote teacher generates on its server, in requests it sizes to the server's limits
-                rows = model.generate(encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+                rows = model.generate(
+                    encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+                )
             greedy_rows = rows if temperature == 0 else None
         texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
         if predictions is None:
@@ -190,7 +194,9 @@ def teacher_agreement(
         student.train(was_training)
     if count == 0:
         what = "valid label positions" if same_vocab else "aligned positions"
-        raise DataError(f"the held-out batches have no {what} to compare student and teacher on; check the evaluation data")
+        raise DataError(
+            f"the held-out batches have no {what} to compare student and teacher on; check the evaluation data"
+        )
     return {"teacher_agreement": 100.0 * float(agree) / count, "teacher_kl": float(kl) / count}
 
 
@@ -204,10 +210,14 @@ def _vocab_overlap(token_map: torch.Tensor, teacher_vocab: int, student_vocab: i
         )
     token_map = token_map.to(device)
     if bool((token_map >= student_vocab).any()) or bool((token_map < -1).any()):
-        raise DskdError(f"token_map holds ids outside [-1, {student_vocab}); it must map teacher ids to student ids or -1")
+        raise DskdError(
+            f"token_map holds ids outside [-1, {student_vocab}); it must map teacher ids to student ids or -1"
+        )
     teacher_ids = torch.nonzero(token_map >= 0).reshape(-1)
     if teacher_ids.numel() == 0:
-        raise DskdError("token_map maps no teacher token to a student token, so the vocabularies share nothing to compare")
+        raise DskdError(
+            "token_map maps no teacher token to a student token, so the vocabularies share nothing to compare"
+        )
     student_ids, slot = torch.unique(token_map[teacher_ids], return_inverse=True)
     return teacher_ids, student_ids, slot
 
@@ -216,9 +226,13 @@ def _paired_hidden_states(student, teacher, batch: Batch, same_vocab: bool, devi
     """Teacher and student last hidden states at their valid rows, and the `(P, 2)` pairs of rows to compare."""
     if batch.student_rows is None or batch.teacher_rows is None or (not same_vocab and batch.aligned_rows is None):
         if not same_vocab and batch.alignment is None:
-            raise DataError("a held-out batch has no alignment, but the vocabularies differ; build batches with the run's aligner")
+            raise DataError(
+                "a held-out batch has no alignment, but the vocabularies differ; build batches with the run's aligner"
+            )
         batch.index_rows()
-    signal = teacher.score(batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, SignalRequest(hidden_states=True))
+    signal = teacher.score(
+        batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, SignalRequest(hidden_states=True)
+    )
     hidden = last_hidden_state(student, batch.student_input_ids.to(device), batch.student_attention_mask.to(device))
     student_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.student_rows.to(device))
     if not same_vocab:

@@ -29,9 +29,16 @@ def generation_metrics(config: Config, model, tokenizer) -> dict[str, Any]:
     if e.max_samples:
         examples = examples[: e.max_samples]
     scored = generate_and_score(
-        model, tokenizer, [x.prompt for x in examples], [x.references for x in examples],
-        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, temperature=e.temperature, top_p=e.top_p,
-        seeds=list(e.seeds), max_prompt_length=config.data.max_prompt_length,
+        model,
+        tokenizer,
+        [x.prompt for x in examples],
+        [x.references for x in examples],
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        seeds=list(e.seeds),
+        max_prompt_length=config.data.max_prompt_length,
     )
     return {key: scored[key] for key in GENERATION_KEYS if key in scored}
 
@@ -42,7 +49,9 @@ def _held_out_batches(job, teacher, student_tokenizer, aligner, same_vocab: bool
     dataset = job.tokenized(split, student_tokenizer, teacher.tokenizer, None if same_vocab else aligner)
     size = min(config.eval.batch_size, len(dataset))
     sampler = ResumableBatchSampler(len(dataset), size, shuffle=False, drop_last=False, infinite=False)
-    make = functools.partial(collate, student_pad_id=student_tokenizer.pad_token_id, teacher_pad_id=teacher.tokenizer.pad_token_id)
+    make = functools.partial(
+        collate, student_pad_id=student_tokenizer.pad_token_id, teacher_pad_id=teacher.tokenizer.pad_token_id
+    )
     for indices in sampler:
         yield make([dataset[i] for i in indices])
 
@@ -50,11 +59,15 @@ def _held_out_batches(job, teacher, student_tokenizer, aligner, same_vocab: bool
 MODELS = ("teacher", "student_init", "student")
 
 
-def evaluate_stage(job, teacher_path: Path | None, final: Path | None, *, include: tuple[str, ...] = MODELS) -> dict[str, Any]:
+def evaluate_stage(
+    job, teacher_path: Path | None, final: Path | None, *, include: tuple[str, ...] = MODELS
+) -> dict[str, Any]:
     """Metrics of the models named in `include` (default: all three)."""
     config, device, console = job.config, job.device, job.console
     results: dict[str, Any] = {}
-    teacher = build_teacher(config, device, model_path=str(teacher_path) if teacher_path else None, cache_dir=job.cache_dir)
+    teacher = build_teacher(
+        config, device, model_path=str(teacher_path) if teacher_path else None, cache_dir=job.cache_dir
+    )
     if "teacher" not in include:
         pass
     elif hasattr(teacher, "model"):
@@ -78,13 +91,27 @@ def evaluate_stage(job, teacher_path: Path | None, final: Path | None, *, includ
         students["student"] = (model, tokenizer)
     for name, (model, tokenizer) in students.items():
         metrics = generation_metrics(config, model, tokenizer)
-        metrics.update(teacher_agreement(model, teacher, _held_out_batches(job, teacher, tokenizer, aligner, same_vocab),
-                                         token_map=token_map, student_vocab_size=len(tokenizer)))
+        metrics.update(
+            teacher_agreement(
+                model,
+                teacher,
+                _held_out_batches(job, teacher, tokenizer, aligner, same_vocab),
+                token_map=token_map,
+                student_vocab_size=len(tokenizer),
+            )
+        )
         results[name] = metrics
     teacher.close()
-    rows = [[name] + [results[name].get(k, "-") for k in ("exact_match", "rougeL", "teacher_agreement", "teacher_kl")]
-            for name in MODELS if name in results]
-    console.table(f"results ({config.eval.split} split)", ["model", "exact match", "ROUGE-L", "agreement %", "KL to teacher"], rows)
+    rows = [
+        [name] + [results[name].get(k, "-") for k in ("exact_match", "rougeL", "teacher_agreement", "teacher_kl")]
+        for name in MODELS
+        if name in results
+    ]
+    console.table(
+        f"results ({config.eval.split} split)",
+        ["model", "exact match", "ROUGE-L", "agreement %", "KL to teacher"],
+        rows,
+    )
     return results
 
 
@@ -96,7 +123,9 @@ def agreement_aligner(job, teacher_tokenizer, student_tokenizer, same_vocab: boo
     if same_vocab or member(aligner, Aligner, "vocab_map")() is not None:
         return aligner
     fallback = job.registry.default("aligners")
-    job.console.print(f"eval: aligner {job.config.aligner.name!r} has no vocabulary map; teacher agreement uses {fallback!r}")
+    job.console.print(
+        f"eval: aligner {job.config.aligner.name!r} has no vocabulary map; teacher agreement uses {fallback!r}"
+    )
     return job.registry.get("aligners", fallback)(teacher_tokenizer, student_tokenizer)
 
 
@@ -107,7 +136,12 @@ def student_agreement(job, model, tokenizer) -> dict[str, float]:
     same_vocab = same_vocabulary(teacher.tokenizer, tokenizer)
     aligner = agreement_aligner(job, teacher.tokenizer, tokenizer, same_vocab)
     try:
-        return teacher_agreement(model, teacher, _held_out_batches(job, teacher, tokenizer, aligner, same_vocab),
-                                 token_map=None if same_vocab else aligner.vocab_map(), student_vocab_size=len(tokenizer))
+        return teacher_agreement(
+            model,
+            teacher,
+            _held_out_batches(job, teacher, tokenizer, aligner, same_vocab),
+            token_map=None if same_vocab else aligner.vocab_map(),
+            student_vocab_size=len(tokenizer),
+        )
     finally:
         teacher.close()

@@ -71,8 +71,9 @@ def loss_terms_on_batch(
     else:
         examples = [Example(prompt=prompt, references=(response,)) for prompt, response in samples]
     teacher_tokenizer = None if teacher is None else teacher.tokenizer
-    rows = tokenize_split(examples, student.tokenizer, teacher_tokenizer, config.data,
-                          aligner=None if same_vocab else aligner)
+    rows = tokenize_split(
+        examples, student.tokenizer, teacher_tokenizer, config.data, aligner=None if same_vocab else aligner
+    )
     pad_t = student.tokenizer.pad_token_id if teacher is None else teacher.tokenizer.pad_token_id
     batch = collate(list(rows), student_pad_id=student.tokenizer.pad_token_id, teacher_pad_id=pad_t).to(device)
     hidden = last_hidden_state(student.model, batch.student_input_ids, batch.student_attention_mask)

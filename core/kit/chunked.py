@@ -30,7 +30,9 @@ ChunkFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[tor
 `shared` the inputs every chunk sees whole; `loss` is a scalar, `stats` detached tensors summed over chunks."""
 
 
-def dense_loss(fn: ChunkFn, rows: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dense_loss(
+    fn: ChunkFn, rows: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The same computation on all rows at once, with ordinary autograd (the oracle)."""
     loss, stats = fn(dict(rows), dict(shared))
     return loss, {k: v.detach() for k, v in stats.items()}
@@ -58,7 +60,9 @@ def chunked_loss(
         if int(rows[name].shape[0]) != n:
             raise ValueError(f"row input {name!r} has {rows[name].shape[0]} rows, expected {n}")
     stats: dict[str, torch.Tensor] = {}
-    loss = _ChunkedLoss.apply(fn, row_names, shared_names, max(1, int(chunk_size)), stats, *rows.values(), *shared.values())
+    loss = _ChunkedLoss.apply(
+        fn, row_names, shared_names, max(1, int(chunk_size)), stats, *rows.values(), *shared.values()
+    )
     return loss, stats
 
 
@@ -77,7 +81,9 @@ class _ChunkedLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=row_inputs[0].device)
         for start in range(0, max(n, 1), chunk_size):
             stop = min(start + chunk_size, n)
-            leaves = [t[start:stop].detach().requires_grad_(need) for t, need in zip(row_inputs, needs[: len(row_names)])]
+            leaves = [
+                t[start:stop].detach().requires_grad_(need) for t, need in zip(row_inputs, needs[: len(row_names)])
+            ]
             with torch.enable_grad():
                 loss, chunk_stats = fn(dict(zip(row_names, leaves)), dict(zip(shared_names, shared_leaves)))
             wanted = [leaf for leaf, need in zip(leaves + shared_leaves, needs) if need]
@@ -110,8 +116,9 @@ class _ChunkedLoss(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
 
-
-PartsFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+PartsFn = Callable[
+    [dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+]
 """`fn(rows, shared) -> (parts, stats)`: `parts` maps a loss part's name to its (unweighted) scalar sum over the
 chunk's rows; `stats` are detached tensors summed over chunks (counts, agreement)."""
 
@@ -144,7 +151,7 @@ def chunked_parts(
         return weights.combine(parts), stats
 
     loss, stats = chunked_loss(weighted, rows, shared, chunk_size=chunk_size)
-    values = {key[len(_PART):]: stats.pop(key) for key in [k for k in stats if k.startswith(_PART)]}
+    values = {key[len(_PART) :]: stats.pop(key) for key in [k for k in stats if k.startswith(_PART)]}
     if weighing is not None:
         weighing.carry(loss, frozenset(values))
         return values, stats

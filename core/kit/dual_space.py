@@ -81,7 +81,12 @@ class SharedVocabulary:
 
 
 def shared_vocabulary(
-    teacher_size: int, student_size: int, vocab_map: torch.Tensor | None, *, limit: int = 0, own: torch.Tensor | None = None
+    teacher_size: int,
+    student_size: int,
+    vocab_map: torch.Tensor | None,
+    *,
+    limit: int = 0,
+    own: torch.Tensor | None = None,
 ) -> SharedVocabulary:
     """The shared vocabulary: every id of identical vocabularies (`vocab_map is None`), otherwise the pairs
     (t, map[t]) with map[t] >= 0, one teacher id per student id, sorted by student id. Only ids below both
@@ -126,7 +131,15 @@ class PairedRows:
     teacher_index: torch.Tensor | None  # (K,) into the teacher rows
 
 
-def paired_rows(batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None, *, same_vocab: bool, teacher_hidden_size: int, name: str) -> PairedRows:
+def paired_rows(
+    batch: Batch,
+    student_hidden: torch.Tensor,
+    signal: TeacherSignal | None,
+    *,
+    same_vocab: bool,
+    teacher_hidden_size: int,
+    name: str,
+) -> PairedRows:
     """Gather the packed rows, with host-side shape checks that name the problem instead of failing in torch."""
     if signal is None or signal.hidden_states is None:
         raise ModelError(f"objective {name} needs the teacher's hidden states, but the teacher sent none")
@@ -234,7 +247,9 @@ def dual_space_terms(
             parts["projector_ce"] = t2s_ce
             stats.update(n_gate=gate.sum().float(), t2s_agreement=agree.sum().float())
         if spec.teacher_space:
-            h_s2t = F.linear(h_s.float(), sh["s2t_weight"].float(), None if sh.get("s2t_bias") is None else sh["s2t_bias"].float())
+            h_s2t = F.linear(
+                h_s.float(), sh["s2t_weight"].float(), None if sh.get("s2t_bias") is None else sh["s2t_bias"].float()
+            )
             z_s2t = teacher_head.logits(h_s2t)
             parts["kd_teacher_space"] = (divergence(z_s2t, z_t, temperature=temperature) * valid).sum()
             s2t_top = z_s2t.argmax(-1)
@@ -254,8 +269,10 @@ def dual_space_terms(
     # The share of paired rows whose teacher top-1 has a student token ("accepted", spec §6.3): with tokenizers
     # that share little, KD runs on few tokens, and this metric says so.
     metrics = {"accepted_pairs": n_valid, **stats}
-    counts = {"ce": torch.tensor(float(rows.student_labels.shape[0]), device=device),
-              "accepted_pairs": torch.tensor(float(kd_rows["h_s"].shape[0]), device=device)}
+    counts = {
+        "ce": torch.tensor(float(rows.student_labels.shape[0]), device=device),
+        "accepted_pairs": torch.tensor(float(kd_rows["h_s"].shape[0]), device=device),
+    }
     if spec.student_space:
         counts.update(kd_student_space=n_gate, projector_ce=n_valid, t2s_agreement=n_valid)
     if spec.teacher_space:

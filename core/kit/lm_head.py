@@ -76,7 +76,9 @@ class LMHead:
         return digest.hexdigest()
 
 
-def last_hidden_state(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def last_hidden_state(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """`(B, T, d)` hidden states after the final norm: exactly the LM head's input for supported models.
 
     Goes through the model's own forward (not its body) so that wrappers such as DDP see the call, and asks

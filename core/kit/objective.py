@@ -91,7 +91,9 @@ def packed_ce_terms(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor, ch
     chunk (never `(N x V)` at once): the part `"ce"` and its token count."""
 
     def chunk(rows: dict, shared: dict):
-        return {"ce": F.cross_entropy(head.with_tensors(shared).logits(rows["hidden"]), rows["labels"], reduction="sum")}, {}
+        return {
+            "ce": F.cross_entropy(head.with_tensors(shared).logits(rows["hidden"]), rows["labels"], reduction="sum")
+        }, {}
 
     parts, _ = chunked_parts(chunk, {"hidden": hidden, "labels": labels}, head.tensors(), chunk_size=chunk_size)
     count = torch.tensor(float(labels.shape[0]), device=parts["ce"].device)

@@ -35,7 +35,9 @@ class Rollouts:
     def __init__(self, context: PolicyContext) -> None:
         self.student_tokenizer = context.student_tokenizer
         self.teacher_tokenizer = None if context.teacher is None else context.teacher.tokenizer
-        self.same_vocab = self.teacher_tokenizer is None or same_vocabulary(self.teacher_tokenizer, self.student_tokenizer)
+        self.same_vocab = self.teacher_tokenizer is None or same_vocabulary(
+            self.teacher_tokenizer, self.student_tokenizer
+        )
         self.aligner = None if self.same_vocab else context.aligner
         self.data = context.data
         # Re-tokenised responses may be longer in the other tokenizer; they are cut to max_length afterwards.
@@ -43,7 +45,10 @@ class Rollouts:
         self.prompts = context.prompts
         self.eos = self.student_tokenizer.eos_token_id
         self.student_bytes = vocab_bytes(self.student_tokenizer).table
-        self.pads = (self.student_tokenizer.pad_token_id, (self.teacher_tokenizer or self.student_tokenizer).pad_token_id)
+        self.pads = (
+            self.student_tokenizer.pad_token_id,
+            (self.teacher_tokenizer or self.student_tokenizer).pad_token_id,
+        )
 
     def student_prompts(self, batch: Batch) -> list[list[int]]:
         """The prompt ids of each sequence, as the data loader tokenised them (BOS included)."""
@@ -56,7 +61,9 @@ class Rollouts:
 
     def prompt_text(self, batch: Batch, b: int) -> str:
         if batch.sample_ids is None or not self.prompts:
-            raise DataError("a sampled batch needs the prompts of its samples; the policy was built without the training prompts")
+            raise DataError(
+                "a sampled batch needs the prompts of its samples; the policy was built without the training prompts"
+            )
         return self.prompts[int(batch.sample_ids[b])]
 
     def from_student_samples(self, batch: Batch, continuations: Sequence[list[int]]) -> Batch:
@@ -86,24 +93,34 @@ class Rollouts:
         rows = []
         for b, text in enumerate(responses):
             prompt = self.prompt_text(batch, b)
-            student_ids, student_prompt = encode_example(self.student_tokenizer, prompt, text, self.unbounded, split_straddling=True)
+            student_ids, student_prompt = encode_example(
+                self.student_tokenizer, prompt, text, self.unbounded, split_straddling=True
+            )
             finished = (ended is None or bool(ended[b])) and len(student_ids) <= self.data.max_length
             student_ids = student_ids[: self.data.max_length] if finished else student_ids[:-1][: self.data.max_length]
             rows.append(self._row(batch, b, student_ids, student_prompt, text, finished))
         return self.collate(rows, batch)
 
-    def _row(self, batch: Batch, b: int, student_ids: list[int], student_prompt: int, text: str, ended: bool) -> dict[str, Any]:
+    def _row(
+        self, batch: Batch, b: int, student_ids: list[int], student_prompt: int, text: str, ended: bool
+    ) -> dict[str, Any]:
         sample_id = int(batch.sample_ids[b]) if batch.sample_ids is not None else b
         if self.same_vocab:
             teacher_ids, teacher_prompt = student_ids, student_prompt
         else:
-            teacher_ids, teacher_prompt = encode_example(self.teacher_tokenizer, self.prompt_text(batch, b), text, self.unbounded,
-                                                         split_straddling=True)
+            teacher_ids, teacher_prompt = encode_example(
+                self.teacher_tokenizer, self.prompt_text(batch, b), text, self.unbounded, split_straddling=True
+            )
             if not ended:  # the student's sample was cut: the teacher's copy must not claim an EOS either
                 teacher_ids = teacher_ids[:-1]
             teacher_ids = teacher_ids[: self.data.max_length]
-        row = {"sample_id": sample_id, "student_ids": student_ids, "student_prompt_len": student_prompt,
-               "teacher_ids": teacher_ids, "teacher_prompt_len": teacher_prompt}
+        row = {
+            "sample_id": sample_id,
+            "student_ids": student_ids,
+            "student_prompt_len": student_prompt,
+            "teacher_ids": teacher_ids,
+            "teacher_prompt_len": teacher_prompt,
+        }
         if self.aligner is not None:
             pairs = self.aligner.align(teacher_ids[teacher_prompt:], student_ids[student_prompt:]).pairs
             row["alignment"] = np.asarray(pairs, dtype=np.int64).reshape(-1).tolist()
@@ -145,4 +162,3 @@ def rng_state(rng: np.random.Generator) -> dict:
 
 def restore_rng(rng: np.random.Generator, state: dict) -> None:
     rng.bit_generator.state = state
-

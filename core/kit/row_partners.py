@@ -49,9 +49,7 @@ def teacher_hidden(signal: TeacherSignal | None, hidden_size: int, name: str) ->
     return hidden
 
 
-def row_partners(
-    batch: Batch, num_teacher_rows: int, *, same_vocab: bool, name: str, aligner_hint: str
-) -> RowPartners:
+def row_partners(batch: Batch, num_teacher_rows: int, *, same_vocab: bool, name: str, aligner_hint: str) -> RowPartners:
     """Partners from `batch.aligned_rows`; with one shared vocabulary and no alignment, row k pairs with row k.
 
     `num_teacher_rows` is the teacher's packed row count (a shape, known on the host).
@@ -73,8 +71,6 @@ def row_partners(
         index = torch.arange(num_student_rows, device=device)
         return RowPartners(index, torch.ones(num_student_rows, dtype=torch.bool, device=device))
     pairs = batch.aligned_rows.to(device=device, dtype=torch.int64)
-    index = torch.zeros(num_student_rows, dtype=torch.int64, device=device).index_copy(
-        0, pairs[:, 1], pairs[:, 0]
-    )
+    index = torch.zeros(num_student_rows, dtype=torch.int64, device=device).index_copy(0, pairs[:, 1], pairs[:, 0])
     paired = torch.zeros(num_student_rows, dtype=torch.bool, device=device).index_fill(0, pairs[:, 1], True)
     return RowPartners(index, paired)

@@ -36,7 +36,11 @@ class StudentSampling(Policy):
         buffer_size: int = 0,
         replay_prob: float = 0.0,
     ) -> None:
-        for key, value, low, high in (("lam", lam, 0.0, 1.0), ("top_p", top_p, 1e-6, 1.0), ("replay_prob", replay_prob, 0.0, 1.0)):
+        for key, value, low, high in (
+            ("lam", lam, 0.0, 1.0),
+            ("top_p", top_p, 1e-6, 1.0),
+            ("replay_prob", replay_prob, 0.0, 1.0),
+        ):
             if not low <= value <= high:
                 raise PluginError(f"policy.{key} must be in [{low}, {high}], got {value}")
         if temperature <= 0:
@@ -85,9 +89,13 @@ class StudentSampling(Policy):
     def sample_rows(self, batch: Batch, step: int) -> list[dict[str, Any]]:
         prompts = self.rollouts.student_prompts(batch)
         continuations = sample_continuations(
-            self.context.student, self.context.student_tokenizer, prompts,
+            self.context.student,
+            self.context.student_tokenizer,
+            prompts,
             max_new_tokens=self.rollouts.max_new_tokens(batch, self.max_new_tokens),
-            temperature=self.temperature, top_p=self.top_p, seed=generation_seed(self.context.seed, step, self.index),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=generation_seed(self.context.seed, step, self.index),
         )
         return self.rollouts.student_sample_rows(batch, continuations)
 

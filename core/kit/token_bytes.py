@@ -92,9 +92,7 @@ class ByteTable:
         lengths = self.offsets[ids + 1] - starts
         ends = np.cumsum(lengths)
         # Index of output byte k = start of its token + (k - where that token begins in the output).
-        index = np.arange(int(ends[-1]) if ends.size else 0) + np.repeat(
-            starts - (ends - lengths), lengths
-        )
+        index = np.arange(int(ends[-1]) if ends.size else 0) + np.repeat(starts - (ends - lengths), lengths)
         return self.flat[index], lengths
 
 
@@ -191,9 +189,7 @@ def vocab_bytes(tokenizer) -> VocabBytes:
     byte_piece = np.zeros(size, dtype=bool)
     for piece, i in vocab.items():
         pieces[i] = _piece_bytes(piece, family, marker, byte_fallback)
-        byte_piece[i] = (
-            family == SENTENCEPIECE and byte_fallback and bool(_BYTE_PIECE.fullmatch(piece))
-        )
+        byte_piece[i] = family == SENTENCEPIECE and byte_fallback and bool(_BYTE_PIECE.fullmatch(piece))
     for i, token in added.items():
         # Added tokens match raw text, so a non-special one stands for its content as written.
         pieces[i] = b"" if token.special else token.content.encode("utf-8")
@@ -250,9 +246,7 @@ def exact_byte_map(teacher: VocabBytes, student: VocabBytes) -> np.ndarray:
     return mapping
 
 
-def teacher_to_student_map(
-    teacher_tokenizer, student_tokenizer, *, num_teacher_ids: int | None = None
-) -> torch.Tensor:
+def teacher_to_student_map(teacher_tokenizer, student_tokenizer, *, num_teacher_ids: int | None = None) -> torch.Tensor:
     """The top-1 map `M` (spec §6.3, §15.3): `LongTensor (V_t,)` of student ids, -1 for none.
 
     Objectives apply it as one gather, `M[teacher_top1]`, and treat -1 as "the teacher's prediction
@@ -266,7 +260,5 @@ def teacher_to_student_map(
                 f"the teacher model has {num_teacher_ids} output ids but its tokenizer has "
                 f"{mapping.shape[0]}; use the tokenizer that belongs to the teacher model"
             )
-        mapping = np.concatenate(
-            [mapping, np.full(num_teacher_ids - mapping.shape[0], -1, dtype=np.int64)]
-        )
+        mapping = np.concatenate([mapping, np.full(num_teacher_ids - mapping.shape[0], -1, dtype=np.int64)])
     return torch.from_numpy(mapping)

@@ -35,7 +35,9 @@ class LossWeights:
     denominator: float = 1.0
 
     @classmethod
-    def for_batch(cls, *, kd_rate: float, denominator: float = 1.0, ce_scale: float = 1.0, kd_scale: float = 1.0) -> "LossWeights":
+    def for_batch(
+        cls, *, kd_rate: float, denominator: float = 1.0, ce_scale: float = 1.0, kd_scale: float = 1.0
+    ) -> "LossWeights":
         """`(1 - kd_rate) * ce_scale` and `kd_rate * kd_scale` over `D` (spec §1.3 and §0)."""
         return cls(ce=(1.0 - kd_rate) * ce_scale, kd=kd_rate * kd_scale, denominator=denominator)
 
@@ -103,7 +105,13 @@ def current_weighing() -> Weighing | None:
 
 
 def objective_loss(
-    objective, batch, student_hidden: torch.Tensor, signal, *, kd_rate: float = 0.0, denominator: float | None = None,
+    objective,
+    batch,
+    student_hidden: torch.Tensor,
+    signal,
+    *,
+    kd_rate: float = 0.0,
+    denominator: float | None = None,
     weights: LossWeights | None = None,
 ):
     """One micro-batch's loss as the engine forms it, outside the engine: `(loss, terms)`.
@@ -115,8 +123,12 @@ def objective_loss(
     """
     if weights is None:
         denominator = float(batch.num_student_tokens()) if denominator is None else float(denominator)
-        weights = LossWeights.for_batch(kd_rate=kd_rate, denominator=max(denominator, 1.0),
-                                        ce_scale=1.0 if batch.ce else 0.0, kd_scale=1.0 if batch.kd else 0.0)
+        weights = LossWeights.for_batch(
+            kd_rate=kd_rate,
+            denominator=max(denominator, 1.0),
+            ce_scale=1.0 if batch.ce else 0.0,
+            kd_scale=1.0 if batch.kd else 0.0,
+        )
     with weighting(weights) as weighing:
         terms = objective.compute(batch, student_hidden, signal)
         return weighing.loss(terms), terms

@@ -43,7 +43,9 @@ def load_tokenizer(cfg: ModelConfig, role: str):
 
     source = cfg.tokenizer or cfg.model
     if not source:
-        raise ModelError(f"{role}.tokenizer is empty and there is no {role}.model to take it from; set {role}.tokenizer")
+        raise ModelError(
+            f"{role}.tokenizer is empty and there is no {role}.model to take it from; set {role}.tokenizer"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # transformers raises OSError/ValueError with long multi-line texts
@@ -52,13 +54,19 @@ def load_tokenizer(cfg: ModelConfig, role: str):
             f"folder with tokenizer.json (no model hub is reachable without network)"
         ) from None
     if not getattr(tokenizer, "is_fast", False):
-        raise ModelError(f"the {role} tokenizer at {source!r} has no fast backend; dskd needs tokenizer.json (a fast tokenizer) for offsets and alignment")
+        raise ModelError(
+            f"the {role} tokenizer at {source!r} has no fast backend; dskd needs tokenizer.json (a fast tokenizer) for offsets and alignment"
+        )
     if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
         # transformers builds an empty tokenizer from a folder with only tokenizer_config.json; every prompt
         # would then tokenise to nothing and fail later as "the prompt is empty".
-        raise ModelError(f"the {role} tokenizer at {source!r} has no vocabulary (it encodes text to nothing); point {role}.tokenizer at a folder with tokenizer.json")
+        raise ModelError(
+            f"the {role} tokenizer at {source!r} has no vocabulary (it encodes text to nothing); point {role}.tokenizer at a folder with tokenizer.json"
+        )
     if tokenizer.eos_token_id is None:
-        raise ModelError(f"the {role} tokenizer at {source!r} has no EOS token; set eos_token in its tokenizer_config.json")
+        raise ModelError(
+            f"the {role} tokenizer at {source!r} has no EOS token; set eos_token in its tokenizer_config.json"
+        )
     return ensure_pad_token(tokenizer)
 
 
@@ -70,7 +78,14 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, role: str, *, seed: int | None = None, path: str | None = None, device: torch.device | str | None = None) -> torch.nn.Module:
+def load_model(
+    cfg: ModelConfig,
+    role: str,
+    *,
+    seed: int | None = None,
+    path: str | None = None,
+    device: torch.device | str | None = None,
+) -> torch.nn.Module:
     """An HF causal LM from `cfg.model` (or `path`), or built from `cfg.config` with seeded random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -87,7 +102,9 @@ def load_model(cfg: ModelConfig, role: str, *, seed: int | None = None, path: st
     try:
         config = AutoConfig.from_pretrained(cfg.config)
     except Exception as exc:
-        raise ModelError(f"cannot read the {role} config {cfg.config!r} ({_first_line(exc)}); point {role}.config at an HF config.json") from None
+        raise ModelError(
+            f"cannot read the {role} config {cfg.config!r} ({_first_line(exc)}); point {role}.config at an HF config.json"
+        ) from None
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)

@@ -44,16 +44,28 @@ class Teacher:
     def vocab_size(self) -> int:
         return self.head.vocab_size
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest) -> TeacherSignal:
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest
+    ) -> TeacherSignal:
         """Signal for `rows` (flat positions `b * T + t` into the `(B, T)` ids), in the order given."""
         raise NotImplementedError
 
-    def score_async(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest) -> Future | None:
+    def score_async(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest
+    ) -> Future | None:
         """Start `score` and return a future of its signal; None (the default) when the teacher answers only
         synchronously, and the engine then calls `score` when it needs the signal."""
         return None
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[int]]:
         """Sampled continuations (token ids, without the prompt) of each prompt."""
         raise NotImplementedError
 
@@ -65,7 +77,9 @@ class Teacher:
         """Release what the teacher holds (channels, threads)."""
 
 
-def model_fingerprint(model: torch.nn.Module, tokenizer, dtype: torch.dtype | str, model_id: str = "", revision: str = "") -> str:
+def model_fingerprint(
+    model: torch.nn.Module, tokenizer, dtype: torch.dtype | str, model_id: str = "", revision: str = ""
+) -> str:
     """A short hash of model identity, weights, tokenizer and dtype.
 
     Weights enter through per-parameter float64 sums and sums of squares rather than their bytes, which is
@@ -192,9 +206,16 @@ class LocalTeacher(Teacher):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest) -> TeacherSignal:
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest
+    ) -> TeacherSignal:
         signal = compute_signal(
-            self.model, self.head, input_ids.to(self.device), attention_mask.to(self.device), rows.to(self.device), request
+            self.model,
+            self.head,
+            input_ids.to(self.device),
+            attention_mask.to(self.device),
+            rows.to(self.device),
+            request,
         )
         signal.fingerprint = self.fingerprint
         # Tensors made under inference_mode cannot enter autograd graphs (the student's loss uses them as
@@ -206,11 +227,25 @@ class LocalTeacher(Teacher):
         return signal
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[int]]:
         from dskd.models.generation import sample_continuations  # generation helpers live beside evaluation
 
         return sample_continuations(
-            self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
         )
 
     def close(self) -> None:

@@ -168,14 +168,18 @@ def require_latest(root: Path, warn=print) -> Loaded:
 def require_finite(model: torch.nn.Module, extra: torch.nn.Module | None, what: str) -> None:
     """Raise a `DskdError` instead of saving `what` when a parameter of `model` (or `extra`) is NaN or infinite.
     One device->host copy for all parameters."""
-    named = list(model.named_parameters()) + ([] if extra is None else [(f"projectors.{n}", p) for n, p in extra.named_parameters()])
+    named = list(model.named_parameters()) + (
+        [] if extra is None else [(f"projectors.{n}", p) for n, p in extra.named_parameters()]
+    )
     if not named:
         return
     finite = torch.stack([p.detach().isfinite().all().to(named[0][1].device) for _, p in named]).tolist()
     bad = [name for (name, _), ok in zip(named, finite) if not ok]
     if bad:
         listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise DskdError(f"not saving the {what}: its weights are not finite ({listed}); lower train.lr, or resume from an earlier checkpoint")
+        raise DskdError(
+            f"not saving the {what}: its weights are not finite ({listed}); lower train.lr, or resume from an earlier checkpoint"
+        )
 
 
 class StageCheckpoints:
@@ -212,8 +216,12 @@ class StageCheckpoints:
         # same on every process, so every process raises here or none does.
         require_finite(acc.unwrap_model(t.model), t.projectors, f"{t.spec.name} checkpoint in {self.root}")
         rank = acc.process_index
-        manifest = {"stage": t.spec.name, "state": vars(t.state).copy(), "fingerprints": t.spec.fingerprints,
-                    "world_size": acc.num_processes}
+        manifest = {
+            "stage": t.spec.name,
+            "state": vars(t.state).copy(),
+            "fingerprints": t.spec.fingerprints,
+            "world_size": acc.num_processes,
+        }
         root = self.root if rank == 0 else self.root / f"rank-{rank}"
         objects = self._objects() if rank == 0 else {"rng": rng_state(), "policy": t.spec.policy.state_dict()}
         save(root, t.state.step, objects, manifest, keep=t.train_cfg.keep_checkpoints)
@@ -242,12 +250,16 @@ class StageCheckpoints:
         current one (at most one step of its sampling ahead)."""
         t = self.trainer
         if t.accelerator.num_processes > 1:  # the other processes wait in this step's collectives: no checkpoint now
-            return TeacherError(f"{error}; continue from the last periodic checkpoint with --resume once the teacher answers again")
+            return TeacherError(
+                f"{error}; continue from the last periodic checkpoint with --resume once the teacher answers again"
+            )
         t.state = state
         set_rng_state(rng)
         if self.saved_step != state.step:
             self.save()
-        return TeacherError(f"{error}; step {state.step} is checkpointed in {self.root}: once the teacher answers again, continue with --resume")
+        return TeacherError(
+            f"{error}; step {state.step} is checkpointed in {self.root}: once the teacher answers again, continue with --resume"
+        )
 
     def resume(self, force: bool) -> dict[str, Any] | None:
         """Restore the newest intact step into the trainer; its manifest's training state, or None for step 0."""

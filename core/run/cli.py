@@ -25,9 +25,17 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the job described by a TOML file")
     run.add_argument("config", help="path of the job's TOML file (e.g. dskd.toml)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
-                     help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
-    run.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in run.output_dir")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the newest intact checkpoint in run.output_dir"
+    )
     run.add_argument("--force-resume", action="store_true", help="resume even if the teacher or tokenizers changed")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -44,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", required=True, help="the job's TOML file (data, template, eval settings)")
     evaluate.add_argument("--model", required=True, help="a model folder saved in Hugging Face format")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE")
-    evaluate.add_argument("--teacher", help="a teacher model folder: adds top-1 agreement with it and KL to it (default: the job's pretrained or remote teacher, if any)")
+    evaluate.add_argument(
+        "--teacher",
+        help="a teacher model folder: adds top-1 agreement with it and KL to it (default: the job's pretrained or remote teacher, if any)",
+    )
     evaluate.add_argument("--output", help="write the metrics as JSON to this file")
     evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -81,8 +92,11 @@ def _warn_unmatched_plugins() -> None:
     from dskd.registry import LOAD_ENV, unmatched_load_names
 
     for name in unmatched_load_names():
-        print(f"warning: {LOAD_ENV} names {name!r}, which is no installed dskd plugin (entry point or package); "
-              f"check the spelling or install it (`dskd plugins` lists what loads)", file=sys.stderr)
+        print(
+            f"warning: {LOAD_ENV} names {name!r}, which is no installed dskd plugin (entry point or package); "
+            f"check the spelling or install it (`dskd plugins` lists what loads)",
+            file=sys.stderr,
+        )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -147,7 +161,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(args.teacher, args.student, data=args.data, as_json=args.json)
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "eval": cmd_eval, "report": cmd_report, "doctor": cmd_doctor}
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "plugins": cmd_plugins,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "doctor": cmd_doctor,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

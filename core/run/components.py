@@ -24,7 +24,9 @@ from dskd.models.teacher import LocalTeacher
 from dskd.run.plugin_checks import CheckedAligner, checked_divergence, describe
 
 
-def build_teacher(config: Config, device: torch.device, *, model_path: str | None = None, cache_dir: Path | None = None):
+def build_teacher(
+    config: Config, device: torch.device, *, model_path: str | None = None, cache_dir: Path | None = None
+):
     """The configured teacher: a gRPC `RemoteTeacher` when `teacher.address` is set, else a `LocalTeacher`."""
     t = config.teacher
     if t.address:
@@ -34,10 +36,18 @@ def build_teacher(config: Config, device: torch.device, *, model_path: str | Non
         if t.auth_token_env:
             token = os.environ.get(t.auth_token_env)
             if not token:
-                raise PluginError(f"teacher.auth_token_env names {t.auth_token_env!r} but that environment variable is not set; export it with the servers' token")
+                raise PluginError(
+                    f"teacher.auth_token_env names {t.auth_token_env!r} but that environment variable is not set; export it with the servers' token"
+                )
         teacher = RemoteTeacher(
-            list(t.address), auth_token=token, tls_ca_file=t.tls_ca_file or None, timeout_s=t.timeout_s, retry_timeout_s=t.retry_timeout_s,
-            wire_dtype=t.wire_dtype, cache_dir=t.cache_dir or (str(cache_dir) if cache_dir else None), device=device,
+            list(t.address),
+            auth_token=token,
+            tls_ca_file=t.tls_ca_file or None,
+            timeout_s=t.timeout_s,
+            retry_timeout_s=t.retry_timeout_s,
+            wire_dtype=t.wire_dtype,
+            cache_dir=t.cache_dir or (str(cache_dir) if cache_dir else None),
+            device=device,
         )
         ensure_pad_token(teacher.tokenizer)
         return teacher
@@ -64,13 +74,22 @@ def bind_divergence(config: Config, registry: Any):
     fn = registry.get("divergences", config.divergence.name)
     options = plugin_options(config.divergence, fn, skip=("temperature",))
     # Checked on its first call, so a plugin returning the wrong shape is named instead of failing inside an objective.
-    bound = functools.partial(checked_divergence(fn, describe(registry, "divergences", config.divergence.name)), **options)
+    bound = functools.partial(
+        checked_divergence(fn, describe(registry, "divergences", config.divergence.name)), **options
+    )
     bound.accepts_sparse_teacher = registry.declared("divergences", config.divergence.name, "accepts_sparse_teacher")
     return bound
 
 
-def build_aligner(config: Config, registry: Any, teacher_tokenizer: Any, student_tokenizer: Any, same_vocab: bool,
-                  *, objective: str | None = None):
+def build_aligner(
+    config: Config,
+    registry: Any,
+    teacher_tokenizer: Any,
+    student_tokenizer: Any,
+    same_vocab: bool,
+    *,
+    objective: str | None = None,
+):
     """The aligner: the configured one; else the default the objective `objective` declares on its factory
     (`default_aligner`, e.g. uld -> index, mined_kd -> mined); else none for identical vocabularies and the
     aligner that declares itself the default (eta) for different ones. `objective=None` skips the objective's
@@ -84,7 +103,9 @@ def build_aligner(config: Config, registry: Any, teacher_tokenizer: Any, student
     options = plugin_options(config.aligner, factory)
     try:
         # Every alignment, of the dataset and of sampled responses alike, is checked against the contract.
-        return CheckedAligner(factory(teacher_tokenizer, student_tokenizer, **options), describe(registry, "aligners", name))
+        return CheckedAligner(
+            factory(teacher_tokenizer, student_tokenizer, **options), describe(registry, "aligners", name)
+        )
     except PluginError:
         raise
     except (TypeError, ValueError) as exc:
@@ -107,7 +128,9 @@ def build_student(config: Config, device: torch.device, *, fresh: bool = False) 
     return Student(model.to(device), tokenizer)
 
 
-def build_objective(config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, name: str | None = None):
+def build_objective(
+    config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, name: str | None = None
+):
     """The configured objective (or `name`), and the student's gold CE alone for the engine's split steps."""
     name = name or config.objective.name
     factory = registry.get("objectives", name)
@@ -121,7 +144,8 @@ def build_objective(config: Config, registry: Any, student: Student, teacher: An
         divergence=bind_divergence(config, registry),
         divergence_name=config.divergence.name,
         temperature=config.objective.temperature,
-        chunk_size=config.train.chunk_size or auto_chunk_size(len(student.tokenizer), None if teacher is None else teacher.vocab_size),
+        chunk_size=config.train.chunk_size
+        or auto_chunk_size(len(student.tokenizer), None if teacher is None else teacher.vocab_size),
         aligner=aligner,
         same_vocab=same_vocab,
     )
@@ -160,14 +184,30 @@ def _missing_capabilities(request, teacher) -> str:
     return ", ".join(needs)
 
 
-def build_policy(config: Config, registry: Any, student: Student, teacher: Any, aligner: Any, *, cache_dir: Path, prompts: tuple[str, ...] = (),
-                 objective: Any = None):
+def build_policy(
+    config: Config,
+    registry: Any,
+    student: Student,
+    teacher: Any,
+    aligner: Any,
+    *,
+    cache_dir: Path,
+    prompts: tuple[str, ...] = (),
+    objective: Any = None,
+):
     name = policy_name(config, registry)
     factory = registry.get("policies", name)
     context = PolicyContext(
-        student=student.model, student_tokenizer=student.tokenizer, teacher=teacher, aligner=aligner,
-        data=config.data, seed=config.run.seed, prompts=prompts, objective_name=config.objective.name,
-        cache_dir=str(cache_dir), objective=objective,
+        student=student.model,
+        student_tokenizer=student.tokenizer,
+        teacher=teacher,
+        aligner=aligner,
+        data=config.data,
+        seed=config.run.seed,
+        prompts=prompts,
+        objective_name=config.objective.name,
+        cache_dir=str(cache_dir),
+        objective=objective,
     )
     try:
         return factory(context, **plugin_options(config.policy, factory))
@@ -178,4 +218,3 @@ def build_policy(config: Config, registry: Any, student: Student, teacher: Any, 
 def policy_name(config: Config, registry: Any) -> str:
     """The configured policy, or the one that declares itself the default."""
     return config.policy.name or registry.default("policies")
-

@@ -129,7 +129,11 @@ class Trainer:
                 meter.add_host("perf/teacher_wait_s", time.perf_counter() - waited)
             pending = self._submit(window[i + 1]) if i + 1 < len(window) else None
             last = i + 1 == len(window)
-            with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast(), weighting(weights[i]) as weighing:
+            with (
+                contextlib.nullcontext() if last else acc.no_sync(model),
+                acc.autocast(),
+                weighting(weights[i]) as weighing,
+            ):
                 hidden = last_hidden_state(model, batch.student_input_ids, batch.student_attention_mask)
                 if self._ce_alone(batch):
                     terms = self.spec.ce_terms(batch, hidden)
@@ -215,14 +219,19 @@ class Trainer:
         acc = self.accelerator
         counts = [(b.num_student_tokens(), b.ce, b.kd) for b in window]
         local = torch.tensor(
-            [float(sum(n for n, _, _ in counts)), float(sum(n for n, ce, _ in counts if ce)), float(sum(n for n, _, kd in counts if kd))],
+            [
+                float(sum(n for n, _, _ in counts)),
+                float(sum(n for n, ce, _ in counts if ce)),
+                float(sum(n for n, _, kd in counts if kd)),
+            ],
             device=acc.device,
         )
         total, ce_total, kd_total = (acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local).tolist()
         denominator = max(total, 1.0) / acc.num_processes
         return [
             LossWeights.for_batch(
-                kd_rate=self.spec.kd_rate, denominator=denominator,
+                kd_rate=self.spec.kd_rate,
+                denominator=denominator,
                 ce_scale=total / ce_total if batch.ce and ce_total else 0.0,
                 kd_scale=total / kd_total if batch.kd and kd_total else 0.0,
             )
@@ -249,7 +258,9 @@ class Trainer:
                 # Take the next step's data now and, when the policy's batches do not depend on the student and
                 # the teacher answers asynchronously, start its teacher call: a remote teacher then computes step
                 # k+1's signal while the student trains on step k.
-                upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step + 1 < total else []
+                upcoming = (
+                    [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step + 1 < total else []
+                )
                 if upcoming and self._can_prefetch:
                     self._prefetched[id(upcoming[0])] = self._submit(upcoming[0])
                 try:
@@ -260,9 +271,12 @@ class Trainer:
                 if step % self.spec.log_every == 0 or step == total:
                     now = time.perf_counter()
                     metrics = meter.interval(
-                        self.accelerator, self.spec.log_every if step % self.spec.log_every == 0 else step % self.spec.log_every,
-                        lr=self.scheduler.get_last_lr()[0], tokens=self.state.tokens - last_log_tokens,
-                        seconds=now - last_log_time, teacher=self.spec.teacher,
+                        self.accelerator,
+                        self.spec.log_every if step % self.spec.log_every == 0 else step % self.spec.log_every,
+                        lr=self.scheduler.get_last_lr()[0],
+                        tokens=self.state.tokens - last_log_tokens,
+                        seconds=now - last_log_time,
+                        teacher=self.spec.teacher,
                     )
                     last_log_time, last_log_tokens = now, self.state.tokens
                     self.metrics.append({"stage": self.spec.name, "step": step, **metrics, **self.spec.data_metrics})
@@ -270,12 +284,18 @@ class Trainer:
                     progress.update(step, metrics)
                 by_steps = bool(self.train_cfg.save_every) and step % self.train_cfg.save_every == 0
                 # Not during a run of skipped steps: their checkpoints would rotate out the last good step's.
-                if step < total and not self.bad_steps and (by_steps or (step % self.spec.log_every == 0 and self.checkpoints.due())):
+                if (
+                    step < total
+                    and not self.bad_steps
+                    and (by_steps or (step % self.spec.log_every == 0 and self.checkpoints.due()))
+                ):
                     self.checkpoints.save()
                 if stop.is_set() and step < total:
                     if self.checkpoints.saved_step != step:
                         self.checkpoints.save()
-                    self.console.warn(f"{self.spec.name}: stopped at step {step}, checkpointed in {self.checkpoints.root}; continue with --resume")
+                    self.console.warn(
+                        f"{self.spec.name}: stopped at step {step}, checkpointed in {self.checkpoints.root}; continue with --resume"
+                    )
                     raise KeyboardInterrupt
         if self.checkpoints.saved_step != self.state.step:  # a resumed, already finished stage is not written again
             self.checkpoints.save()

@@ -86,7 +86,9 @@ class Job:
                     f"run.output_dir {self.run_dir} holds a finished run, which is never changed, and this config differs from "
                     f"it in {_listed(changed)}; run it in another directory (--set run.output_dir=...)"
                 )
-            self.console.print(f"{self.run_dir} holds this run, finished; nothing to do (its results are in {self.run_dir / 'results.json'})")
+            self.console.print(
+                f"{self.run_dir} holds this run, finished; nothing to do (its results are in {self.run_dir / 'results.json'})"
+            )
             return False
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -112,8 +114,10 @@ class Job:
             if results.exists() and config.exists():
                 return {"config": json.loads(config.read_text()), "job_dir": ""}
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise DskdError(f"{marker if marker.exists() else config} cannot be read ({error}); the run directory is damaged, "
-                            f"run in another directory (--set run.output_dir=...)") from None
+            raise DskdError(
+                f"{marker if marker.exists() else config} cannot be read ({error}); the run directory is damaged, "
+                f"run in another directory (--set run.output_dir=...)"
+            ) from None
         return None
 
     # -- data ------------------------------------------------------------------------------------------------------
@@ -124,16 +128,31 @@ class Job:
         examples = self.examples(split) if examples is None else examples
         # Tokenise (and align) once on the main process; the others then read the cache it wrote.
         with self.accelerator.main_process_first():
-            return tokenize_split(examples, student_tokenizer, teacher_tokenizer, self.config.data, aligner=aligner,
-                                  cache_dir=self.cache_dir, num_workers=self.config.data.num_workers, split=split)
+            return tokenize_split(
+                examples,
+                student_tokenizer,
+                teacher_tokenizer,
+                self.config.data,
+                aligner=aligner,
+                cache_dir=self.cache_dir,
+                num_workers=self.config.data.num_workers,
+                split=split,
+            )
 
     def batches(self, dataset, batch_size: int, student_pad: int, teacher_pad: int, *, shuffle: bool = True):
         acc = self.accelerator
         collate_fn = functools.partial(collate, student_pad_id=student_pad, teacher_pad_id=teacher_pad)
 
         def make(consumed: int):
-            sampler = ResumableBatchSampler(len(dataset), batch_size, seed=self.config.run.seed, shuffle=shuffle,
-                                            rank=acc.process_index, world_size=acc.num_processes, start_batch=consumed)
+            sampler = ResumableBatchSampler(
+                len(dataset),
+                batch_size,
+                seed=self.config.run.seed,
+                shuffle=shuffle,
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+                start_batch=consumed,
+            )
             return iter(make_loader(dataset, sampler, collate_fn, self.config.data.num_workers))
 
         return make
@@ -151,18 +170,37 @@ class Job:
         sft_cfg = dataclasses.replace(cfg.teacher, dtype="float32") if cfg.teacher.dtype == "auto" else cfg.teacher
         model = load_model(sft_cfg, "teacher", seed=cfg.run.seed + 1).to(self.device)
         teacher_as_student = Student(model, tokenizer)
-        objective, ce_terms = build_objective(cfg, self.registry, teacher_as_student, None, None,
-                                              name=self.registry.default("objectives", "teacher_sft"))
+        objective, ce_terms = build_objective(
+            cfg, self.registry, teacher_as_student, None, None, name=self.registry.default("objectives", "teacher_sft")
+        )
         dataset = self.tokenized("train", tokenizer, None)
         sft = cfg.teacher_sft
-        train = dataclasses.replace(cfg.train, max_steps=sft.steps, lr=sft.lr, batch_size=sft.batch_size,
-                                    warmup_steps=sft.warmup_steps, grad_accum=1)
+        train = dataclasses.replace(
+            cfg.train,
+            max_steps=sft.steps,
+            lr=sft.lr,
+            batch_size=sft.batch_size,
+            warmup_steps=sft.warmup_steps,
+            grad_accum=1,
+        )
         policy = self.registry.get("policies", self.registry.default("policies"))(None)
-        spec = StageSpec("teacher_sft", model, objective, policy, None,
-                         self.batches(dataset, sft.batch_size, tokenizer.pad_token_id, tokenizer.pad_token_id),
-                         train, self.run_dir, cfg.run.log_every, {"tokenizer": tokenizer_fingerprint(tokenizer)},
-                         kd_rate=0.0, ce_terms=ce_terms)
-        trained = Trainer.for_stage(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
+        spec = StageSpec(
+            "teacher_sft",
+            model,
+            objective,
+            policy,
+            None,
+            self.batches(dataset, sft.batch_size, tokenizer.pad_token_id, tokenizer.pad_token_id),
+            train,
+            self.run_dir,
+            cfg.run.log_every,
+            {"tokenizer": tokenizer_fingerprint(tokenizer)},
+            kd_rate=0.0,
+            ce_terms=ce_terms,
+        )
+        trained = Trainer.for_stage(spec, self.accelerator, self.console).run(
+            resume=self.resume, force=self.force_resume
+        )
         require_finite(trained, None, f"fine-tuned teacher in {target}")
         if self.accelerator.is_main_process:
             save_pretrained_atomic(trained, tokenizer, target)
@@ -172,17 +210,31 @@ class Job:
     def distill(self, teacher_path: Path | None) -> Path:
         cfg = self.config
         student = build_student(cfg, self.device)
-        teacher = build_teacher(cfg, self.device, model_path=str(teacher_path) if teacher_path else None, cache_dir=self.cache_dir)
+        teacher = build_teacher(
+            cfg, self.device, model_path=str(teacher_path) if teacher_path else None, cache_dir=self.cache_dir
+        )
         same_vocab = same_vocabulary(teacher.tokenizer, student.tokenizer)
-        aligner = build_aligner(cfg, self.registry, teacher.tokenizer, student.tokenizer, same_vocab, objective=cfg.objective.name)
+        aligner = build_aligner(
+            cfg, self.registry, teacher.tokenizer, student.tokenizer, same_vocab, objective=cfg.objective.name
+        )
         objective, ce_terms = build_objective(cfg, self.registry, student, teacher, aligner)
         description = member(objective, Objective, "describe")()
         if description:
             self.console.print(f"distill: {cfg.objective.name}: {description}")
         examples = self.examples("train")
-        policy = build_policy(cfg, self.registry, student, teacher, aligner, cache_dir=self.cache_dir,
-                              prompts=tuple(e.prompt for e in examples), objective=objective)
-        dataset = self.tokenized("train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples)
+        policy = build_policy(
+            cfg,
+            self.registry,
+            student,
+            teacher,
+            aligner,
+            cache_dir=self.cache_dir,
+            prompts=tuple(e.prompt for e in examples),
+            objective=objective,
+        )
+        dataset = self.tokenized(
+            "train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples
+        )
         mismatches = sum(dataset["text_differs"]) if "text_differs" in dataset.column_names else 0
         if mismatches:
             self.console.warn(
@@ -196,17 +248,31 @@ class Job:
             f"teacher dtype {teacher_dtype(teacher)}"
         )
         spec = StageSpec(
-            "distill", student.model, objective, policy, teacher,
+            "distill",
+            student.model,
+            objective,
+            policy,
+            teacher,
             self.batches(dataset, cfg.train.batch_size, student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id),
-            cfg.train, self.run_dir, cfg.run.log_every,
-            {"teacher": teacher.fingerprint, "student_tokenizer": tokenizer_fingerprint(student.tokenizer),
-             "teacher_tokenizer": tokenizer_fingerprint(teacher.tokenizer)},
-            kd_rate=cfg.objective.kd_rate if distils(self.registry, cfg.objective.name) else 0.0, ce_terms=ce_terms,
+            cfg.train,
+            self.run_dir,
+            cfg.run.log_every,
+            {
+                "teacher": teacher.fingerprint,
+                "student_tokenizer": tokenizer_fingerprint(student.tokenizer),
+                "teacher_tokenizer": tokenizer_fingerprint(teacher.tokenizer),
+            },
+            kd_rate=cfg.objective.kd_rate if distils(self.registry, cfg.objective.name) else 0.0,
+            ce_terms=ce_terms,
             data_metrics={"data/normalisation_mismatches": float(mismatches)} if not same_vocab else {},
         )
-        trained = Trainer.for_stage(spec, self.accelerator, self.console).run(resume=self.resume, force=self.force_resume)
+        trained = Trainer.for_stage(spec, self.accelerator, self.console).run(
+            resume=self.resume, force=self.force_resume
+        )
         final = self.run_dir / "final"
-        require_finite(trained, None, f"distilled student in {final}")  # no final/ (and so no results.json) of NaN weights
+        require_finite(
+            trained, None, f"distilled student in {final}"
+        )  # no final/ (and so no results.json) of NaN weights
         if self.accelerator.is_main_process:
             save_pretrained_atomic(trained, student.tokenizer, final)
         self.accelerator.wait_for_everyone()
@@ -253,7 +319,9 @@ def run_job(config: Config, *, registry: Any, resume: bool = False, force_resume
     return Job(config, registry, resume=resume, force_resume=force_resume).run()
 
 
-def evaluate_model(config: Config, model_dir: str, *, teacher_dir: str | None = None, registry: Any = None) -> dict[str, Any]:
+def evaluate_model(
+    config: Config, model_dir: str, *, teacher_dir: str | None = None, registry: Any = None
+) -> dict[str, Any]:
     """`dskd eval`: generation metrics of a saved model on the configured evaluation split and, with a teacher
     (`teacher_dir`, or a pretrained or remote teacher in the config), its top-1 agreement with that teacher and
     per-token KL to it on held-out text."""
@@ -264,7 +332,10 @@ def evaluate_model(config: Config, model_dir: str, *, teacher_dir: str | None = 
     metrics = generation_metrics(config, model, tokenizer)
     if teacher_dir or config.teacher.model or config.teacher.address:
         if teacher_dir:
-            config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, model=teacher_dir, tokenizer="", config="", address=()))
+            config = dataclasses.replace(
+                config,
+                teacher=dataclasses.replace(config.teacher, model=teacher_dir, tokenizer="", config="", address=()),
+            )
         job = Job(config, registry)
         metrics.update(student_agreement(job, model.to(job.device), tokenizer))
     return metrics
@@ -279,16 +350,18 @@ def _changed_keys(finished: dict[str, Any], new: dict[str, Any], job_dir: str) -
         table = json.loads(json.dumps(table))
         out = {}
         for name, values in table.items():
-            for key, value in (values.items() if isinstance(values, dict) else ()):
+            for key, value in values.items() if isinstance(values, dict) else ():
                 if base and isinstance(value, str) and value.startswith(base + os.sep):
-                    value = "<job folder>" + value[len(base):]
+                    value = "<job folder>" + value[len(base) :]
                 out[f"{name}.{key}"] = value
         return out
 
     before, after = flat(finished["config"], finished["job_dir"]), flat(new, job_dir)
     # Values changed first, then keys only one side has (a config written by another dskd version).
-    keys = sorted((k for k in before.keys() | after.keys() if k != "run.output_dir" and before.get(k) != after.get(k)),
-                  key=lambda k: (not (k in before and k in after), k))
+    keys = sorted(
+        (k for k in before.keys() | after.keys() if k != "run.output_dir" and before.get(k) != after.get(k)),
+        key=lambda k: (not (k in before and k in after), k),
+    )
     return [f"{k} ({before[k]!r} -> {after[k]!r})" if k in before and k in after else k for k in keys]
 
 

@@ -65,7 +65,11 @@ def requested_cpu_processes(env: dict[str, str] | None = None, parent_argv: list
     if not (asked_for_cpu and "MASTER_ADDR" in env and launched_world_size(env) == 1):
         return 1
     argv = _parent_argv() if parent_argv is None else parent_argv
-    marks = [i for i, a in enumerate(argv) if a in ("launch", "accelerate.commands.launch") or a.endswith("accelerate-launch")]
+    marks = [
+        i
+        for i, a in enumerate(argv)
+        if a in ("launch", "accelerate.commands.launch") or a.endswith("accelerate-launch")
+    ]
     if not marks:
         return 0
     try:
@@ -106,8 +110,16 @@ def spawn_processes(count: int, argv: list[str]) -> int:
     base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     children = []
     for rank in range(count):
-        env = {**base, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(count), "LOCAL_WORLD_SIZE": str(count), "GROUP_RANK": "0"}
+        env = {
+            **base,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(count),
+            "LOCAL_WORLD_SIZE": str(count),
+            "GROUP_RANK": "0",
+        }
         children.append(subprocess.Popen([sys.executable, "-m", "dskd", *argv], env=env))
 
     def forward(signum, _frame):
@@ -171,10 +183,12 @@ def average_gradients(accelerator, params: list) -> None:
     """
     if accelerator.num_processes == 1 or not params:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-                     + [torch.tensor([float(p.grad is not None) for p in params], device=accelerator.device)])
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+        + [torch.tensor([float(p.grad is not None) for p in params], device=accelerator.device)]
+    )
     flat = accelerator.reduce(flat, reduction="sum")
-    present = flat[-len(params):].tolist()
+    present = flat[-len(params) :].tolist()
     offset = 0
     for param, seen in zip(params, present):
         n = param.numel()

@@ -74,7 +74,9 @@ class Meter:
         self.__init__()
         return out
 
-    def interval(self, accelerator, steps: int, *, lr: float, tokens: int, seconds: float, teacher: Any) -> dict[str, float]:
+    def interval(
+        self, accelerator, steps: int, *, lr: float, tokens: int, seconds: float, teacher: Any
+    ) -> dict[str, float]:
         """The log record of an interval of `steps` steps: the reduced means, the align ratio, the learning rate,
         tokens/s over all processes, the share of time spent waiting for the teacher, and the teacher's counters
         (e.g. a remote teacher's calls and retries, as this process's client saw them)."""

@@ -47,7 +47,9 @@ def param_groups(model: torch.nn.Module, extra: torch.nn.Module | None, train: T
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, projectors: torch.nn.Module | None, train: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, projectors: torch.nn.Module | None, train: TrainConfig
+) -> torch.optim.Optimizer:
     """AdamW over the student and the objective's projectors (`param_groups`)."""
     return torch.optim.AdamW(param_groups(model, projectors, train), betas=(0.9, 0.999), eps=1e-8)
 

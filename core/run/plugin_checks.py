@@ -108,8 +108,10 @@ def check_pairs(pairs: Any, n_teacher: int, n_student: int, label: str) -> None:
     """Raise a `PluginError` naming `label` unless `pairs` is an integer `(K, 2)` array of (teacher position,
     student position) rows, each column strictly increasing, inside the two sequences."""
     where = f"for {n_teacher} teacher and {n_student} student tokens"
-    contract = ("an aligner returns an Alignment whose pairs are integer (teacher_position, student_position) rows, "
-                "both columns strictly increasing, inside the two sequences")
+    contract = (
+        "an aligner returns an Alignment whose pairs are integer (teacher_position, student_position) rows, "
+        "both columns strictly increasing, inside the two sequences"
+    )
     if pairs is None:
         raise PluginError(f"{label} returned no `pairs` {where}; {contract}")
     array = pairs.detach().cpu().numpy() if isinstance(pairs, torch.Tensor) else np.asarray(pairs)

@@ -184,9 +184,7 @@ def eta(teacher_tokenizer, student_tokenizer, *, keep_spaces: bool = False) -> E
     longer pair. The default trims the spaces at the edges of spans, as the reference removes its
     space markers, and still pairs identical tokens made of spaces only (`▁` with `▁`).
     """
-    return ExactTokenAligner(
-        vocab_bytes(teacher_tokenizer), vocab_bytes(student_tokenizer), keep_spaces=keep_spaces
-    )
+    return ExactTokenAligner(vocab_bytes(teacher_tokenizer), vocab_bytes(student_tokenizer), keep_spaces=keep_spaces)
 
 
 eta.default = True  # the aligner across vocabularies when a job names none

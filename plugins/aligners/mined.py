@@ -67,9 +67,7 @@ def cached_map(teacher_tokenizer, student_tokenizer, cache_dir: str, build) -> n
 class MinEditAligner(Aligner):
     """DTW on edit distances between token strings, filtered by the vocabulary map (module doc)."""
 
-    def __init__(
-        self, teacher_strings: list[str], student_strings: list[str], mapping: np.ndarray
-    ) -> None:
+    def __init__(self, teacher_strings: list[str], student_strings: list[str], mapping: np.ndarray) -> None:
         self.teacher_strings = teacher_strings  # raw pieces without the space marker, by id
         self.student_strings = student_strings
         self.mapping = mapping
@@ -105,9 +103,7 @@ def _pieces(tokenizer, size: int) -> list[str]:
     return [p or "" for p in tokenizer.convert_ids_to_tokens(list(range(size)))]
 
 
-def mined(
-    teacher_tokenizer, student_tokenizer, *, cache_dir: str = "~/.cache/dskd"
-) -> MinEditAligner:
+def mined(teacher_tokenizer, student_tokenizer, *, cache_dir: str = "~/.cache/dskd") -> MinEditAligner:
     """MinED alignment; the vocabulary map is cached in `cache_dir` per tokenizer pair."""
     teacher, student = vocab_bytes(teacher_tokenizer), vocab_bytes(student_tokenizer)
     t_pieces = _pieces(teacher_tokenizer, teacher.size)

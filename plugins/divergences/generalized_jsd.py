@@ -30,9 +30,7 @@ def generalized_jsd(
 ) -> torch.Tensor:
     """Generalised JSD per row; see the module docstring."""
     check_unit_interval(beta, "beta", "generalized_jsd")
-    pair = paired_logprobs(
-        student_logits, teacher_logits, temperature=temperature, divergence="generalized_jsd"
-    )
+    pair = paired_logprobs(student_logits, teacher_logits, temperature=temperature, divergence="generalized_jsd")
     student, teacher = pair.safe()
     if beta == 0:
         return pair.masked_sum(kl_terms(teacher, student))

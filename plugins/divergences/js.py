@@ -21,9 +21,7 @@ import dskd
 from dskd.kit import kl_terms, log_mixture, paired_logprobs
 
 
-def js(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0
-) -> torch.Tensor:
+def js(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """Jensen-Shannon divergence per row; see the module docstring."""
     pair = paired_logprobs(student_logits, teacher_logits, temperature=temperature, divergence="js")
     student, teacher = pair.safe()

@@ -29,9 +29,7 @@ def skew_forward_kl(
 ) -> torch.Tensor:
     """Skew forward KL per row; see the module docstring."""
     check_unit_interval(lam, "lam", "skew_forward_kl")
-    pair = paired_logprobs(
-        student_logits, teacher_logits, temperature=temperature, divergence="skew_forward_kl"
-    )
+    pair = paired_logprobs(student_logits, teacher_logits, temperature=temperature, divergence="skew_forward_kl")
     student, teacher = pair.safe()
     return pair.masked_sum(kl_terms(teacher, log_mixture(teacher, student, lam)))
 

@@ -28,9 +28,7 @@ def skew_reverse_kl(
 ) -> torch.Tensor:
     """Skew reverse KL per row; see the module docstring."""
     check_unit_interval(lam, "lam", "skew_reverse_kl")
-    pair = paired_logprobs(
-        student_logits, teacher_logits, temperature=temperature, divergence="skew_reverse_kl"
-    )
+    pair = paired_logprobs(student_logits, teacher_logits, temperature=temperature, divergence="skew_reverse_kl")
     student, teacher = pair.safe()
     return pair.masked_sum(kl_terms(student, log_mixture(student, teacher, lam)))
 

@@ -19,9 +19,7 @@ import dskd
 from dskd.kit import paired_logprobs
 
 
-def tvd(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0
-) -> torch.Tensor:
+def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """Total variation distance per row; see the module docstring."""
     pair = paired_logprobs(student_logits, teacher_logits, temperature=temperature, divergence="tvd")
     student, teacher = pair.safe()

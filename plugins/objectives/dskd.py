@@ -45,12 +45,26 @@ class DSKD(Objective):
         return self.projectors
 
     def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
-        rows = paired_rows(batch, student_hidden, signal, same_vocab=True, teacher_hidden_size=self.teacher_head.hidden_size, name="dskd")
+        rows = paired_rows(
+            batch,
+            student_hidden,
+            signal,
+            same_vocab=True,
+            teacher_hidden_size=self.teacher_head.hidden_size,
+            name="dskd",
+        )
         p = self.projectors
         return dual_space_terms(
-            self.spec, rows, student_head=self.student_head, teacher_head=self.teacher_head,
-            t2s={"weight": p.t2s.weight, "bias": p.t2s.bias}, s2t={"weight": p.s2t.weight, "bias": p.s2t.bias},
-            vocab_map=None, divergence=self.divergence, temperature=self.temperature, chunk_size=self.chunk_size,
+            self.spec,
+            rows,
+            student_head=self.student_head,
+            teacher_head=self.teacher_head,
+            t2s={"weight": p.t2s.weight, "bias": p.t2s.bias},
+            s2t={"weight": p.s2t.weight, "bias": p.s2t.bias},
+            vocab_map=None,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
         )
 
 

@@ -91,7 +91,9 @@ class DSKDCMA(Objective):
         cross = bool(h_t.shape[0] and h_s.shape[0])
         if cross:
             student_rows["h_t2s"], student_rows["valid"], h_s2t, t_valid = self._attend(batch, h_s, h_t)
-        parts, metrics = chunked_parts(self._student_chunk(), student_rows, self.student_head.tensors(), chunk_size=self.chunk_size)
+        parts, metrics = chunked_parts(
+            self._student_chunk(), student_rows, self.student_head.tensors(), chunk_size=self.chunk_size
+        )
         counts = {"ce": torch.tensor(float(h_s.shape[0]), device=h_s.device)}
         if cross:
             teacher_rows = {"h_s2t": h_s2t, "h_t": h_t, "valid": t_valid}
@@ -145,7 +147,9 @@ class DSKDCMA(Objective):
             projector_ce = (F.cross_entropy(z_t2s, r["labels"], reduction="none") * r["valid"]).sum()
             agree = (z_t2s.argmax(-1) == r["labels"]) & r["valid"]
             kd = (divergence(z_s, z_t2s.detach(), temperature=tau) * agree).sum()
-            return {"ce": ce, "projector_ce": projector_ce, "kd_student_space": kd}, {"t2s_agreement": agree.sum().float()}
+            return {"ce": ce, "projector_ce": projector_ce, "kd_student_space": kd}, {
+                "t2s_agreement": agree.sum().float()
+            }
 
         return chunk
 
@@ -154,8 +158,7 @@ class DSKDCMA(Objective):
 
         def chunk(r: dict, shared: dict):
             kd = (
-                divergence(teacher_head.logits(r["h_s2t"]), teacher_head.logits(r["h_t"]), temperature=tau)
-                * r["valid"]
+                divergence(teacher_head.logits(r["h_s2t"]), teacher_head.logits(r["h_t"]), temperature=tau) * r["valid"]
             ).sum()
             return {"kd_teacher_space": kd}, {}
 
@@ -166,13 +169,9 @@ def dskd_cma(context: ObjectiveContext) -> DSKDCMA:
     """DSKD with cross-model attention (see the module docstring); no options."""
     teacher = context.teacher
     if teacher is None:
-        raise PluginError(
-            "objective dskd_cma needs a teacher; set teacher.model, teacher.config or teacher.address"
-        )
+        raise PluginError("objective dskd_cma needs a teacher; set teacher.model, teacher.config or teacher.address")
     if "hidden_states" not in teacher.capabilities:
-        raise PluginError(
-            "objective dskd_cma needs the teacher's hidden states, which this teacher cannot send"
-        )
+        raise PluginError("objective dskd_cma needs the teacher's hidden states, which this teacher cannot send")
     teacher_embeddings = member(teacher, Teacher, "embeddings")
     if teacher_embeddings is None:
         raise ModelError(

@@ -54,7 +54,15 @@ class Projectors(torch.nn.Module):
 class DSKDv2(Objective):
     request = SignalRequest(hidden_states=True)
 
-    def __init__(self, context: ObjectiveContext, *, init_projector: bool, gate_student_kd: bool, terms: str, shared_vocab_limit: int) -> None:
+    def __init__(
+        self,
+        context: ObjectiveContext,
+        *,
+        init_projector: bool,
+        gate_student_kd: bool,
+        terms: str,
+        shared_vocab_limit: int,
+    ) -> None:
         teacher = context.teacher
         self.student_head = context.student_head
         self.teacher_head = teacher.head
@@ -68,10 +76,17 @@ class DSKDv2(Objective):
         self.spec = DualSpaceSpec("teacher_top1", gate_student_kd, student_space, teacher_space)
         # The teacher's own tokens (not byte-fallback pieces) are preferred where several have a student token's bytes.
         own = None if context.same_vocab else torch.from_numpy(~vocab_bytes(context.teacher_tokenizer).byte_piece)
-        self.shared = shared_vocabulary(self.teacher_head.vocab_size, self.student_head.vocab_size, self.vocab_map,
-                                        limit=shared_vocab_limit, own=own)
+        self.shared = shared_vocabulary(
+            self.teacher_head.vocab_size,
+            self.student_head.vocab_size,
+            self.vocab_map,
+            limit=shared_vocab_limit,
+            own=own,
+        )
         self.student_ids = self.shared.student_ids.to(device)
-        teacher_rows = self.teacher_head.weight.detach().index_select(0, self.shared.teacher_ids.to(self.teacher_head.weight.device))
+        teacher_rows = self.teacher_head.weight.detach().index_select(
+            0, self.shared.teacher_ids.to(self.teacher_head.weight.device)
+        )
         self.projectors = Projectors(self.teacher_head.hidden_size, self.student_head.hidden_size).to(device)
         # Tokenizers with nothing in common: no least-squares init and a zero s2t map; every teacher top-1 then
         # maps to -1, so the KD terms carry no tokens and the step trains the CE alone (metrics show
@@ -80,7 +95,9 @@ class DSKDv2(Objective):
             with torch.no_grad():
                 y = least_squares_map(self._student_rows().T, teacher_rows.to(device).float().T)  # (d_t, d_s)
                 self.projectors.t2s.weight.copy_(y.T)
-        self.pinv_teacher = right_inverse_factor(teacher_rows.to(device).float().T) if len(self.shared) else None  # (V', d_t)
+        self.pinv_teacher = (
+            right_inverse_factor(teacher_rows.to(device).float().T) if len(self.shared) else None
+        )  # (V', d_t)
         self.on_optimizer_step()
 
     def _student_rows(self) -> torch.Tensor:
@@ -93,7 +110,9 @@ class DSKDv2(Objective):
         # A = sg(S') pinv(T'): (d_s, V') @ (V', d_t); stored as a linear weight (d_t, d_s).
         with torch.no_grad():
             if self.pinv_teacher is None:
-                self.s2t_weight = torch.zeros(self.teacher_head.hidden_size, self.student_head.hidden_size, device=self.student_ids.device)
+                self.s2t_weight = torch.zeros(
+                    self.teacher_head.hidden_size, self.student_head.hidden_size, device=self.student_ids.device
+                )
             else:
                 self.s2t_weight = (self._student_rows().T @ self.pinv_teacher).T.contiguous()
 
@@ -101,16 +120,36 @@ class DSKDv2(Objective):
         return f"shared vocabulary {len(self.shared)} tokens (least-squares init and s2t map)"
 
     def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
-        rows = paired_rows(batch, student_hidden, signal, same_vocab=self.same_vocab,
-                           teacher_hidden_size=self.teacher_head.hidden_size, name="dskd_v2")
+        rows = paired_rows(
+            batch,
+            student_hidden,
+            signal,
+            same_vocab=self.same_vocab,
+            teacher_hidden_size=self.teacher_head.hidden_size,
+            name="dskd_v2",
+        )
         return dual_space_terms(
-            self.spec, rows, student_head=self.student_head, teacher_head=self.teacher_head,
-            t2s={"weight": self.projectors.t2s.weight}, s2t={"weight": self.s2t_weight}, vocab_map=self.vocab_map,
-            divergence=self.divergence, temperature=self.temperature, chunk_size=self.chunk_size,
+            self.spec,
+            rows,
+            student_head=self.student_head,
+            teacher_head=self.teacher_head,
+            t2s={"weight": self.projectors.t2s.weight},
+            s2t={"weight": self.s2t_weight},
+            vocab_map=self.vocab_map,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
         )
 
 
-def dskd_v2(context: ObjectiveContext, *, init_projector: bool = True, gate_student_kd: bool = True, terms: str = "both", shared_vocab_limit: int = 0) -> DSKDv2:
+def dskd_v2(
+    context: ObjectiveContext,
+    *,
+    init_projector: bool = True,
+    gate_student_kd: bool = True,
+    terms: str = "both",
+    shared_vocab_limit: int = 0,
+) -> DSKDv2:
     """Options: `init_projector` (least-squares init of t2s), `gate_student_kd` (agreement gate),
     `terms` ("both", "student" or "teacher" space only), `shared_vocab_limit` (first k shared ids; 0 = all)."""
     if context.teacher is None:
@@ -118,15 +157,21 @@ def dskd_v2(context: ObjectiveContext, *, init_projector: bool = True, gate_stud
     if "hidden_states" not in context.teacher.capabilities:
         raise PluginError("objective dskd_v2 needs the teacher's hidden states, which this teacher cannot send")
     if terms not in TERMS:
-        raise PluginError(f'objective.terms must be one of {", ".join(TERMS)}, got {terms!r}')
+        raise PluginError(f"objective.terms must be one of {', '.join(TERMS)}, got {terms!r}")
     if shared_vocab_limit < 0:
         raise PluginError(f"objective.shared_vocab_limit must be >= 0, got {shared_vocab_limit}")
     if not context.same_vocab and (context.aligner is None or member(context.aligner, Aligner, "vocab_map")() is None):
         raise ModelError(
             "objective dskd_v2 with different vocabularies needs an aligner with a teacher->student vocabulary map; "
-            "set aligner.name = \"eta\""
+            'set aligner.name = "eta"'
         )
-    return DSKDv2(context, init_projector=init_projector, gate_student_kd=gate_student_kd, terms=terms, shared_vocab_limit=shared_vocab_limit)
+    return DSKDv2(
+        context,
+        init_projector=init_projector,
+        gate_student_kd=gate_student_kd,
+        terms=terms,
+        shared_vocab_limit=shared_vocab_limit,
+    )
 
 
 @dskd.hookimpl

@@ -103,7 +103,9 @@ def id_table(context: ObjectiveContext) -> np.ndarray:
         out[: min(teacher_size, values.size)] = values[:teacher_size]
         return out
 
-    vocab_map = per_teacher_id(member(context.aligner, Aligner, "vocab_map")().detach().cpu().numpy().astype(np.int64), -1)
+    vocab_map = per_teacher_id(
+        member(context.aligner, Aligner, "vocab_map")().detach().cpu().numpy().astype(np.int64), -1
+    )
     t_bytes, s_bytes = vocab_bytes(context.teacher_tokenizer), vocab_bytes(context.student_tokenizer)
     exact = per_teacher_id(exact_byte_map(t_bytes, s_bytes), -1)
     return student_to_teacher(vocab_map, student_size, exact, per_teacher_id(t_bytes.byte_piece, False))
@@ -124,9 +126,7 @@ class MinEDKD(Objective):
 
     def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
         h_t = teacher_hidden(signal, self.teacher_head.hidden_size, "mined_kd")
-        partners = row_partners(
-            batch, h_t.shape[0], same_vocab=self.same_vocab, name="mined_kd", aligner_hint="mined"
-        )
+        partners = row_partners(batch, h_t.shape[0], same_vocab=self.same_vocab, name="mined_kd", aligner_hint="mined")
         # Rows that carry KD: every student token (unpaired ones against their one-hot), or the paired ones.
         weight = partners.paired if self.skip_unaligned else torch.ones_like(partners.paired)
         rows = {
@@ -158,9 +158,7 @@ def mined_kd(context: ObjectiveContext, *, unaligned: str = "gold") -> MinEDKD:
     or "skip" (they carry only the CE)."""
     teacher = context.teacher
     if teacher is None:
-        raise PluginError(
-            "objective mined_kd needs a teacher; set teacher.model, teacher.config or teacher.address"
-        )
+        raise PluginError("objective mined_kd needs a teacher; set teacher.model, teacher.config or teacher.address")
     if "hidden_states" not in teacher.capabilities:
         raise PluginError(
             "objective mined_kd takes the teacher's logits from its hidden states and LM head, but this teacher "

@@ -48,9 +48,7 @@ def uld_distance(
     The zero padding of the shorter vocabulary is never materialised: past the shorter length the
     difference is the longer side's own sorted mass.
     """
-    dtype = torch.promote_types(
-        torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
-    )
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     p_s = torch.softmax(student_logits.to(dtype) / temperature, dim=-1).sort(dim=-1, descending=True).values
     p_t = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1).sort(dim=-1, descending=True).values
     common = min(p_s.shape[-1], p_t.shape[-1])
@@ -70,9 +68,7 @@ class ULD(Objective):
 
     def compute(self, batch: Batch, student_hidden: torch.Tensor, signal: TeacherSignal | None) -> LossTerms:
         h_t = teacher_hidden(signal, self.teacher_head.hidden_size, "uld")
-        partners = row_partners(
-            batch, h_t.shape[0], same_vocab=self.same_vocab, name="uld", aligner_hint="index"
-        )
+        partners = row_partners(batch, h_t.shape[0], same_vocab=self.same_vocab, name="uld", aligner_hint="index")
         rows = {
             "hidden": gather_rows(student_hidden, batch.student_rows),
             "labels": gather_labels(batch.student_labels, batch.student_rows),
@@ -86,9 +82,7 @@ class ULD(Objective):
             ce = F.cross_entropy(z_s, r["labels"], reduction="sum")
             # Unpaired rows (the longer response's tail) are computed and zeroed: a masked multiply keeps
             # every shape static, and with index alignment they are a handful of rows per sequence.
-            kd = (
-                uld_distance(z_s, teacher_head.logits(r["teacher_hidden"]), temperature=tau) * r["paired"]
-            ).sum()
+            kd = (uld_distance(z_s, teacher_head.logits(r["teacher_hidden"]), temperature=tau) * r["paired"]).sum()
             return {"ce": ce, "kd": kd}, {}
 
         parts, _ = chunked_parts(chunk, rows, head.tensors(), chunk_size=self.chunk_size)
@@ -102,9 +96,7 @@ class ULD(Objective):
 def uld(context: ObjectiveContext) -> ULD:
     """ULD over index-aligned response tokens (see the module docstring); no options."""
     if context.teacher is None:
-        raise PluginError(
-            "objective uld needs a teacher; set teacher.model, teacher.config or teacher.address"
-        )
+        raise PluginError("objective uld needs a teacher; set teacher.model, teacher.config or teacher.address")
     if "hidden_states" not in context.teacher.capabilities:
         raise PluginError(
             "objective uld takes the teacher's distribution from its hidden states and LM head, but this teacher "

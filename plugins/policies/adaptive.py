@@ -36,14 +36,34 @@ class Adaptive(StudentSampling):
         self.previous = state["previous"]
 
 
-def adaptive(context: PolicyContext, *, init_prob: float = 0.0, increase: float = 0.1, max_prob: float = 0.8,
-             buffer_size: int = 64, replay_prob: float = 0.5, temperature: float = 1.0, top_p: float = 1.0,
-             max_new_tokens: int = 64, ce_on_gold: bool = True) -> Adaptive:
+def adaptive(
+    context: PolicyContext,
+    *,
+    init_prob: float = 0.0,
+    increase: float = 0.1,
+    max_prob: float = 0.8,
+    buffer_size: int = 64,
+    replay_prob: float = 0.5,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    ce_on_gold: bool = True,
+) -> Adaptive:
     if not 0.0 <= max_prob <= 1.0 or increase < 0:
         raise dskd.PluginError(f"policy.max_prob must be in [0, 1] and increase >= 0, got {max_prob}, {increase}")
-    return Adaptive(context, increase=increase, max_prob=max_prob, lam=min(init_prob, max_prob), temperature=temperature,
-                    top_p=top_p, max_new_tokens=max_new_tokens, start_step=0, ce_on_gold=ce_on_gold,
-                    buffer_size=buffer_size, replay_prob=replay_prob)
+    return Adaptive(
+        context,
+        increase=increase,
+        max_prob=max_prob,
+        lam=min(init_prob, max_prob),
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        start_step=0,
+        ce_on_gold=ce_on_gold,
+        buffer_size=buffer_size,
+        replay_prob=replay_prob,
+    )
 
 
 @dskd.hookimpl

@@ -8,10 +8,26 @@ import dskd
 from dskd.kit import PolicyContext, StudentSampling
 
 
-def mixed(context: PolicyContext, *, lam: float = 0.5, temperature: float = 1.0, top_p: float = 1.0,
-          max_new_tokens: int = 64, start_step: int = 0, ce_on_gold: bool = True) -> StudentSampling:
-    return StudentSampling(context, "mixed", lam=lam, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, start_step=start_step, ce_on_gold=ce_on_gold)
+def mixed(
+    context: PolicyContext,
+    *,
+    lam: float = 0.5,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    start_step: int = 0,
+    ce_on_gold: bool = True,
+) -> StudentSampling:
+    return StudentSampling(
+        context,
+        "mixed",
+        lam=lam,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        start_step=start_step,
+        ce_on_gold=ce_on_gold,
+    )
 
 
 @dskd.hookimpl

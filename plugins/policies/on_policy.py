@@ -12,10 +12,25 @@ import dskd
 from dskd.kit import PolicyContext, StudentSampling
 
 
-def on_policy(context: PolicyContext, *, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
-              start_step: int = 0, ce_on_gold: bool = True) -> StudentSampling:
-    return StudentSampling(context, "on_policy", lam=1.0, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, start_step=start_step, ce_on_gold=ce_on_gold)
+def on_policy(
+    context: PolicyContext,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    start_step: int = 0,
+    ce_on_gold: bool = True,
+) -> StudentSampling:
+    return StudentSampling(
+        context,
+        "on_policy",
+        lam=1.0,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        start_step=start_step,
+        ce_on_gold=ce_on_gold,
+    )
 
 
 @dskd.hookimpl

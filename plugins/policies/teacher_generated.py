@@ -27,8 +27,15 @@ class TeacherGenerated(Policy):
         self.teacher = context.teacher
         self.teacher_bytes = vocab_bytes(self.teacher.tokenizer).table
         self.rollouts = Rollouts(context)
-        self.settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": context.seed}
-        key = hashlib.sha256(json.dumps([self.teacher.fingerprint, self.settings, CACHE_FORMAT], sort_keys=True).encode()).hexdigest()[:20]
+        self.settings = {
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_new_tokens": max_new_tokens,
+            "seed": context.seed,
+        }
+        key = hashlib.sha256(
+            json.dumps([self.teacher.fingerprint, self.settings, CACHE_FORMAT], sort_keys=True).encode()
+        ).hexdigest()[:20]
         self.path = Path(context.cache_dir or ".") / f"teacher-samples-{key}.jsonl"
         self.cache: dict[int, tuple[str, bool]] = {}  # sample id -> (text, the teacher ended it with EOS)
         if self.path.exists():
@@ -56,7 +63,9 @@ class TeacherGenerated(Policy):
         s = self.settings
         # One seed per generation call, derived from the first sample it serves: reproducible for a fixed order.
         seed = generation_seed(s["seed"], 0, int(batch.sample_ids[rows[0]]))
-        samples = self.teacher.generate(prompts, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"], seed=seed)
+        samples = self.teacher.generate(
+            prompts, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"], seed=seed
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
             for b, sample in zip(rows, samples):
@@ -66,16 +75,22 @@ class TeacherGenerated(Policy):
                 text = ids_text(self.teacher_bytes, sample[:-1] if ended else sample)
                 sample_id = int(batch.sample_ids[b])
                 self.cache[sample_id] = (text, ended)
-                handle.write(json.dumps({"sample_id": sample_id, "text": text, "ended": ended}, ensure_ascii=False) + "\n")
+                handle.write(
+                    json.dumps({"sample_id": sample_id, "text": text, "ended": ended}, ensure_ascii=False) + "\n"
+                )
 
     # No state_dict: the on-disk sample cache is the state.
 
 
-def teacher_generated(context: PolicyContext, *, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64) -> TeacherGenerated:
+def teacher_generated(
+    context: PolicyContext, *, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64
+) -> TeacherGenerated:
     if context.teacher is None:
         raise PluginError("policy teacher_generated needs a teacher to sample from; configure one")
     if "generate" not in context.teacher.capabilities:
-        raise PluginError("policy teacher_generated needs a teacher that can generate; this teacher server does not offer Generate")
+        raise PluginError(
+            "policy teacher_generated needs a teacher that can generate; this teacher server does not offer Generate"
+        )
     if not 0 < top_p <= 1 or temperature < 0 or max_new_tokens < 1:
         raise PluginError("policy teacher_generated: top_p must be in (0, 1], temperature >= 0, max_new_tokens >= 1")
     return TeacherGenerated(context, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)

@@ -116,8 +116,14 @@ def run_cli(name: str, case: dict, root: Path) -> Verdict:
     if case.get("pythonpath"):  # plugin packages laid out as folders with a .dist-info: found like installed ones
         env["PYTHONPATH"] = os.pathsep.join([str(where / p) for p in case["pythonpath"]] + [env.get("PYTHONPATH", "")])
     try:
-        done = subprocess.run([sys.executable, "-m", "dskd", *args], cwd=where, env=env, capture_output=True, text=True,
-                              timeout=CLI_TIMEOUT)
+        done = subprocess.run(
+            [sys.executable, "-m", "dskd", *args],
+            cwd=where,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+        )
     except subprocess.TimeoutExpired:
         return Verdict(name, "dskd " + shlex.join(args), "timeout", "", f"no answer in {CLI_TIMEOUT}s")
     status = f"exit {done.returncode}"
@@ -141,8 +147,13 @@ def run_server(name: str, case: dict, root: Path, model: Path, running) -> Verdi
     lines = [line for line in log.splitlines() if line.startswith("serve_teacher:")] or log.splitlines()
     line = first_line("\n".join(lines), "")
     status = f"exit {process.returncode}"
-    return Verdict(name, case.get("input", "serve_teacher.py " + shlex.join(args)), status, line,
-                   judge(case, status, f"exit {case['expect']['exit']}", line, log))
+    return Verdict(
+        name,
+        case.get("input", "serve_teacher.py " + shlex.join(args)),
+        status,
+        line,
+        judge(case, status, f"exit {case['expect']['exit']}", line, log),
+    )
 
 
 def grpc_payload(case: dict) -> bytes:
@@ -167,7 +178,11 @@ def grpc_payload(case: dict) -> bytes:
 
 def run_grpc(name: str, case: dict, address: str) -> Verdict:
     auth = case.get("auth", "token")
-    metadata = {"token": (("authorization", f"Bearer {TOKEN}"),), "none": None, "wrong": (("authorization", "Bearer wrong"),)}[auth]
+    metadata = {
+        "token": (("authorization", f"Bearer {TOKEN}"),),
+        "none": None,
+        "wrong": (("authorization", "Bearer wrong"),),
+    }[auth]
     payload = grpc_payload(case)
     method = case["method"]
     shown = case.get("input", f"{method} {case.get('request', '<raw bytes>')}")
@@ -180,7 +195,10 @@ def run_grpc(name: str, case: dict, address: str) -> Verdict:
                 answer = channel.unary_unary(METHOD + method)(payload, timeout=60, metadata=metadata)
                 if method == "Generate":
                     reply = pb.GenerateResponse.FromString(answer)
-                    status, line = "OK", f"{len(reply.tokens.lengths)} continuations, {sum(reply.tokens.lengths)} tokens"
+                    status, line = (
+                        "OK",
+                        f"{len(reply.tokens.lengths)} continuations, {sum(reply.tokens.lengths)} tokens",
+                    )
                 else:
                     status, line = "OK", f"{len(answer)} bytes"
         except grpc.RpcError as error:
@@ -193,7 +211,9 @@ def guarded(run, name: str, case: dict, *args) -> Verdict:
     try:
         return run(name, case, *args)
     except Exception as error:  # noqa: BLE001 - reported as that case's verdict and failed below
-        return Verdict(name, case.get("input", name), "runner error", f"{type(error).__name__}: {error}", "the runner failed")
+        return Verdict(
+            name, case.get("input", name), "runner error", f"{type(error).__name__}: {error}", "the runner failed"
+        )
 
 
 def test_every_hostile_input_gets_its_expected_answer(tmp_path_factory, hostile_table):
@@ -228,5 +248,9 @@ def test_every_hostile_input_gets_its_expected_answer(tmp_path_factory, hostile_
         if running is not None:
             assert stop_servers([running]) == [0]
     hostile_table.extend(verdicts[name].row() for name, _ in cases)
-    wrong = [f"{v.name}: {v.problem} (got {v.status}: {v.first_line!r})" for v in (verdicts[n] for n, _ in cases) if v.problem]
+    wrong = [
+        f"{v.name}: {v.problem} (got {v.status}: {v.first_line!r})"
+        for v in (verdicts[n] for n, _ in cases)
+        if v.problem
+    ]
     assert not wrong, "\n".join(wrong)
