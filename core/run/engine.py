@@ -28,14 +28,14 @@ from dskd.errors import DskdError, PluginError, TeacherError
 from dskd.kit.contracts import member
 from dskd.kit.lm_head import last_hidden_state
 from dskd.kit.policy import Policy
-from dskd.kit.weights import LossWeights, weighting
+from dskd.kit.weights import weighting
 from dskd.models.prefetch import SignalFetcher
 from dskd.run import checkpoint
 from dskd.run.checkpoint import StageCheckpoints
 from dskd.run.interrupts import stop_requests
 from dskd.run.launch import LaunchError, average_gradients
 from dskd.run.meter import Meter, MetricsFile
-from dskd.run.optim import build_optimizer, build_scheduler
+from dskd.run.optim import build_optimizer, build_scheduler, step_weights
 from dskd.types import Batch, LossTerms
 
 
@@ -118,7 +118,7 @@ class Trainer:
         for batch in window:
             if batch.kd and "policy" in batch.meta:  # once per data batch: a split step's CE batch is its twin
                 meter.add_local(f"policy/{batch.meta['policy']}", 1.0)
-        weights = self._weights(window)
+        weights = step_weights(window, self.spec.kd_rate, self.accelerator)
         pending = ahead if ahead is not None else self._submit(window[0])
         step_loss = torch.zeros((), device=acc.device)
         for i, batch in enumerate(window):
@@ -208,35 +208,6 @@ class Trainer:
                 )
             out.extend(prepared)
         return out
-
-    def _weights(self, window: list[Batch]) -> list[LossWeights]:
-        """Each micro-batch's weights of its CE and distillation parts: `1 - kd_rate` and `kd_rate` (spec §1.3)
-        over the step's loss denominator D (spec §0), with one collective for the global token counts.
-
-        Batches that train both parts share D. When a policy split the step into CE-only and KD-only batches,
-        each part is rescaled so that it is a mean over its own tokens across all processes.
-        """
-        acc = self.accelerator
-        counts = [(b.num_student_tokens(), b.ce, b.kd) for b in window]
-        local = torch.tensor(
-            [
-                float(sum(n for n, _, _ in counts)),
-                float(sum(n for n, ce, _ in counts if ce)),
-                float(sum(n for n, _, kd in counts if kd)),
-            ],
-            device=acc.device,
-        )
-        total, ce_total, kd_total = (acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local).tolist()
-        denominator = max(total, 1.0) / acc.num_processes
-        return [
-            LossWeights.for_batch(
-                kd_rate=self.spec.kd_rate,
-                denominator=denominator,
-                ce_scale=total / ce_total if batch.ce and ce_total else 0.0,
-                kd_scale=total / kd_total if batch.kd and kd_total else 0.0,
-            )
-            for batch in window
-        ]
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self, resume: bool = False, force: bool = False) -> torch.nn.Module:

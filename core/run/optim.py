@@ -1,5 +1,6 @@
 """The optimizer and learning-rate schedule of a training stage, built outside the trainer so a test (or a
-user) can hand `Trainer` any optimizer and drive `train_step` directly."""
+user) can hand `Trainer` any optimizer and drive `train_step` directly; and the weights of a step's
+micro-batches (spec §0), the one place where `kd_rate`, split-step scales and the token count meet."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Callable
 import torch
 
 from dskd.config import TrainConfig
+from dskd.kit.weights import LossWeights
+from dskd.types import Batch
 
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
@@ -58,3 +61,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> tor
     """Warm-up and decay (`lr_lambda`). The trainer steps it once per optimizer step: accelerate's prepared
     scheduler would step it once per process, which shortens the schedule under data parallelism."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+
+
+def step_weights(window: list[Batch], kd_rate: float, accelerator) -> list[LossWeights]:
+    """Each micro-batch's weights of its CE and distillation parts: `1 - kd_rate` and `kd_rate` (spec §1.3)
+    over the step's loss denominator D (spec §0), with one collective for the global token counts.
+
+    Batches that train both parts share D. When a policy split the step into CE-only and KD-only batches,
+    each part is rescaled so that it is a mean over its own tokens across all processes.
+    """
+    counts = [(b.num_student_tokens(), b.ce, b.kd) for b in window]
+    local = torch.tensor(
+        [
+            float(sum(n for n, _, _ in counts)),
+            float(sum(n for n, ce, _ in counts if ce)),
+            float(sum(n for n, _, kd in counts if kd)),
+        ],
+        device=accelerator.device,
+    )
+    summed = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    total, ce_total, kd_total = summed.tolist()
+    denominator = max(total, 1.0) / accelerator.num_processes
+    return [
+        LossWeights.for_batch(
+            kd_rate=kd_rate,
+            denominator=denominator,
+            ce_scale=total / ce_total if batch.ce and ce_total else 0.0,
+            kd_scale=total / kd_total if batch.kd and kd_total else 0.0,
+        )
+        for batch in window
+    ]
