@@ -217,7 +217,7 @@ class RemoteTeacher(Teacher):
 
     # -- start-up -----------------------------------------------------------------------------------------
 
-    def _handshake(self) -> pb.TeacherInfo:
+    def _ask_every_replica(self) -> tuple[dict[str, pb.TeacherInfo], dict[str, TeacherError]]:
         infos: dict[str, pb.TeacherInfo] = {}
         failures: dict[str, TeacherError] = {}
         for replica in self._replicas.replicas:
@@ -228,6 +228,26 @@ class RemoteTeacher(Teacher):
                     raise teacher_error(error, replica.address, "the handshake (GetInfo)") from None
                 failures[replica.address] = teacher_error(error, replica.address, "the handshake (GetInfo)")
                 replica.bench(self.bench_seconds)
+        return infos, failures
+
+    def _handshake(self) -> pb.TeacherInfo:
+        # A run is often started while its teacher servers still load their model: wait for one to answer, as a
+        # running job waits out an outage, for `retry_timeout_s` with a capped backoff and a line per wait.
+        started, pause = time.monotonic(), 0.2
+        infos, failures = self._ask_every_replica()
+        while not infos and (waited := time.monotonic() - started) < self.retry_timeout_s:
+            delay = min(pause, self.retry_timeout_s - waited)
+            log.warning(
+                "no teacher answers the handshake yet (%s); trying again in %.1f s (waited %.0f s; giving up after "
+                "retry_timeout_s = %.0f s)",
+                " | ".join(str(f) for f in failures.values()),
+                delay,
+                waited,
+                self.retry_timeout_s,
+            )
+            time.sleep(delay)
+            pause = min(pause * 2, RETRY_BACKOFF_MAX_S)
+            infos, failures = self._ask_every_replica()
         if not infos:
             raise (
                 failures[self.addresses[0]]

@@ -156,3 +156,40 @@ def test_an_outage_longer_than_retry_timeout_checkpoints_exits_2_naming_resume_a
         stop_servers([s for s in (server, restarted) if s is not None])
     assert _steps(run_dir / "metrics.jsonl") == list(range(1, STEPS + 1))
     assert (run_dir / "final" / "config.json").exists()
+
+
+def test_a_client_started_before_its_server_waits_for_it_within_retry_timeout(tmp_path):
+    """Starting a run while the teacher server still loads its model: the handshake is retried, not failed."""
+    import socket
+    import threading
+
+    from dskd.errors import TeacherError
+    from dskd.servers.client import RemoteTeacher
+
+    model = save_tiny_teacher(tmp_path / "teacher")
+    with socket.socket() as probe:  # a port nobody listens on yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    with pytest.raises(TeacherError):  # with no time to wait, the old answer: unreachable at once
+        RemoteTeacher(address, cache_dir=tmp_path / "cache", retry_timeout_s=0.0)
+    result: dict = {}
+
+    def connect() -> None:
+        try:
+            result["teacher"] = RemoteTeacher(address, cache_dir=tmp_path / "cache", retry_timeout_s=WAIT)
+        except Exception as error:  # reported below
+            result["error"] = error
+
+    client = threading.Thread(target=connect)
+    client.start()
+    time.sleep(2.0)  # the client is waiting now
+    assert client.is_alive()
+    server = wait_serving(*launch_server(model, tmp_path / "server", "--port", str(port)))
+    try:
+        client.join(WAIT)
+        assert "error" not in result, result.get("error")
+        with result["teacher"] as teacher:
+            assert teacher.vocab_size > 0 and teacher.fingerprint
+    finally:
+        stop_servers([server])
