@@ -68,3 +68,17 @@ def test_no_plugin_mentions_a_denominator_or_split_step_scales():
         if RETIRED.search(line)
     ]
     assert not hits, "objectives return unweighted parts; the engine alone weights them:\n" + "\n".join(hits)
+
+
+def test_every_kit_name_is_the_object_even_after_its_modules_were_imported_directly():
+    """`dskd.kit` loads names lazily; a submodule imported by its own path first must not shadow an export."""
+    import importlib
+    import pkgutil
+    import types
+
+    import dskd.kit
+
+    for module in pkgutil.iter_modules(dskd.kit.__path__):
+        importlib.import_module(f"dskd.kit.{module.name}")
+    shadowed = [name for name in dskd.kit.__all__ if isinstance(getattr(dskd.kit, name), types.ModuleType)]
+    assert shadowed == []
