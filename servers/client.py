@@ -124,15 +124,7 @@ class RemoteTeacher(Teacher):
             self.close()  # no channels or health watchers left behind by a refused teacher
             raise
 
-    # -- the Teacher interface ----------------------------------------------------------------------------
-
-    @property
-    def hidden_size(self) -> int:
-        return self.head.hidden_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.head.vocab_size
+    # -- the Teacher interface (sizes come from the head, as `Teacher` defines them) ------------------------
 
     def score(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, request: SignalRequest

@@ -195,14 +195,6 @@ class LocalTeacher(Teacher):
         self.fingerprint = model_fingerprint(model, tokenizer, dtype, model_id)
 
     @property
-    def hidden_size(self) -> int:
-        return self.head.hidden_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.head.vocab_size
-
-    @property
     def device(self) -> torch.device:
         return self.head.weight.device
 
