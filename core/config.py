@@ -89,11 +89,24 @@ class TeacherSFTConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = ""
-    """Training split, JSONL (one object per line)."""
+    """Training split: a data file (jsonl, json, parquet, csv, arrow), a save_to_disk folder, or a hub dataset name."""
     valid: str = ""
-    """Validation split (held-out distillation metrics). Optional."""
+    """Validation split (held-out distillation metrics), a source like data.train. Optional."""
     test: str = ""
-    """Test split (generation evaluation). Optional."""
+    """Test split (generation evaluation), a source like data.train. Optional."""
+    subset: str = ""
+    """Configuration (subset) of a hub dataset, e.g. "default". Empty: the dataset's only or default one."""
+    split: str = "train"
+    """Split that data.train reads from a hub dataset or a saved DatasetDict."""
+    valid_split: str = "validation"
+    """Split that data.valid reads from a hub dataset or a saved DatasetDict."""
+    test_split: str = "test"
+    """Split that data.test reads from a hub dataset or a saved DatasetDict."""
+    data_files: tuple[str, ...] = ()
+    """Files (or glob patterns) of a hub dataset or a local folder of data files to read; empty: all of them."""
+    streaming: bool = False
+    """Read data.train as a stream, in order, tokenising and aligning on the fly (a corpus larger than memory);
+    a checkpoint records the position in the stream. The run stops with an error if the stream ends first."""
     instruction_field: str = "instruction"
     """Field holding the instruction (Dolly: instruction)."""
     context_field: str = "context"
@@ -425,11 +438,23 @@ def _build_table(
             )
             continue
         if (table_name, key) in PATH_FIELDS and converted and base_dir is not None:
-            converted = _resolve_path(converted, base_dir, hub_id_ok=(table_name, key) in HUB_FIELDS)
+            converted = _resolve_path(converted, base_dir, hub_id_ok=_hub_id_ok(table_name, key, converted))
         kwargs[key] = converted
     if takes_options:
         kwargs["options"] = options
     return cls(**kwargs)
+
+
+def _hub_id_ok(table_name: str, key: str, value: str) -> bool:
+    if table_name == "data" and key in (
+        "train",
+        "valid",
+        "test",
+    ):  # a split may name a hub dataset, but never when it has a data file's extension
+        from dskd.data.sources import looks_like_hub_name
+
+        return looks_like_hub_name(value)
+    return (table_name, key) in HUB_FIELDS
 
 
 def _resolve_path(value: str, base_dir: str | Path, *, hub_id_ok: bool) -> str:
@@ -521,7 +546,12 @@ def check_values(config: Config) -> list[ConfigProblem]:
             "teacher_sft needs an in-process teacher",
             "remove teacher.address or the teacher_sft stage",
         )
-    need(bool(d.train) or "distill" not in r.stages, "data.train", "is empty", "point it at a JSONL file")
+    need(
+        bool(d.train) or "distill" not in r.stages,
+        "data.train",
+        "is empty",
+        "point it at a data file, a save_to_disk folder or a hub dataset",
+    )
     if not d.prompt_field:
         p.extend(_template_problems(d.template))
     need(d.max_length >= 8, "data.max_length", f"must be >= 8, got {d.max_length}", "use e.g. 512")
@@ -531,6 +561,8 @@ def check_values(config: Config) -> list[ConfigProblem]:
         f"must be in (0, max_length), got {d.max_prompt_length}",
         "use e.g. half of max_length",
     )
+    for key in ("split", "valid_split", "test_split"):
+        need(bool(getattr(d, key)), f"data.{key}", "is empty", 'name a split of the dataset, e.g. "train"')
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 or more")
     need(tr.max_steps >= 1, "train.max_steps", f"must be >= 1, got {tr.max_steps}", "use e.g. 1000")
     need(tr.batch_size >= 1, "train.batch_size", f"must be >= 1, got {tr.batch_size}", "use e.g. 8")
@@ -596,15 +628,30 @@ def check_values(config: Config) -> list[ConfigProblem]:
         value = getattr(getattr(config, table), key)
         if key in ("train", "valid", "test", "tls_ca_file", "config") and value:
             need(
-                Path(value).exists(),
+                Path(value).exists() or _hub_id_ok(table, key, value),
                 f"{table}.{key}",
                 f"file not found: {value}",
                 "check the path (relative paths start at the config file's folder)",
             )
         if key in ("train", "valid", "test") and value and Path(value).exists():
             # A folder or a pipe would be opened by the data loader and fail there, after the models load.
-            kind = "a directory" if Path(value).is_dir() else "not a regular file (a pipe, socket or device)"
-            need(Path(value).is_file(), f"{table}.{key}", f"{value} is {kind}", "point it at a JSONL file")
+            from dskd.data.sources import SUPPORTED, holds_a_dataset
+
+            path = Path(value)
+            if path.is_dir():
+                need(
+                    holds_a_dataset(path),
+                    f"{table}.{key}",
+                    f"{value} is a directory with no dataset in it",
+                    f"point it at {SUPPORTED}",
+                )
+            else:
+                need(
+                    path.is_file(),
+                    f"{table}.{key}",
+                    f"{value} is not a regular file (a pipe, socket or device)",
+                    "point it at a JSONL file or another data file",
+                )
     return p
 
 

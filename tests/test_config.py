@@ -181,6 +181,12 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "max_prompt_length": 32,
             "num_workers": 2,
             "cache_dir": "data-cache",
+            "subset": "en",
+            "split": "train[:90%]",
+            "valid_split": "dev",
+            "test_split": "heldout",
+            "data_files": ["data/part-*.parquet"],
+            "streaming": True,
         },
         "train": {
             "max_steps": 9,

@@ -1,4 +1,4 @@
-"""Examples from JSONL, the prompt template, and tokenisation of the same text for student and teacher.
+"""Examples from records (read by `dskd.data.sources`), the prompt template, and tokenisation of the same text for student and teacher.
 
 `load_examples` reads a split (Dolly/Alpaca-style records) into `Example`s; `encode_example` turns one prompt and
 response into ids and a prompt length for one tokenizer; `tokenize_split` does that for both tokenizers over a
@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ except ImportError:  # datasets < 4 names the variable-length list feature Seque
     from datasets import Sequence as List
 
 from dskd.config import DataConfig
+from dskd.data.sources import read_rows
 from dskd.errors import DataError, PluginError
 from dskd.models.teacher import tokenizer_fingerprint
 
@@ -74,22 +74,42 @@ def render_prompt(instruction: str, context: str, template: str) -> str:
 
 
 def load_examples(path: str | Path, cfg: DataConfig, split: str) -> list[Example]:
-    """Read one JSONL split into `Example`s; every problem is a one-line `DataError` naming file, sample and fix."""
+    """Read one split (`dskd.data.sources`: a data file, a folder or a hub dataset) into `Example`s; every
+    problem is a one-line `DataError` naming the source, the sample and the fix."""
     where = f"data.{split} ({path})"
-    key = "prompt_field" if cfg.prompt_field else "instruction_field"
-    needed = [(key, cfg.prompt_field or cfg.instruction_field), ("response_field", cfg.response_field)]
     if not cfg.prompt_field:
         _check_template(cfg.template)
-    columns, rows = _read_rows(Path(path), where, split, [cfg.context_field] + [name for _, name in needed])
-    for config_key, name in needed:
-        if name not in columns:
-            raise DataError(
-                f"{where} has no field {name!r} (fields: {', '.join(columns)}); "
-                f"set data.{config_key} to the field that holds it"
-            )
-    use_context = bool(cfg.context_field) and cfg.context_field in columns and not cfg.prompt_field
-    examples = []
-    for index, row in enumerate(rows):
+    fields = [cfg.context_field, cfg.prompt_field or cfg.instruction_field, cfg.response_field]
+    columns, rows = read_rows(path, cfg, split, fields)
+    convert = RowConverter(cfg, where, tuple(columns))
+    return [convert(row, index) for index, row in enumerate(rows)]
+
+
+@dataclass(frozen=True)
+class RowConverter:
+    """The one function from a record (a dict) to an `Example`, shared by the in-memory and the streaming
+    reader, so both give the same examples. Built from the source's column names, which it checks at once."""
+
+    cfg: DataConfig
+    where: str
+    columns: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        key = "prompt_field" if cfg.prompt_field else "instruction_field"
+        for config_key, name in [
+            (key, cfg.prompt_field or cfg.instruction_field),
+            ("response_field", cfg.response_field),
+        ]:
+            if name not in self.columns:
+                raise DataError(
+                    f"{self.where} has no field {name!r} (fields: {', '.join(self.columns)}); "
+                    f"set data.{config_key} to the field that holds it"
+                )
+
+    def __call__(self, row: dict[str, Any], index: int) -> Example:
+        cfg, where = self.cfg, self.where
+        use_context = bool(cfg.context_field) and cfg.context_field in self.columns and not cfg.prompt_field
         text = _string(row, cfg.prompt_field or cfg.instruction_field, where, index)
         references = _references(row, cfg.response_field, where, index)
         if not cfg.prompt_field:
@@ -100,82 +120,7 @@ def load_examples(path: str | Path, cfg: DataConfig, split: str) -> list[Example
                     'add {context} to the template, or set data.context_field = "" to ignore context'
                 )
             text = render_prompt(text, context, cfg.template)
-        examples.append(Example(prompt=text, references=references))
-    return examples
-
-
-def _read_rows(path: Path, where: str, split: str, fields: list[str]) -> tuple[list[str], Iterable[dict[str, Any]]]:
-    """The file's field names and its records (read by `datasets`)."""
-    if not str(path) or str(path) == ".":
-        raise DataError(f"data.{split} is not set; point it at a JSONL file (one JSON object per line)")
-    if not path.is_file():
-        what = (
-            "is a directory"
-            if path.is_dir()
-            else "is not a regular file (a pipe, socket or device)"
-            if path.exists()
-            else "not found"
-        )
-        raise DataError(f"{where}: {what}; set data.{split} to a JSONL file (one JSON object per line)")
-    try:
-        with path.open("rb") as handle:
-            empty = not handle.read(1 << 16).strip()
-    except OSError as exc:
-        raise DataError(f"{where}: cannot be read ({exc.strerror}); check the path and its permissions") from None
-    if empty:
-        raise DataError(f"{where}: split is empty; add samples or point data.{split} at another file")
-    _check_utf8(path, where)
-    try:
-        rows = Dataset.from_json(str(path), split="train")
-    except Exception as exc:  # datasets wraps pyarrow's parse errors; find the offending line ourselves
-        _diagnose_jsonl(path, where)
-        raise DataError(
-            f"{where}: not readable as JSONL ({str(exc).splitlines()[0]}); write one JSON object per line"
-        ) from None
-    if len(rows) == 0:
-        raise DataError(f"{where}: split is empty; add samples or point data.{split} at another file")
-    if any(type(rows.features.get(name)).__name__ == "Json" for name in fields):
-        # A field holding different JSON types (a string in some records, a list in others, as Dolly-style
-        # reference lists do) gets datasets' `Json` type, which stores strings that look like JSON unquoted:
-        # the response "5" comes back as the integer 5. Such files are read with the json module instead.
-        return rows.column_names, _read_json_lines(path)
-    return rows.column_names, rows
-
-
-def _check_utf8(path: Path, where: str) -> None:
-    """Name the first line that is not UTF-8: pyarrow reads such bytes and fails only when a row is used."""
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{where}: line {number} is not UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
-                    f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-                ) from None
-
-
-def _read_json_lines(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def _diagnose_jsonl(path: Path, where: str) -> None:
-    """Raise a `DataError` for the first line that is not a JSON object (returns if none is found)."""
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{where}: line {number} is not JSON ({exc.msg}); write one JSON object per line (JSONL)"
-                ) from None
-            if not isinstance(value, dict):
-                raise DataError(
-                    f"{where}: line {number} is a {type(value).__name__}, not a JSON object; write one object per line (JSONL)"
-                )
+        return Example(prompt=text, references=references)
 
 
 def _string(row: dict[str, Any], name: str, where: str, index: int, optional: bool = False) -> str:
@@ -331,6 +276,16 @@ def encode_prompt(tokenizer: Any, prompt: str, cfg: DataConfig) -> list[int]:
     ids = encoded["input_ids"][0]
     start, end = _split_specials(ids, encoded["special_tokens_mask"][0])
     return _keep_prompt(ids[:start], ids[start:end], cfg.max_prompt_length)
+
+
+def encoder_columns(examples: list[Example], sample_ids: list[int]) -> dict[str, list]:
+    """The input of `_PairEncoder` for `examples`: the columns it reads (the streaming reader builds the
+    same, so both paths encode alike)."""
+    return {
+        "sample_id": list(sample_ids),
+        "prompt": [e.prompt for e in examples],
+        "response": [e.response for e in examples],
+    }
 
 
 class _PairEncoder:
@@ -496,13 +451,7 @@ def tokenize_split(
     features = dict(
         FEATURES, **({"alignment": List(Value("int32")), "text_differs": Value("bool")} if aligner is not None else {})
     )
-    raw = Dataset.from_dict(
-        {
-            "sample_id": list(range(len(examples))),
-            "prompt": [e.prompt for e in examples],
-            "response": [e.response for e in examples],
-        }
-    )
+    raw = Dataset.from_dict(encoder_columns(examples, list(range(len(examples)))))
     encoded = raw.map(
         _PairEncoder(student_tokenizer, teacher_tokenizer, cfg, aligner, split),
         batched=True,
