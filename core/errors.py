@@ -49,6 +49,10 @@ class DataError(DskdError):
     """A data file is missing, empty or malformed, or a sample cannot be tokenised as configured."""
 
 
+class DataExhausted(DataError):
+    """A streamed training split ended before `train.max_steps`; the engine checkpoints, then reports it."""
+
+
 class ModelError(DskdError):
     """A model, tokenizer or LM head cannot be loaded or is incompatible with the objective."""
 

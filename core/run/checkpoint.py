@@ -193,6 +193,7 @@ class StageCheckpoints:
         self.trainer = trainer
         self.root = trainer.spec.run_dir / "checkpoints" / trainer.spec.name
         self.saved_step = -1  # the step of the newest checkpoint on disk (written or resumed from)
+        self.data_position: Any = None  # a stream's position, from the resumed checkpoint
         self.last_save = time.monotonic()
 
     def _objects(self) -> dict[str, Any]:
@@ -224,6 +225,9 @@ class StageCheckpoints:
         }
         root = self.root if rank == 0 else self.root / f"rank-{rank}"
         objects = self._objects() if rank == 0 else {"rng": rng_state(), "policy": t.spec.policy.state_dict()}
+        position = getattr(getattr(t, "batches", None), "state_dict", None)
+        if position is not None:  # a stream: this process's position after the consumed batches
+            objects["data"] = position(t.state.consumed)
         save(root, t.state.step, objects, manifest, keep=t.train_cfg.keep_checkpoints)
         self.saved_step = t.state.step
         self.last_save = time.monotonic()
@@ -260,6 +264,18 @@ class StageCheckpoints:
         return TeacherError(
             f"{error}; step {state.step} is checkpointed in {self.root}: once the teacher answers again, continue with --resume"
         )
+
+    def restore_data_position(self, batches: Any) -> None:
+        """Hand a resumed stream its recorded position; refuse to read one in memory as if it were a batch count."""
+        if self.data_position is None:
+            return
+        load = getattr(batches, "load_state_dict", None)
+        if load is None:
+            raise CheckpointError(
+                f"the checkpoint in {self.root} was written while streaming the data (data.streaming = true); "
+                "resume with data.streaming = true, or start afresh in another directory"
+            )
+        load(self.data_position)
 
     def resume(self, force: bool) -> dict[str, Any] | None:
         """Restore the newest intact step into the trainer; its manifest's training state, or None for step 0."""
@@ -307,6 +323,8 @@ class StageCheckpoints:
                     f"restore the run's rank-{rank} folder, or run without --resume to start afresh"
                 )
             rng, policy = own.load("rng"), own.load("policy")
+        part = found if rank == 0 else own  # this process's own files
+        self.data_position = part.load("data") if (part.path / "data.pt").exists() else None
         t.spec.policy.load_state_dict(policy)
         set_rng_state(rng)
         state = manifest["state"]

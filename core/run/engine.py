@@ -24,7 +24,7 @@ import torch
 
 from dskd.config import TrainConfig
 from dskd.console import Console
-from dskd.errors import DskdError, PluginError, TeacherError
+from dskd.errors import DataExhausted, DskdError, PluginError, TeacherError
 from dskd.kit.contracts import member
 from dskd.kit.lm_head import last_hidden_state
 from dskd.kit.policy import Policy
@@ -213,7 +213,8 @@ class Trainer:
     def run(self, resume: bool = False, force: bool = False) -> torch.nn.Module:
         if resume and (state := self.checkpoints.resume(force)) is not None:
             self.state = TrainState(**state)
-        batches = self.spec.make_batches(self.state.consumed)
+        batches = self.batches = self.spec.make_batches(self.state.consumed)
+        self.checkpoints.restore_data_position(batches)  # a stream's position (in memory, `consumed` is the position)
         meter = Meter()
         total = self.train_cfg.max_steps
         start = time.perf_counter()
@@ -221,7 +222,7 @@ class Trainer:
         last_log_time, last_log_tokens = start, self.state.tokens
         stopping = stop_requests(self.spec.name, self.accelerator.num_processes)
         with self.console.progress(self.spec.name, total, self.state.step) as progress, stopping as stop:
-            upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)]
+            upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step < total else []
             while self.state.step < total:
                 window = upcoming
                 before = TrainState(**vars(self.state)), checkpoint.rng_state()  # to checkpoint this step's start
@@ -229,9 +230,13 @@ class Trainer:
                 # Take the next step's data now and, when the policy's batches do not depend on the student and
                 # the teacher answers asynchronously, start its teacher call: a remote teacher then computes step
                 # k+1's signal while the student trains on step k.
-                upcoming = (
-                    [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step + 1 < total else []
-                )
+                ended = None  # a streamed split that ran out: this step still trains, is checkpointed, then we stop
+                try:
+                    upcoming = (
+                        [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step + 1 < total else []
+                    )
+                except DataExhausted as error:
+                    upcoming, ended = [], error
                 if upcoming and self._can_prefetch:
                     self._prefetched[id(upcoming[0])] = self._submit(upcoming[0])
                 try:
@@ -253,6 +258,13 @@ class Trainer:
                     self.metrics.append({"stage": self.spec.name, "step": step, **metrics, **self.spec.data_metrics})
                     member(self.spec.policy, Policy, "observe")(step, metrics)  # adaptive policies react to the curve
                     progress.update(step, metrics)
+                if ended is not None:
+                    if self.checkpoints.saved_step != step:
+                        self.checkpoints.save()
+                    raise DataExhausted(
+                        f"{self.spec.name}: {ended} = {total}; step {step} is checkpointed in {self.checkpoints.root}: "
+                        "add data or lower train.max_steps, then continue with --resume"
+                    ) from None
                 by_steps = bool(self.train_cfg.save_every) and step % self.train_cfg.save_every == 0
                 # Not during a run of skipped steps: their checkpoints would rotate out the last good step's.
                 if (

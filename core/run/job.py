@@ -26,6 +26,7 @@ from dskd.config import Config
 from dskd.console import Console
 from dskd.data.batching import ResumableBatchSampler, collate, make_loader
 from dskd.data.examples import load_examples, tokenize_split
+from dskd.data.streaming import StreamBatches, StreamSpec, rank_agreement
 from dskd.errors import DskdError
 from dskd.kit import Objective, member
 from dskd.kit.objective import same_vocabulary
@@ -139,6 +140,37 @@ class Job:
                 split=split,
             )
 
+    def train_batches(
+        self, student_tokenizer: Any, teacher_tokenizer: Any, aligner: Any, batch_size: int, examples=None
+    ):
+        """`StageSpec.make_batches` of the training split: in memory (tokenised once, cached, shuffled per epoch),
+        or with `data.streaming` read in order and encoded on the fly (`dskd.data.streaming`)."""
+        data = self.config.data
+        student_pad, teacher_pad = student_tokenizer.pad_token_id, (teacher_tokenizer or student_tokenizer).pad_token_id
+        if not data.streaming:
+            dataset = self.tokenized("train", student_tokenizer, teacher_tokenizer, aligner, examples)
+            return dataset, self.batches(dataset, batch_size, student_pad, teacher_pad)
+        acc = self.accelerator
+        spec = StreamSpec(data.train, data, "train", batch_size, acc.process_index, acc.num_processes)
+        collate_fn = functools.partial(collate, student_pad_id=student_pad, teacher_pad_id=teacher_pad)
+        same = teacher_tokenizer is None or tokenizer_fingerprint(teacher_tokenizer) == tokenizer_fingerprint(
+            student_tokenizer
+        )
+
+        def make(consumed: int) -> StreamBatches:
+            return StreamBatches(
+                spec,
+                student_tokenizer,
+                None if same else teacher_tokenizer,
+                aligner,
+                collate_fn,
+                consumed=consumed,
+                num_workers=data.num_workers,
+                agree=rank_agreement(acc),
+            )
+
+        return None, make
+
     def batches(self, dataset, batch_size: int, student_pad: int, teacher_pad: int, *, shuffle: bool = True):
         acc = self.accelerator
         collate_fn = functools.partial(collate, student_pad_id=student_pad, teacher_pad_id=teacher_pad)
@@ -173,8 +205,8 @@ class Job:
         objective, ce_terms = build_objective(
             cfg, self.registry, teacher_as_student, None, None, name=self.registry.default("objectives", "teacher_sft")
         )
-        dataset = self.tokenized("train", tokenizer, None)
         sft = cfg.teacher_sft
+        _, make_batches = self.train_batches(tokenizer, None, None, sft.batch_size)
         train = dataclasses.replace(
             cfg.train,
             max_steps=sft.steps,
@@ -190,7 +222,7 @@ class Job:
             objective,
             policy,
             None,
-            self.batches(dataset, sft.batch_size, tokenizer.pad_token_id, tokenizer.pad_token_id),
+            make_batches,
             train,
             self.run_dir,
             cfg.run.log_every,
@@ -221,7 +253,8 @@ class Job:
         description = member(objective, Objective, "describe")()
         if description:
             self.console.print(f"distill: {cfg.objective.name}: {description}")
-        examples = self.examples("train")
+        # A stream is never held: its prompts are not known up front (no built-in policy needs them).
+        examples = [] if cfg.data.streaming else self.examples("train")
         policy = build_policy(
             cfg,
             self.registry,
@@ -232,10 +265,13 @@ class Job:
             prompts=tuple(e.prompt for e in examples),
             objective=objective,
         )
-        dataset = self.tokenized(
-            "train", student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples
+        dataset, make_batches = self.train_batches(
+            student.tokenizer, teacher.tokenizer, None if same_vocab else aligner, cfg.train.batch_size, examples
         )
-        mismatches = sum(dataset["text_differs"]) if "text_differs" in dataset.column_names else 0
+        # Counted over the whole split in memory; a stream is not read ahead for it.
+        mismatches = (
+            sum(dataset["text_differs"]) if dataset is not None and "text_differs" in dataset.column_names else 0
+        )
         if mismatches:
             self.console.warn(
                 f"data.train: in {mismatches} of {len(dataset)} samples the two tokenizers disagree about the text "
@@ -253,7 +289,7 @@ class Job:
             objective,
             policy,
             teacher,
-            self.batches(dataset, cfg.train.batch_size, student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id),
+            make_batches,
             cfg.train,
             self.run_dir,
             cfg.run.log_every,
@@ -264,7 +300,9 @@ class Job:
             },
             kd_rate=cfg.objective.kd_rate if distils(self.registry, cfg.objective.name) else 0.0,
             ce_terms=ce_terms,
-            data_metrics={"data/normalisation_mismatches": float(mismatches)} if not same_vocab else {},
+            data_metrics={"data/normalisation_mismatches": float(mismatches)}
+            if not same_vocab and not cfg.data.streaming
+            else {},
         )
         trained = Trainer.for_stage(spec, self.accelerator, self.console).run(
             resume=self.resume, force=self.force_resume
