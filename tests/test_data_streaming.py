@@ -195,3 +195,17 @@ def test_a_missing_field_in_a_stream_is_one_line_naming_the_source(tmp_path, tok
         next(stream(path, tokenizers, aligner))
     message = str(excinfo.value)
     assert "\n" not in message and "no field 'instruction'" in message and str(path) in message
+
+
+def test_a_field_of_mixed_json_types_is_refused_in_one_line_rather_than_read_as_json_text(tmp_path, tokenizers):
+    # datasets types such a field Json and gives back '"hello"' (quoted) and '5' for the string "5".
+    rows = [{"instruction": "a", "response": ["x", "y"]}] + [
+        {"instruction": "a", "response": t} for t in "5 hello w".split()
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as excinfo:
+        next(stream(path, tokenizers, None))
+    message = str(excinfo.value)
+    assert "\n" not in message and "samples 0-3" in message and "field 'response'" in message
+    assert "data.streaming = false" in message

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dskd.config import DataConfig
 from dskd.data.examples import RowConverter, _PairEncoder, encoder_columns
 from dskd.data.sources import open_stream
-from dskd.errors import CheckpointError, DataError, DataExhausted
+from dskd.errors import CheckpointError, DataError, DataExhausted, DskdError
 from dskd.types import Batch
 
 KEEP_POSITIONS = 64  # stream positions remembered behind the newest batch (the engine is at most a step behind)
@@ -97,7 +97,7 @@ class EncodedStream(IterableDataset):
         workers, me = (info.num_workers, info.id) if info is not None else (1, 0)
         try:
             yield from self._batches(workers, me)
-        except DataError as error:
+        except DskdError as error:
             yield _Failure(error)
 
     def _batches(self, workers: int, me: int) -> Iterator[tuple[int, Batch, dict[str, Any]]]:
@@ -114,6 +114,7 @@ class EncodedStream(IterableDataset):
             position = stream.state_dict()  # after this micro-batch: read before the stream moves on
             if convert is None:
                 convert = RowConverter(spec.data, f"data.{spec.split} ({spec.source})", tuple(table.column_names))
+            _refuse_mixed_json(table, spec, number_of_first_row=(self.start_batch + k) * size)
             number = self.start_batch + k
             # Sample ids count this rank's rows from the start of training, as the in-memory split's indices do.
             ids = list(range(number * size, (number + 1) * size))
@@ -121,6 +122,24 @@ class EncodedStream(IterableDataset):
             encoded = self.encoder(encoder_columns(examples, ids))
             rows = [dict(zip(encoded, values)) for values in zip(*encoded.values())]
             yield number, self.collate_fn(rows), position
+
+
+def _refuse_mixed_json(table: Any, spec: StreamSpec, number_of_first_row: int) -> None:
+    """A JSON field that holds different types (a string in some records, a list in others) is typed `Json`,
+    whose values come back as JSON text with strings that look like JSON unquoted ("5" and 5 alike): the in-memory
+    reader re-reads such files with the json module, a stream cannot, so it says so rather than guess."""
+    cfg = spec.data
+    for name in (cfg.prompt_field or cfg.instruction_field, cfg.context_field, cfg.response_field):
+        if (
+            name
+            and name in table.column_names
+            and getattr(table.schema.field(name).type, "extension_name", "") == "arrow.json"
+        ):
+            raise DataError(
+                f"data.{spec.split} ({spec.source}), samples {number_of_first_row}-{number_of_first_row + table.num_rows - 1}: "
+                f"field {name!r} holds values of different JSON types (e.g. strings and lists), which a stream cannot "
+                "read back exactly; store one type in every record (e.g. every response a list), or set data.streaming = false"
+            )
 
 
 class StreamBatches:
