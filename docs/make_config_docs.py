@@ -32,7 +32,7 @@ TABLE_INTROS = {
         "The model distilled from: in this process (`model` or `config`), or behind gRPC teacher servers (`address`)."
     ),
     "teacher_sft": "Supervised fine-tuning of an in-process teacher before distillation (stage `teacher_sft`).",
-    "data": "The JSONL splits and how each example becomes a prompt and a response.",
+    "data": "Where the splits come from (files, folders, hub datasets, streaming) and how each example becomes a prompt and a response.",
     "train": "Distillation: optimizer, schedule, batch sizes, checkpoints.",
     "objective": (
         "The method that turns student and teacher signals into losses. Keys other than those below are the "
