@@ -118,6 +118,10 @@ def test_a_stream_that_ends_early_is_checkpointed_and_continues_once_data_is_add
     assert _steps_on_disk(short / "run" / "checkpoints" / "distill")[-1] == 6
     assert not (short / "run" / "final").exists()
 
+    again = _run(_command(job, 10, "--resume"), short, status=2)  # resumed at the end: the same line, at once
+    errors = [line for line in again.stderr.splitlines() if line.startswith("dskd: error:")]
+    assert len(errors) == 1 and "ended after 6 batches of 4" in errors[0] and "step 6 is checkpointed" in errors[0]
+
     (short / "train.jsonl").write_text("\n".join(lines) + "\n")  # the corpus grows to the straight run's 40
     resumed = _run(_command(job, 10, "--resume"), short)
     assert "resumed from step-00000006" in resumed.stdout

@@ -209,6 +209,16 @@ class Trainer:
             out.extend(prepared)
         return out
 
+    def _ended(self, error: DataExhausted) -> DataExhausted:
+        """The one line for a streamed split that ran out at this step (checkpointed, if any step was trained)."""
+        step, total = self.state.step, self.train_cfg.max_steps
+        kept = (
+            f"step {step} is checkpointed in {self.checkpoints.root}: add data or lower train.max_steps, then continue with --resume"
+            if self.checkpoints.saved_step == step and step > 0
+            else "add data or lower train.max_steps"
+        )
+        return DataExhausted(f"{self.spec.name}: {error} = {total}; {kept}")
+
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self, resume: bool = False, force: bool = False) -> torch.nn.Module:
         if resume and (state := self.checkpoints.resume(force)) is not None:
@@ -222,7 +232,10 @@ class Trainer:
         last_log_time, last_log_tokens = start, self.state.tokens
         stopping = stop_requests(self.spec.name, self.accelerator.num_processes)
         with self.console.progress(self.spec.name, total, self.state.step) as progress, stopping as stop:
-            upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step < total else []
+            try:
+                upcoming = [next(batches) for _ in range(self.train_cfg.grad_accum)] if self.state.step < total else []
+            except DataExhausted as error:  # nothing trained yet in this attempt: nothing more to checkpoint
+                raise self._ended(error) from None
             while self.state.step < total:
                 window = upcoming
                 before = TrainState(**vars(self.state)), checkpoint.rng_state()  # to checkpoint this step's start
@@ -261,10 +274,7 @@ class Trainer:
                 if ended is not None:
                     if self.checkpoints.saved_step != step:
                         self.checkpoints.save()
-                    raise DataExhausted(
-                        f"{self.spec.name}: {ended} = {total}; step {step} is checkpointed in {self.checkpoints.root}: "
-                        "add data or lower train.max_steps, then continue with --resume"
-                    ) from None
+                    raise self._ended(ended) from None
                 by_steps = bool(self.train_cfg.save_every) and step % self.train_cfg.save_every == 0
                 # Not during a run of skipped steps: their checkpoints would rotate out the last good step's.
                 if (
