@@ -35,9 +35,11 @@ from dskd.store.layout import (
     MODES,
     PLAN,
     PLAN_KEYS,
+    SHARDS,
     TOKENIZER,
     fsync_dir,
     read_json,
+    shard_stem,
     write_atomic,
     write_json_atomic,
 )
@@ -103,7 +105,8 @@ def held_out_split(config: Config) -> str:
 
 
 def store_splits(config: Config) -> tuple[str, ...]:
-    extra = held_out_split(config)
+    """The training split, and the held-out split when the job evaluates (teacher agreement reads it)."""
+    extra = held_out_split(config) if "eval" in config.run.stages else ""
     return ("train", extra) if extra else ("train",)
 
 
@@ -155,6 +158,7 @@ def build_store(config: Config, registry: Any, out: str | Path, options: BuildOp
             if complete_sidecar(root, shard) is not None:
                 skipped += 1
                 continue
+            _remove_stale_temporaries(root, shard)
             chunk = samples[shard * options.shard_samples : (shard + 1) * options.shard_samples]
             tensors, meta = _shard_tensors(teacher, chunk, request, options, plan["vocab_size"])
             _guarded(lambda: write_shard(root, shard, tensors, meta), f"shard {shard}", root)  # noqa: B023
@@ -165,6 +169,12 @@ def build_store(config: Config, registry: Any, out: str | Path, options: BuildOp
         return BuildReport(root, total, written, skipped, finished)
     finally:
         teacher.close()
+
+
+def _remove_stale_temporaries(root: Path, shard: int) -> None:
+    """Temporary files of this shard left by a crashed build (only this worker writes this shard)."""
+    for path in (root / SHARDS).glob(f".{shard_stem(shard)}.*.tmp-*"):
+        path.unlink(missing_ok=True)
 
 
 def _samples(job, teacher) -> tuple[list[dict[str, Any]], dict[str, str]]:

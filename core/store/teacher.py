@@ -22,7 +22,7 @@ from dskd.errors import StoreError
 from dskd.kit.lm_head import LMHead
 from dskd.models.teacher import Teacher, tokenizer_fingerprint, topk_with_tail
 from dskd.store.encoding import decode_hidden, narrow_topk, sequence_key
-from dskd.store.layout import FORMAT, HEAD, INDEX, MANIFEST, PLAN, TOKENIZER, read_json
+from dskd.store.layout import FORMAT, HEAD, INDEX, MANIFEST, PLAN, TOKENIZER, read_json, shard_path
 from dskd.store.shards import ShardReader, complete_sidecar, file_sha256
 from dskd.types import SignalRequest, TeacherSignal
 
@@ -72,6 +72,8 @@ class StoreTeacher(Teacher):
         self.head, self.embeddings = self._load_head()
         self.fingerprint = manifest["teacher_fingerprint"]
         self.capabilities = CAPABILITIES[self.mode]
+        for sidecar in sidecars:  # a stat per shard: a truncated or missing shard is refused before training starts
+            self.reader_check(sidecar)
         self.reader = ShardReader(self.root, sidecars)
         # key -> (shard, slot); a sample that occurs twice (duplicate data) has one signal, either copy serves it
         self.lookup: dict[str, tuple[int, int]] = {}
@@ -81,6 +83,16 @@ class StoreTeacher(Teacher):
         self.prefetch_workers = prefetch_workers
         self._pool: ThreadPoolExecutor | None = None
         self._reads = 0
+
+    def reader_check(self, sidecar: dict) -> None:
+        path = shard_path(self.root, sidecar["shard"])
+        size = path.stat().st_size if path.is_file() else None
+        if size != sidecar["bytes"]:
+            found = "is missing" if size is None else f"has {size} bytes but was written with {sidecar['bytes']} (truncated)"
+            raise StoreError(
+                f"teacher store {self.root}: shard {path.name} {found}; rebuild the store "
+                f"(`dskd teacher-store verify {self.root}` lists every damaged shard)"
+            )
 
     def _load_head(self) -> tuple[LMHead, torch.Tensor | None]:
         info = self.manifest["head"]
