@@ -88,7 +88,11 @@ class StoreTeacher(Teacher):
         path = shard_path(self.root, sidecar["shard"])
         size = path.stat().st_size if path.is_file() else None
         if size != sidecar["bytes"]:
-            found = "is missing" if size is None else f"has {size} bytes but was written with {sidecar['bytes']} (truncated)"
+            found = (
+                "is missing"
+                if size is None
+                else f"has {size} bytes but was written with {sidecar['bytes']} (truncated)"
+            )
             raise StoreError(
                 f"teacher store {self.root}: shard {path.name} {found}; rebuild the store "
                 f"(`dskd teacher-store verify {self.root}` lists every damaged shard)"
