@@ -14,7 +14,7 @@ import errno
 import math
 import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -363,8 +363,3 @@ def _write_tokenizer(root: Path, tokenizer) -> dict[str, str]:
                 raise
         fsync_dir(root)
     return {p.name: file_sha256(p) for p in sorted(target.iterdir()) if p.is_file()}
-
-
-def without_store(config: Config) -> Config:
-    """`config` with its teacher named as it is, not read from a store."""
-    return replace(config, teacher=replace(config.teacher, store=""))
