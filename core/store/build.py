@@ -231,7 +231,8 @@ def _claim(root: Path, plan: dict[str, Any]) -> None:
     if existing is None:
         if (root / PLAN).exists():
             raise StoreError(f"{root / PLAN} is not a build plan (unreadable); choose another --out")
-        if any(p.name != PLAN for p in root.iterdir()):
+        # a temporary plan left by a build killed while writing it is no reason to refuse the folder
+        if any(p.name != PLAN and not p.name.startswith(f".{PLAN}.tmp-") for p in root.iterdir()):
             raise StoreError(
                 f"--out {root} is not empty and holds no teacher-store build; choose an empty or new folder"
             )
