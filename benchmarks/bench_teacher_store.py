@@ -182,7 +182,8 @@ def bytes_and_fidelity(bench: Bench, teacher: list[str], fidelity_samples: int) 
     return out
 
 
-def tokens_per_s(bench: Bench, name: str, overrides: list[str], steps: int) -> float:
+def tokens_per_s(bench: Bench, name: str, overrides: list[str], steps: int) -> tuple[float, float]:
+    """Student tokens/s and the fraction of the time the step stood waiting for its teacher signal."""
     job = bench.job(
         name,
         [
@@ -196,22 +197,23 @@ def tokens_per_s(bench: Bench, name: str, overrides: list[str], steps: int) -> f
     job.prepare_run_dir()
     job.distill(None)
     lines = [json.loads(line) for line in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [line["perf/tokens_per_s"] for line in lines[1:]]  # the first interval holds the warm-up
-    return sum(rates) / len(rates)
+    later = lines[1:]  # the first interval holds the warm-up
+    waits = [line.get("perf/teacher_wait_fraction", 0.0) for line in later]
+    return sum(line["perf/tokens_per_s"] for line in later) / len(later), sum(waits) / len(waits)
 
 
 def step_times(bench: Bench, teacher: list[str], store: Path, steps: int, server_threads: int) -> dict:
     cores = os.cpu_count() or 1
-    live = tokens_per_s(bench, "step-live", teacher, steps)
-    stored = tokens_per_s(
+    live, live_wait = tokens_per_s(bench, "step-live", teacher, steps)
+    stored, store_wait = tokens_per_s(
         bench, "step-store", [f"teacher.store={store}", 'teacher.config=""', 'teacher.model=""'], steps
     )
     teacher_dir = next((o.split("=", 1)[1] for o in teacher if o.startswith("teacher.model=")), "")
-    served = None
+    served = served_wait = None
     if teacher_dir:  # a server needs a saved model (the trained teacher)
         [server] = start_servers([(Path(teacher_dir), (), "teacher")], bench.root / "servers", threads=server_threads)
         try:
-            served = tokens_per_s(
+            served, served_wait = tokens_per_s(
                 bench,
                 "step-server",
                 [
@@ -231,6 +233,12 @@ def step_times(bench: Bench, teacher: list[str], store: Path, steps: int, server
         "store_tokens_per_s": round(stored, 1),
         "server_tokens_per_s": None if served is None else round(served, 1),
         "store_vs_live_speedup": round(stored / live, 3),
+        # the in-process teacher's forward is the time the live step waits for it: removing all of it bounds the
+        # speedup any store can give at 1 / (1 - fraction)
+        "live_teacher_wait_fraction": round(live_wait, 3),
+        "speedup_bound_from_live_wait": round(1 / max(1 - live_wait, 1e-9), 3),
+        "store_teacher_wait_fraction": round(store_wait, 4),
+        "server_teacher_wait_fraction": None if served_wait is None else round(served_wait, 4),
         "store_vs_server_speedup": None if served is None else round(stored / served, 3),
     }
 

@@ -665,7 +665,7 @@ def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
         problems.append(
             ConfigProblem(
                 "teacher",
-                "no teacher: neither model, config nor address is set",
+                "no teacher: neither model, config, address nor store is set",
                 f"set teacher.model, teacher.config, teacher.address or teacher.store (objective {config.objective.name!r} needs one)",
             )
         )

@@ -28,7 +28,8 @@ from dskd.run.plugin_checks import CheckedAligner, checked_divergence, describe
 def build_teacher(
     config: Config, device: torch.device, *, model_path: str | None = None, cache_dir: Path | None = None
 ):
-    """The configured teacher: a gRPC `RemoteTeacher` when `teacher.address` is set, else a `LocalTeacher`."""
+    """The configured teacher: a `StoreTeacher` when `teacher.store` is set, a gRPC `RemoteTeacher` when
+    `teacher.address` is, else a `LocalTeacher`."""
     t = config.teacher
     if t.store:  # signals precomputed on disk, no teacher process (dskd.store); checked against the job there
         from dskd.store.teacher import open_store_teacher
