@@ -6,7 +6,7 @@ The teacher is the default job's (`examples/models/teacher-llama`: Llama, d = 25
 trained here by the job's own teacher_sft stage for `--teacher-steps` steps (0: random init) on the first
 `--samples` training samples, which every part below uses too.
 
-- Bytes: a store per mode built from the bf16 teacher; `signal_bytes_per_token` is the layout's bytes per label row
+- Bytes: a store per mode built from the bf16 teacher on the first `--fidelity-samples` samples; `signal_bytes_per_token` is the layout's bytes per label row
   (hidden bf16 = 2·d; top-k = k ids + k log-probabilities + a float32 tail), `shard_bytes_per_token` what the shard
   files take per label token with the ids, offsets and headers. DistillKit publishes about 300 B a token at k = 128.
 - Fidelity: per-token forward KL of a random student (Mistral tokenizer, the teacher's vocabulary) to the teacher,
@@ -66,7 +66,7 @@ MODELS = REPO / "examples" / "models"
 class Bench:
     def __init__(self, root: Path, samples: int) -> None:
         self.root = root
-        train = root / "train.jsonl"
+        self.train = train = root / "train.jsonl"
         lines = (REPO / "examples/data/tasks/train.jsonl").read_text().splitlines()[:samples]
         train.write_text("\n".join(lines) + "\n")
         self.base = [f"data.train={train}", f"data.cache_dir={root / 'cache'}", "run.log_every=10"]
@@ -103,12 +103,17 @@ def build(bench: Bench, name: str, teacher: list[str], extra: list[str], **optio
 
 
 def bytes_and_fidelity(bench: Bench, teacher: list[str], fidelity_samples: int) -> dict:
-    bf16 = teacher + ["teacher.dtype=bfloat16"]
+    # the first `fidelity_samples` training samples only: a bf16 teacher is slow on a CPU, and bytes per token and
+    # fidelity are per-token figures
+    subset = bench.root / "fidelity.jsonl"
+    subset.write_text("".join(Path(bench.train).read_text().splitlines(keepends=True)[:fidelity_samples]))
+    bf16 = teacher + ["teacher.dtype=bfloat16", f"data.train={subset}"]
+    only_train = ['run.stages=["distill"]']
     stores = {
-        "hidden_bf16": build(bench, "store-hidden-bf16", bf16, []),
-        "hidden_int8": build(bench, "store-hidden-int8", bf16, [], dtype="int8"),
-        "topk_64": build(bench, "store-topk-64", bf16, [], mode="topk", k=64),
-        "topk_128": build(bench, "store-topk-128", bf16, [], mode="topk", k=128),
+        "hidden_bf16": build(bench, "store-hidden-bf16", bf16, only_train),
+        "hidden_int8": build(bench, "store-hidden-int8", bf16, only_train, dtype="int8"),
+        "topk_64": build(bench, "store-topk-64", bf16, only_train, mode="topk", k=64),
+        "topk_128": build(bench, "store-topk-128", bf16, only_train, mode="topk", k=128),
     }
     out = {"bytes": {}, "fidelity": {}}
     for name, folder in stores.items():
@@ -200,6 +205,46 @@ def tokens_per_s(bench: Bench, name: str, overrides: list[str], steps: int) -> t
     later = lines[1:]  # the first interval holds the warm-up
     waits = [line.get("perf/teacher_wait_fraction", 0.0) for line in later]
     return sum(line["perf/tokens_per_s"] for line in later) / len(later), sum(waits) / len(waits)
+
+
+def signal_times(bench: Bench, teacher: list[str], store: Path, batches: int = 12) -> dict:
+    """Milliseconds to get one batch's teacher signal (16 sequences, hidden states): the live float32 teacher's
+    forward against the store's read, interleaved batch by batch, so a shared machine's load falls on both alike."""
+    config = bench.config("signal-times", teacher)
+    live = build_teacher(config, torch.device("cpu"))
+    stored = StoreTeacher(store)
+    dataset = Job(config, REGISTRY).tokenized("train", live.tokenizer, None)
+    pad = live.tokenizer.pad_token_id
+    request = SignalRequest(hidden_states=True)
+    times: dict[str, list[float]] = {"live": [], "store": []}
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = min(batches, len(dataset) // 16)
+    for b in range(batches):
+        rows = [dataset[i] for i in order[b * 16 : (b + 1) * 16]]
+        batch = collate(
+            [
+                {
+                    "student_ids": r["student_ids"],
+                    "teacher_ids": r["student_ids"],
+                    "student_prompt_len": r["student_prompt_len"],
+                    "teacher_prompt_len": r["student_prompt_len"],
+                    "sample_id": r["sample_id"],
+                }
+                for r in rows
+            ],
+            student_pad_id=pad,
+            teacher_pad_id=pad,
+        )
+        args = (batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_rows, request)
+        for name, source in (("live", live), ("store", stored)):
+            started = time.perf_counter()
+            source.score(*args)
+            times[name].append((time.perf_counter() - started) * 1000)
+    stored.close()
+    live_ms, store_ms = (
+        sorted(v[1:])[len(v[1:]) // 2] for v in (times["live"], times["store"])
+    )  # medians after one warm-up
+    return {"batches": batches, "live_forward_ms": round(live_ms, 2), "store_read_ms": round(store_ms, 2)}
 
 
 def step_times(bench: Bench, teacher: list[str], store: Path, steps: int, server_threads: int) -> dict:
@@ -307,6 +352,7 @@ def main() -> int:
         quality = bytes_and_fidelity(bench, teacher, args.fidelity_samples)
         store = build(bench, "store-main", teacher, [])  # the float32 CPU teacher's hidden states, bf16
         steps = step_times(bench, teacher, store, args.steps, args.server_threads)
+        steps["signal_per_batch"] = signal_times(bench, teacher, store)
         students = three_students(bench, store, args.student_steps, args.eval_samples)
     result = {
         "benchmark": "teacher_store",
