@@ -48,6 +48,16 @@ def test_a_student_of_another_tokenizer_trains_from_the_store_with_the_live_teac
     assert stored[-1]["teacher/store_reads"] > 0
 
 
+def test_dskd_cma_attends_over_the_teacher_embeddings_kept_in_the_store(tmp_path):
+    path = store_job(tmp_path, samples=24, student="gpt2", objective="dskd_cma", steps=2)
+    store = _build(path, tmp_path / "store", dtype="float32")
+    live = _distil(path, ["run.output_dir=live"])
+    stored = _distil(path, ["run.output_dir=stored", f"teacher.store={store}", 'teacher.config=""'])
+    assert len(live) == len(stored) == 2
+    for a, b in zip(live, stored):
+        assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6 * max(1.0, abs(a["train/loss"]))
+
+
 def test_kd_learns_from_a_topk_store_as_from_the_live_teachers_top_k(tmp_path):
     path = store_job(tmp_path, samples=24, objective="kd", steps=3)
     # top-k log-probabilities cannot be re-tempered, so a sparse teacher is distilled at temperature 1
