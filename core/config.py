@@ -72,6 +72,8 @@ class TeacherConfig(ModelConfig):
     """Where a remote teacher's tokenizer and LM head are cached (by fingerprint). Empty: ~/.cache/dskd."""
     dtype: str = "auto"
     """Weights dtype of an in-process teacher: "auto" (float32 on CPU, bfloat16 on CUDA, as a teacher server by default), "float32" or "bfloat16"."""
+    store: str = ""
+    """A teacher store (`dskd teacher-store build`): the teacher's signal is read from this folder, with no teacher process. When model, config or address is also set, the store must be that teacher's."""
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,7 @@ PATH_FIELDS = {
     ("teacher", "tokenizer"),
     ("teacher", "tls_ca_file"),
     ("teacher", "cache_dir"),
+    ("teacher", "store"),
     ("data", "train"),
     ("data", "valid"),
     ("data", "test"),
@@ -652,6 +655,9 @@ def check_values(config: Config) -> list[ConfigProblem]:
                     f"{value} is not a regular file (a pipe, socket or device)",
                     "point it at a JSONL file or another data file",
                 )
+    from dskd.store.checks import store_value_problems  # local: the store package imports this module
+
+    p.extend(store_value_problems(config))
     return p
 
 
@@ -701,15 +707,18 @@ def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
     if (
         objective is not None
         and registry.declared("objectives", config.objective.name, "needs_teacher")
-        and not (t.model or t.config or t.address)
+        and not (t.model or t.config or t.address or t.store)
     ):
         problems.append(
             ConfigProblem(
                 "teacher",
-                "no teacher: neither model, config nor address is set",
-                f"set teacher.model, teacher.config or teacher.address (objective {config.objective.name!r} needs one)",
+                "no teacher: neither model, config, address nor store is set",
+                f"set teacher.model, teacher.config, teacher.address or teacher.store (objective {config.objective.name!r} needs one)",
             )
         )
+    from dskd.store.checks import store_plugin_problems  # local: the store package imports this module
+
+    problems.extend(store_plugin_problems(config, registry))
     for table, family in PLUGIN_TABLES.items():
         section = getattr(config, table)
         if not section.name:

@@ -61,6 +61,10 @@ class TeacherError(DskdError):
     """A teacher could not answer. Names the address and a hint; never silently replaced by zeros."""
 
 
+class StoreError(TeacherError):
+    """A teacher store is missing, damaged, unfinished or does not fit the job (teacher, data, lengths, mode)."""
+
+
 class CheckpointError(DskdError):
     """A checkpoint is missing, partial or was written for a different run."""
 

@@ -31,8 +31,14 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 DECLARATIONS: dict[str, dict[str, Any]] = {
     "divergences": {"accepts_sparse_teacher": False, "option_ranges": {}},
     "aligners": {"default": False, "option_ranges": {}},
-    "policies": {"default": False, "option_ranges": {}},
-    "objectives": {"needs_teacher": True, "default_aligner": "", "teacher_sft": False, "option_ranges": {}},
+    "policies": {"default": False, "teacher_store": False, "option_ranges": {}},
+    "objectives": {
+        "needs_teacher": True,
+        "default_aligner": "",
+        "teacher_sft": False,
+        "teacher_store_modes": ("hidden",),
+        "option_ranges": {},
+    },
 }
 """What a registered factory (or divergence function) may declare as an attribute, with the value assumed when it
 does not (docs/plugins.md explains each):
@@ -40,9 +46,13 @@ does not (docs/plugins.md explains each):
 - divergence `accepts_sparse_teacher`: it takes a `SparseTeacher` (top-k + tail) in place of dense logits;
 - aligner `default`: the aligner used across vocabularies when a job names none (built-in: eta);
 - policy `default`: the policy of a job that names none, and of the teacher_sft stage (built-in: off_policy);
+- policy `teacher_store`: a teacher store can serve it, because it distils on the dataset's own sequences only
+  (built-in: off_policy; policies that sample from the student or the teacher need the live teacher);
 - objective `needs_teacher`: False for an objective without distillation parts (no teacher, no `kd_rate`);
 - objective `default_aligner`: the aligner it uses when the job names none (uld: index, mined_kd: mined);
 - objective `teacher_sft`: the objective the teacher_sft stage trains the teacher with (built-in: sft);
+- objective `teacher_store_modes`: the teacher-store modes it can learn from ("hidden": last hidden states and the
+  stored head, which give every teacher output exactly; "topk": top-k log-probabilities; kd declares both);
 - any plugin `option_ranges`: `{option: (low, high)}`, inclusive, None for an open end; checked by validation.
 """
 

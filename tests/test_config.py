@@ -166,6 +166,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "retry_timeout_s": 60,
             "wire_dtype": "float32",
             "cache_dir": "teacher-cache",
+            "store": "",  # a store must exist to validate; tests/test_store_*.py parse real ones
         },
         "teacher_sft": {"steps": 5, "lr": 0.002, "batch_size": 4, "warmup_steps": 1},
         "data": {

@@ -76,7 +76,9 @@ def evaluate_stage(
         # A remote teacher generates on its server (Generate): the same metrics as an in-process one.
         results["teacher"] = generation_metrics(config, teacher, teacher.tokenizer)
     else:
-        console.print("eval: the remote teacher does not offer Generate; its generation metrics are not measured")
+        console.print(
+            "eval: the teacher does not offer Generate (a server without it, or a teacher store); its generation metrics are not measured"
+        )
     init = build_student(config, device, fresh=True)
     same_vocab = same_vocabulary(teacher.tokenizer, init.tokenizer)
     # objective=None: teacher agreement is measured with the configured (else the exact, eta) alignment, not

@@ -69,6 +69,11 @@ class Teacher:
         """Sampled continuations (token ids, without the prompt) of each prompt."""
         raise NotImplementedError
 
+    def check_request(self, request: SignalRequest) -> str:
+        """Why this teacher cannot answer `request` (a sentence, checked at setup), or "" when it can. Beyond
+        `capabilities`: e.g. a teacher store of top-64 entries cannot answer a top-128 request."""
+        return ""
+
     def stats(self) -> dict[str, float]:
         """Counters logged as `teacher/<name>` at each log interval (a remote teacher's calls, retries, ...)."""
         return {}

@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--data", help="a JSONL file to measure alignment on")
     doctor.add_argument("--json", action="store_true")
     doctor.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    from dskd.store.cli import add_parser as add_teacher_store  # teacher-store build|info|verify
+
+    add_teacher_store(sub)
     return parser
 
 
@@ -161,6 +165,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(args.teacher, args.student, data=args.data, as_json=args.json)
 
 
+def cmd_teacher_store(args: argparse.Namespace) -> int:
+    from dskd.store.cli import cmd_teacher_store as run_store_command
+
+    return run_store_command(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
@@ -168,6 +178,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "report": cmd_report,
     "doctor": cmd_doctor,
+    "teacher-store": cmd_teacher_store,
 }
 
 

@@ -16,19 +16,25 @@ import torch
 
 from dskd.config import Config, plugin_options
 from dskd.errors import PluginError
+from dskd.kit.contracts import member
 from dskd.kit.lm_head import head_from_model
 from dskd.kit.objective import ObjectiveContext, same_vocabulary, student_ce_terms
 from dskd.kit.policy import PolicyContext
 from dskd.models.loading import check_vocabulary, ensure_pad_token, load_model, load_tokenizer
-from dskd.models.teacher import LocalTeacher
+from dskd.models.teacher import LocalTeacher, Teacher
 from dskd.run.plugin_checks import CheckedAligner, checked_divergence, describe
 
 
 def build_teacher(
     config: Config, device: torch.device, *, model_path: str | None = None, cache_dir: Path | None = None
 ):
-    """The configured teacher: a gRPC `RemoteTeacher` when `teacher.address` is set, else a `LocalTeacher`."""
+    """The configured teacher: a `StoreTeacher` when `teacher.store` is set, a gRPC `RemoteTeacher` when
+    `teacher.address` is, else a `LocalTeacher`."""
     t = config.teacher
+    if t.store:  # signals precomputed on disk, no teacher process (dskd.store); checked against the job there
+        from dskd.store.teacher import open_store_teacher
+
+        return open_store_teacher(config, device, model_path=model_path, cache_dir=cache_dir)
     if t.address:
         from dskd.servers.client import RemoteTeacher  # grpc is only imported for remote teachers
 
@@ -155,6 +161,9 @@ def build_objective(
         missing = _missing_capabilities(objective.request, teacher)
         if missing:
             raise PluginError(f"objective {name!r} needs {missing} from the teacher, which it does not offer")
+        refusal = member(teacher, Teacher, "check_request")(objective.request)
+        if refusal:
+            raise PluginError(f"objective {name!r} cannot use this teacher: {refusal}")
     return objective, functools.partial(student_ce_terms, head, chunk_size=context.chunk_size)
 
 

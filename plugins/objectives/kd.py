@@ -83,6 +83,10 @@ def kd(context: ObjectiveContext, *, teacher_signal: str = "hidden", top_k: int 
     return KD(context, teacher_signal, top_k)
 
 
+# hidden: the exact distribution from stored hidden states and head; topk: with teacher_signal = "top_k"
+kd.teacher_store_modes = ("hidden", "topk")
+
+
 @dskd.hookimpl
 def dskd_register_objectives(register) -> None:
     register("kd", kd)
