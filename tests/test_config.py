@@ -153,6 +153,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "tokenizer": "org/student-tok",
             "dtype": "bfloat16",
             "gradient_checkpointing": True,
+            "chat_template": "",
         },
         "teacher": {
             "model": "",
@@ -166,6 +167,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "retry_timeout_s": 60,
             "wire_dtype": "float32",
             "cache_dir": "teacher-cache",
+            "chat_template": "",
         },
         "teacher_sft": {"steps": 5, "lr": 0.002, "batch_size": 4, "warmup_steps": 1},
         "data": {
@@ -181,6 +183,10 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "max_prompt_length": 32,
             "num_workers": 2,
             "cache_dir": "data-cache",
+            "format": "instruction",
+            "messages_field": "conversation",
+            "completion_field": "answer",
+            "train_on": "last",
         },
         "train": {
             "max_steps": 9,

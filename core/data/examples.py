@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -35,73 +34,41 @@ except ImportError:  # datasets < 4 names the variable-length list feature Seque
     from datasets import Sequence as List
 
 from dskd.config import DataConfig
+from dskd.data import chat
+from dskd.data.records import (  # noqa: F401  (Example, render_prompt, ALPACA*: the names this module always had)
+    ALPACA,
+    ALPACA_WITH_CONTEXT,
+    Example,
+    check_template,
+    detect_shape,
+    needed_fields,
+    prompt_name,
+    render_prompt,
+    to_example,
+)
 from dskd.errors import DataError, PluginError
 from dskd.models.teacher import tokenizer_fingerprint
 
-ALPACA = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-ALPACA_WITH_CONTEXT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-    "### Input:\n{context}\n\n### Response:\n"
-)
-_PLACEHOLDER = re.compile(r"\{(instruction|context)\}")
 CACHE_VERSION = 2  # bump when the cached columns or their meaning change
 
 
-@dataclass(frozen=True)
-class Example:
-    """One sample: the complete prompt text and its reference responses (the first is trained on)."""
-
-    prompt: str
-    references: tuple[str, ...]
-
-    @property
-    def response(self) -> str:
-        return self.references[0]
-
-
-def render_prompt(instruction: str, context: str, template: str) -> str:
-    """The prompt for one record: the Alpaca template (with an input section only when there is context) or a
-    custom template whose `{instruction}` and `{context}` are substituted (other braces are left alone)."""
-    if template == "alpaca":
-        template = ALPACA_WITH_CONTEXT if context.strip() else ALPACA
-    # One pass, so a "{context}" written inside the instruction text stays as it is.
-    values = {"instruction": instruction, "context": context}
-    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
-
-
 def load_examples(path: str | Path, cfg: DataConfig, split: str) -> list[Example]:
-    """Read one JSONL split into `Example`s; every problem is a one-line `DataError` naming file, sample and fix."""
+    """Read one split into `Example`s (any record shape, `dskd.data.records`); every problem is a one-line
+    `DataError` naming file, sample and fix."""
     where = f"data.{split} ({path})"
-    key = "prompt_field" if cfg.prompt_field else "instruction_field"
-    needed = [(key, cfg.prompt_field or cfg.instruction_field), ("response_field", cfg.response_field)]
-    if not cfg.prompt_field:
-        _check_template(cfg.template)
-    columns, rows = _read_rows(Path(path), where, split, [cfg.context_field] + [name for _, name in needed])
-    for config_key, name in needed:
+    if cfg.format in ("auto", "instruction") and not cfg.prompt_field:
+        check_template(cfg.template)
+    fields = [cfg.context_field, cfg.instruction_field, cfg.response_field, cfg.messages_field, cfg.completion_field]
+    columns, rows = _read_rows(Path(path), where, split, [name for name in fields + [prompt_name(cfg)] if name])
+    shape = detect_shape(columns, cfg)
+    for config_key, name in needed_fields(shape, cfg):
         if name not in columns:
             raise DataError(
                 f"{where} has no field {name!r} (fields: {', '.join(columns)}); "
                 f"set data.{config_key} to the field that holds it"
             )
     use_context = bool(cfg.context_field) and cfg.context_field in columns and not cfg.prompt_field
-    examples = []
-    for index, row in enumerate(rows):
-        text = _string(row, cfg.prompt_field or cfg.instruction_field, where, index)
-        references = _references(row, cfg.response_field, where, index)
-        if not cfg.prompt_field:
-            context = _string(row, cfg.context_field, where, index, optional=True) if use_context else ""
-            if context.strip() and cfg.template != "alpaca" and "{context}" not in cfg.template:
-                raise DataError(
-                    f"{where}, sample {index}: has a {cfg.context_field!r} but data.template has no {{context}}; "
-                    'add {context} to the template, or set data.context_field = "" to ignore context'
-                )
-            text = render_prompt(text, context, cfg.template)
-        examples.append(Example(prompt=text, references=references))
-    return examples
+    return [to_example(row, cfg, shape, where, index, use_context=use_context) for index, row in enumerate(rows)]
 
 
 def _read_rows(path: Path, where: str, split: str, fields: list[str]) -> tuple[list[str], Iterable[dict[str, Any]]]:
@@ -176,36 +143,6 @@ def _diagnose_jsonl(path: Path, where: str) -> None:
                 raise DataError(
                     f"{where}: line {number} is a {type(value).__name__}, not a JSON object; write one object per line (JSONL)"
                 )
-
-
-def _string(row: dict[str, Any], name: str, where: str, index: int, optional: bool = False) -> str:
-    value = row.get(name)
-    if value is None and optional:
-        return ""
-    if not isinstance(value, str):
-        got = "missing" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
-        raise DataError(
-            f"{where}, sample {index}: field {name!r} is {got}, not a string; store text in it or fix that sample"
-        )
-    return value
-
-
-def _references(row: dict[str, Any], name: str, where: str, index: int) -> tuple[str, ...]:
-    value = row.get(name)
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    if isinstance(value, list):
-        raise DataError(
-            f"{where}, sample {index}: field {name!r} must be a string or a non-empty list of strings; fix that sample"
-        )
-    return (_string(row, name, where, index),)
-
-
-def _check_template(template: str) -> None:
-    if template != "alpaca" and "{instruction}" not in template:
-        raise DataError(
-            f'data.template {template[:40]!r} has no {{instruction}}; use "alpaca" or a string with {{instruction}} (and {{context}})'
-        )
 
 
 def _tokenizer_name(tokenizer: Any) -> str:
@@ -343,14 +280,18 @@ class _PairEncoder:
         cfg: DataConfig,
         aligner: Any | None,
         split: str,
+        sides: tuple[str, str] = ("student", "teacher"),
     ) -> None:
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizer = teacher_tokenizer  # None: the teacher shares the student's tokenizer
         self.cfg = cfg
         self.aligner = aligner
         self.split = split
+        self.sides = sides  # the config tables the two tokenizers come from, for error messages
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if "messages" in batch:
+            return self._conversations(batch)
         prompts, responses, indices = batch["prompt"], batch["response"], batch["sample_id"]
         student = _encode_many(self.student_tokenizer, prompts, responses, self.cfg, self.split, indices)
         teacher = (
@@ -389,12 +330,112 @@ class _PairEncoder:
             )
         return pairs.reshape(-1).tolist()
 
+    def _conversations(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {key: [] for key in FEATURES}
+        out.update(student_label_mask=[], teacher_label_mask=[])
+        if self.aligner is not None:
+            out.update(alignment=[], text_differs=[])
+        for index, raw, trained in zip(batch["sample_id"], batch["messages"], batch["trained"]):
+            messages = tuple((role, content) for role, content in json.loads(raw))
+            student = encode_turns(
+                self.student_tokenizer, messages, tuple(trained), self.cfg, self.split, index, self.sides[0]
+            )
+            teacher = (
+                student
+                if self.teacher_tokenizer is None
+                else encode_turns(
+                    self.teacher_tokenizer, messages, tuple(trained), self.cfg, self.split, index, self.sides[1]
+                )
+            )
+            out["sample_id"].append(index)
+            for side, encoded in (("student", student), ("teacher", teacher)):
+                out[f"{side}_ids"].append(encoded.ids)
+                out[f"{side}_prompt_len"].append(encoded.prompt_len)
+                out[f"{side}_label_mask"].append(encoded.mask)
+            if self.aligner is not None:
+                out["alignment"].append(self._align_turns(teacher, student, index))
+                from dskd.kit import Aligner, member  # local: the kit's sampling helpers import this module
+
+                differs = member(self.aligner, Aligner, "text_differs")
+                out["text_differs"].append(
+                    any(
+                        bool(differs(teacher.ids[t0:t1], student.ids[s0:s1]))
+                        for (t0, t1, _), (s0, s1, _) in zip(teacher.turns, student.turns)
+                    )
+                )
+        return out
+
+    def _align_turns(self, teacher: "TurnEncoding", student: "TurnEncoding", index: int) -> list[int]:
+        """Turn k of the teacher with turn k of the student: the aligner pairs the two contents (each its own
+        tokenisation of the same text), shifted to label positions, and the two end-of-turn tokens (their last
+        tokens, when both templates write one) pair like the EOS pair of an instruction sample."""
+        blocks = []
+        for (t0, t1, t_end), (s0, s1, s_end) in zip(teacher.turns, student.turns):
+            t_labels, s_labels = teacher.ids[t0:t1], student.ids[s0:s1]
+            pairs = self._align((t_labels, 0), (s_labels, 0), index) if t_labels and s_labels else []
+            block = np.asarray(pairs, dtype=np.int64).reshape(-1, 2) + [
+                t0 - teacher.prompt_len,
+                s0 - student.prompt_len,
+            ]
+            if t_end > t1 and s_end > s1:
+                block = np.concatenate([block, [[t_end - 1 - teacher.prompt_len, s_end - 1 - student.prompt_len]]])
+            blocks.append(block)
+        return np.concatenate(blocks).astype(np.int64).reshape(-1).tolist() if blocks else []
+
+
+@dataclass(frozen=True)
+class TurnEncoding:
+    """One side of a tokenised conversation: ids up to the last label, the first label position, the label mask over
+    `ids[prompt_len:]`, and each trained turn's `(content start, content end, end-of-turn end)` token positions."""
+
+    ids: list[int]
+    prompt_len: int
+    mask: list[int]
+    turns: list[tuple[int, int, int]]
+
+
+def encode_turns(
+    tokenizer: Any,
+    messages: tuple[tuple[str, str], ...],
+    trained: tuple[int, ...],
+    cfg: DataConfig,
+    split: str,
+    index: int,
+    side: str,
+) -> TurnEncoding:
+    """A conversation rendered with `tokenizer`'s own chat template (`dskd.data.chat`), as training rows need it.
+
+    Labels are the trained assistant turns' content and end-of-turn tokens; the ids stop after the last label (the
+    template's text after it is never trained on). More than `cfg.max_length` ids is a `DataError`; conversations
+    are never cut (a cut conversation would train on a turn without its context)."""
+    where = f"data.{split}, sample {index}"
+    encoded = chat.encode_conversation(tokenizer, messages, side=side, where=where)
+    turns = [(t.content[0], t.content[1], t.marker[1]) for t in encoded.turns if t.message in trained]
+    labels = encoded.label_tokens(trained)
+    first, last = labels[0], labels[-1]
+    if first == 0:
+        raise DataError(
+            f"{where}: the {side} chat template writes nothing before the first assistant turn, so no token "
+            "predicts its first token; start the conversation with a user turn"
+        )
+    if last + 1 > cfg.max_length:
+        raise DataError(
+            f"{where}: {last + 1} tokens with {_tokenizer_name(tokenizer)!r} (its chat template) exceed "
+            f"data.max_length = {cfg.max_length}; raise data.max_length or drop that sample"
+        )
+    mask = np.zeros(last + 1 - first, dtype=np.int8)
+    mask[np.asarray(labels) - first] = 1
+    return TurnEncoding(encoded.ids[: last + 1], first, mask.tolist(), turns)
+
 
 def data_fingerprint(examples: list[Example]) -> str:
     """Content hash of a split's prompts and references (order included)."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps([example.prompt, list(example.references)], ensure_ascii=False).encode())
+        record = [example.prompt, list(example.references)]
+        if example.is_conversation:  # instruction samples keep the hash (and cache) they always had
+            record += [[list(m) for m in example.messages], list(example.trained)]
+        digest.update(json.dumps(record, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:32]
 
@@ -457,11 +498,17 @@ def tokenize_split(
     cache_dir: str | Path | None = None,
     num_workers: int = 0,
     split: str = "train",
+    sides: tuple[str, str] = ("student", "teacher"),
 ) -> Dataset:
     """Student and teacher ids of every example, and the alignment of their label sequences when `aligner`
     is given, as a `datasets.Dataset` (columns `sample_id`, `student_ids`, `student_prompt_len`, `teacher_ids`,
     `teacher_prompt_len`, and with an aligner `alignment` and `text_differs`: whether the two tokenizations
     disagree about the sample's text, `Aligner.text_differs`).
+
+    Conversations are rendered by each tokenizer's own chat template and add `student_label_mask` and
+    `teacher_label_mask` (1 where `ids[prompt_len:]` is a label: assistant content and end-of-turn tokens); their
+    alignment pairs tokens inside corresponding assistant turns only. `sides` names the config tables the two
+    tokenizers come from (for error messages: which `<side>.chat_template` to set).
 
     Tokenisation and alignment run in `num_workers` processes (0: this one). With `cache_dir`, the result is
     stored there under a key of the data's content, both tokenizers, the aligner and the length limits, and
@@ -469,8 +516,19 @@ def tokenize_split(
     """
     if not examples:
         raise DataError(f"data.{split}: split is empty; add samples or point data.{split} at another file")
+    conversations = examples[0].is_conversation
     student_fp = tokenizer_fingerprint(student_tokenizer)
     teacher_fp = student_fp if teacher_tokenizer is None else tokenizer_fingerprint(teacher_tokenizer)
+    if conversations:
+        # The templates are part of what a conversation's ids depend on; a missing one fails here, before work.
+        where = f"data.{split}"
+        chat.require_template(student_tokenizer, sides[0], where)
+        student_fp += chat.template_fingerprint(student_tokenizer)
+        if teacher_tokenizer is None:
+            teacher_fp = student_fp
+        else:
+            chat.require_template(teacher_tokenizer, sides[1], where)
+            teacher_fp += chat.template_fingerprint(teacher_tokenizer)
     if teacher_fp == student_fp:
         teacher_tokenizer = None  # same tokenizer: the teacher columns repeat the student's, tokenised once
     key = hashlib.sha256(
@@ -496,19 +554,21 @@ def tokenize_split(
     features = dict(
         FEATURES, **({"alignment": List(Value("int32")), "text_differs": Value("bool")} if aligner is not None else {})
     )
-    raw = Dataset.from_dict(
-        {
-            "sample_id": list(range(len(examples))),
-            "prompt": [e.prompt for e in examples],
-            "response": [e.response for e in examples],
+    if conversations:
+        features.update(student_label_mask=List(Value("int8")), teacher_label_mask=List(Value("int8")))
+        columns = {
+            "messages": [json.dumps(e.messages, ensure_ascii=False) for e in examples],
+            "trained": [list(e.trained) for e in examples],
         }
-    )
+    else:
+        columns = {"prompt": [e.prompt for e in examples], "response": [e.response for e in examples]}
+    raw = Dataset.from_dict({"sample_id": list(range(len(examples))), **columns})
     encoded = raw.map(
-        _PairEncoder(student_tokenizer, teacher_tokenizer, cfg, aligner, split),
+        _PairEncoder(student_tokenizer, teacher_tokenizer, cfg, aligner, split, sides),
         batched=True,
         batch_size=256,
         num_proc=num_workers or None,
-        remove_columns=["prompt", "response"],
+        remove_columns=list(columns),
         features=Features(features),
         new_fingerprint=key,  # skips hashing the tokenizers through dill: the key already says what changed
         desc=f"tokenising data.{split}",

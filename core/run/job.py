@@ -124,7 +124,15 @@ class Job:
     def examples(self, split: str):
         return load_examples(getattr(self.config.data, split), self.config.data, split)
 
-    def tokenized(self, split: str, student_tokenizer: Any, teacher_tokenizer: Any, aligner: Any = None, examples=None):
+    def tokenized(
+        self,
+        split: str,
+        student_tokenizer: Any,
+        teacher_tokenizer: Any,
+        aligner: Any = None,
+        examples=None,
+        sides: tuple[str, str] = ("student", "teacher"),
+    ):
         examples = self.examples(split) if examples is None else examples
         # Tokenise (and align) once on the main process; the others then read the cache it wrote.
         with self.accelerator.main_process_first():
@@ -137,6 +145,7 @@ class Job:
                 cache_dir=self.cache_dir,
                 num_workers=self.config.data.num_workers,
                 split=split,
+                sides=sides,
             )
 
     def batches(self, dataset, batch_size: int, student_pad: int, teacher_pad: int, *, shuffle: bool = True):
@@ -173,7 +182,7 @@ class Job:
         objective, ce_terms = build_objective(
             cfg, self.registry, teacher_as_student, None, None, name=self.registry.default("objectives", "teacher_sft")
         )
-        dataset = self.tokenized("train", tokenizer, None)
+        dataset = self.tokenized("train", tokenizer, None, sides=("teacher", "teacher"))
         sft = cfg.teacher_sft
         train = dataclasses.replace(
             cfg.train,
