@@ -321,3 +321,37 @@ def test_a_conversation_longer_than_max_length_is_an_error_never_cut():
     ex = example()
     with pytest.raises(DataError, match="max_length = 16"):
         encode_turns(tokenizer("tinyllama"), ex.messages, ex.trained, DataConfig(max_length=16), "train", 0, "s")
+
+
+# -- doctor --------------------------------------------------------------------------------------------------------
+
+
+def test_doctor_chat_marks_both_label_spans_reports_the_aligned_fraction_and_warns_about_a_folded_system_role():
+    from dskd.evaluation.doctor import diagnose_chat
+
+    report = diagnose_chat(str(TOKENIZERS / "mistral"), str(TOKENIZERS / "tinyllama"))
+    assert "[/INST]«42</s>»" in report["teacher"]["rendering"]
+    assert "<|assistant|>\n«42</s>»" in report["student"]["rendering"]
+    assert 0.5 < report["aligned_fraction"] <= 1 and report["aligned_pairs"] > 0
+    assert any("teacher template has no system role" in w for w in report["warnings"])
+    assert not any("student template" in w for w in report["warnings"])
+
+
+def test_doctor_chat_warns_when_a_template_drops_a_role_or_changes_the_assistant_text(tmp_path):
+    from dskd.evaluation.doctor import diagnose_chat
+
+    no_system = tmp_path / "no_system.jinja"
+    no_system.write_text(
+        CHATML.replace("{% for message in messages %}", "{% for message in messages if message['role'] != 'system' %}")
+    )
+    trimming = tmp_path / "trimming.jinja"
+    trimming.write_text(TRIMMING)
+    data = tmp_path / "chat.jsonl"
+    messages = [{"role": r, "content": c} for r, c in CONVERSATION]
+    messages[-1]["content"] += "\n"  # the trimming template leaves this newline out of its assistant span
+    data.write_text(json.dumps({"messages": messages}) + "\n")
+    report = diagnose_chat(
+        str(TOKENIZERS / "gpt2"), str(TOKENIZERS / "tinyllama"), str(data), (str(no_system), str(trimming))
+    )
+    assert any("teacher template drops message 0 (system)" in w for w in report["warnings"])
+    assert any("different text in its span" in w for w in report["warnings"])  # "...Bye!" vs trimmed

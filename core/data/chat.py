@@ -144,11 +144,16 @@ def _find(text: str, content: str, start: int) -> tuple[int, int] | None:
     return None
 
 
-def _marker(tokenizer: Any, messages: list[Message], k: int) -> str:
+def _ambiguous(text: str, content: str, cursor: int) -> bool:
+    needle = content if content in text[cursor:] else content.strip()
+    return bool(needle) and text.count(needle, cursor) > 1
+
+
+def _marker(tokenizer: Any, messages: list[Message], k: int, rendered: str | None = None) -> str:
     """The text the template writes after assistant message k when it is the last message, trailing whitespace
-    removed: the end-of-turn marker."""
+    removed: the end-of-turn marker. `rendered`: that rendering, when the caller has it."""
     try:
-        text = _apply(tokenizer, messages[: k + 1], False)
+        text = rendered if rendered is not None else _apply(tokenizer, messages[: k + 1], False)
     except Exception:  # the template refuses a conversation ending there: no marker can be read
         return ""
     content = messages[k][1]
@@ -170,12 +175,16 @@ def locate(
     text, rendered, folded = render(tokenizer, messages, side=side, where=where)
     spans: list[tuple[int, int] | None] = []
     markers: list[str] = []
+    marker: str | None = None
     cursor = 0
     for k, (role, content) in enumerate(rendered):
         start = cursor
-        if role == "assistant":
+        if role == "assistant" and k and _ambiguous(text, content, cursor):
+            # The content also occurs earlier (in a header, or a user turn the template dropped): start the search
+            # where the template's generation prompt for this turn ends. Rendered only when needed (it costs a
+            # template render; most contents occur once).
             try:
-                prompt = _apply(tokenizer, rendered[:k], True) if k else ""
+                prompt = _apply(tokenizer, rendered[:k], True)
             except Exception:
                 prompt = ""
             if prompt and text.startswith(prompt):
@@ -188,12 +197,18 @@ def locate(
                     f"{where}: assistant message {k} {what} for the {side} chat template of {_name(tokenizer)!r}; "
                     f"fix that sample, or set {side}.chat_template to a template that writes assistant content verbatim"
                 )
-            markers.append(_marker(tokenizer, rendered, k))
+            if marker is None:
+                # What the template writes after an assistant turn is the same for every turn of a conversation
+                # (templates do not branch on the turn's position except for the last message): read once, from
+                # the last assistant turn, and checked at each turn by the caller (it must follow the content).
+                last = max(j for j, (r, _) in enumerate(rendered) if r == "assistant")
+                marker = _marker(tokenizer, rendered, last, text if last == len(rendered) - 1 else None)
+            markers.append(marker)
+        else:
+            markers.append("")
         if span is not None:
             cursor = span[1]
         spans.append(span)
-        if role != "assistant":
-            markers.append("")
     return text, spans, markers, rendered, folded
 
 
