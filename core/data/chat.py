@@ -26,6 +26,7 @@ the convention of templates that support it that way; `folded_system` records it
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +73,12 @@ def template_of(tokenizer: Any) -> str:
 
 
 def template_fingerprint(tokenizer: Any) -> str:
-    return hashlib.sha256(template_of(tokenizer).encode()).hexdigest()[:16]
+    return _hash(template_of(tokenizer))
+
+
+@functools.lru_cache(maxsize=64)
+def _hash(template: str) -> str:
+    return hashlib.sha256(template.encode()).hexdigest()[:16]
 
 
 def _name(tokenizer: Any) -> str:
@@ -118,14 +124,20 @@ def render(
     rendered message's index in `messages`)`."""
     require_template(tokenizer, side, where.split(",")[0])
     messages = list(messages)
-    try:
-        return _apply(tokenizer, messages, generation_prompt), messages, None
-    except Exception as first:  # jinja2's TemplateError (raise_exception), or anything the template does
-        error = first
-    if any(role == "system" for role, _ in messages):
+    has_system = any(role == "system" for role, _ in messages)
+    key = template_fingerprint(tokenizer)
+    error: Exception | None = None
+    if not (has_system and _REJECTS_SYSTEM.get(key)):
+        try:
+            return _apply(tokenizer, messages, generation_prompt), messages, None
+        except Exception as first:  # jinja2's TemplateError (raise_exception), or anything the template does
+            error = first
+    if has_system:
         folded, origin = _fold_system(messages)
         try:
-            return _apply(tokenizer, folded, generation_prompt), folded, origin
+            text = _apply(tokenizer, folded, generation_prompt)
+            _REJECTS_SYSTEM[key] = True  # later conversations skip the attempt that raises (a costly render)
+            return text, folded, origin
         except Exception as second:
             error = second
     raise DataError(
@@ -133,6 +145,9 @@ def render(
         f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); fix that sample "
         f"(e.g. alternate user and assistant turns) or set {side}.chat_template to a template that accepts it"
     )
+
+
+_REJECTS_SYSTEM: dict[str, bool] = {}  # template fingerprint -> it raised on a system message and folding worked
 
 
 def _find(text: str, content: str, start: int) -> tuple[int, int] | None:
@@ -220,12 +235,29 @@ def encode_conversation(
     tokenizer: Any, messages: tuple[Message, ...] | list[Message], *, side: str, where: str
 ) -> EncodedConversation:
     """Render with the tokenizer's template and tokenise the whole text; each assistant turn's token ranges."""
-    text, spans, markers, rendered, origin = locate(tokenizer, messages, side=side, where=where)
+    return encode_conversations(tokenizer, [messages], side=side, wheres=[where])[0]
+
+
+def encode_conversations(
+    tokenizer: Any, conversations: list, *, side: str, wheres: list[str]
+) -> list[EncodedConversation]:
+    """`encode_conversation` of many conversations, with one tokenizer call for all their renderings."""
+    located = [locate(tokenizer, m, side=side, where=w) for m, w in zip(conversations, wheres)]
+    encoded = tokenizer([x[0] for x in located], add_special_tokens=False, return_offsets_mapping=True)
+    specials = _specials(tokenizer)
+    return [
+        _turns(tokenizer, messages, where, loc, ids, offsets, specials)
+        for messages, where, loc, ids, offsets in zip(
+            conversations, wheres, located, encoded["input_ids"], encoded["offset_mapping"]
+        )
+    ]
+
+
+def _turns(tokenizer, messages, where, located, ids, offsets, specials) -> EncodedConversation:
+    text, spans, markers, rendered, origin = located
     if origin is None:
         origin = list(range(len(rendered)))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], [tuple(o) for o in encoded["offset_mapping"]]
-    specials = _specials(tokenizer)
+    offsets = [tuple(o) for o in offsets]
     turns = []
     starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
     for k, (role, _) in enumerate(rendered):

@@ -335,33 +335,32 @@ class _PairEncoder:
         out.update(student_label_mask=[], teacher_label_mask=[])
         if self.aligner is not None:
             out.update(alignment=[], text_differs=[])
-        for index, raw, trained in zip(batch["sample_id"], batch["messages"], batch["trained"]):
-            messages = tuple((role, content) for role, content in json.loads(raw))
-            student = encode_turns(
-                self.student_tokenizer, messages, tuple(trained), self.cfg, self.split, index, self.sides[0]
+        indices = batch["sample_id"]
+        conversations = [tuple((role, content) for role, content in json.loads(raw)) for raw in batch["messages"]]
+        trained = [tuple(t) for t in batch["trained"]]
+        student = encode_turns_batch(
+            self.student_tokenizer, conversations, trained, self.cfg, self.split, indices, self.sides[0]
+        )
+        teacher = (
+            student
+            if self.teacher_tokenizer is None
+            else encode_turns_batch(
+                self.teacher_tokenizer, conversations, trained, self.cfg, self.split, indices, self.sides[1]
             )
-            teacher = (
-                student
-                if self.teacher_tokenizer is None
-                else encode_turns(
-                    self.teacher_tokenizer, messages, tuple(trained), self.cfg, self.split, index, self.sides[1]
-                )
-            )
-            out["sample_id"].append(index)
-            for side, encoded in (("student", student), ("teacher", teacher)):
-                out[f"{side}_ids"].append(encoded.ids)
-                out[f"{side}_prompt_len"].append(encoded.prompt_len)
-                out[f"{side}_label_mask"].append(encoded.mask)
-            if self.aligner is not None:
-                out["alignment"].append(self._align_turns(teacher, student, index))
-                from dskd.kit import Aligner, member  # local: the kit's sampling helpers import this module
+        )
+        out["sample_id"] = list(indices)
+        for side, encodings in (("student", student), ("teacher", teacher)):
+            out[f"{side}_ids"] = [e.ids for e in encodings]
+            out[f"{side}_prompt_len"] = [e.prompt_len for e in encodings]
+            out[f"{side}_label_mask"] = [e.mask for e in encodings]
+        if self.aligner is not None:
+            from dskd.kit import Aligner, member  # local: the kit's sampling helpers import this module
 
-                differs = member(self.aligner, Aligner, "text_differs")
+            differs = member(self.aligner, Aligner, "text_differs")
+            for t, s, index in zip(teacher, student, indices):
+                out["alignment"].append(self._align_turns(t, s, index))
                 out["text_differs"].append(
-                    any(
-                        bool(differs(teacher.ids[t0:t1], student.ids[s0:s1]))
-                        for (t0, t1, _), (s0, s1, _) in zip(teacher.turns, student.turns)
-                    )
+                    any(bool(differs(t.ids[t0:t1], s.ids[s0:s1])) for (t0, t1, _), (s0, s1, _) in zip(t.turns, s.turns))
                 )
         return out
 
@@ -408,8 +407,25 @@ def encode_turns(
     Labels are the trained assistant turns' content and end-of-turn tokens; the ids stop after the last label (the
     template's text after it is never trained on). More than `cfg.max_length` ids is a `DataError`; conversations
     are never cut (a cut conversation would train on a turn without its context)."""
-    where = f"data.{split}, sample {index}"
-    encoded = chat.encode_conversation(tokenizer, messages, side=side, where=where)
+    return encode_turns_batch(tokenizer, [messages], [trained], cfg, split, [index], side)[0]
+
+
+def encode_turns_batch(
+    tokenizer: Any,
+    conversations: list[tuple[tuple[str, str], ...]],
+    trained: list[tuple[int, ...]],
+    cfg: DataConfig,
+    split: str,
+    indices: list[int],
+    side: str,
+) -> list[TurnEncoding]:
+    """`encode_turns` of many conversations (one tokenizer call for all of them)."""
+    wheres = [f"data.{split}, sample {index}" for index in indices]
+    encoded = chat.encode_conversations(tokenizer, conversations, side=side, wheres=wheres)
+    return [_turn_encoding(tokenizer, e, t, cfg, w, side) for e, t, w in zip(encoded, trained, wheres)]
+
+
+def _turn_encoding(tokenizer: Any, encoded, trained: tuple[int, ...], cfg: DataConfig, where: str, side: str):
     turns = [(t.content[0], t.content[1], t.marker[1]) for t in encoded.turns if t.message in trained]
     labels = encoded.label_tokens(trained)
     first, last = labels[0], labels[-1]
