@@ -355,3 +355,39 @@ def test_doctor_chat_warns_when_a_template_drops_a_role_or_changes_the_assistant
     )
     assert any("teacher template drops message 0 (system)" in w for w in report["warnings"])
     assert any("different text in its span" in w for w in report["warnings"])  # "...Bye!" vs trimmed
+
+
+# -- through the CLI: one line, exit status 2, nothing written over -------------------------------------------------
+
+
+def chat_job(tmp_path):
+    import shutil
+
+    from tiny_job import write_job
+
+    path = write_job(tmp_path)
+    rows = (TOKENIZERS.parent / "chat" / "data" / "train.jsonl").read_text().splitlines()
+    for split, n in (("train", 24), ("valid", 8), ("test", 4)):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows[:n]) + "\n")
+    bare = tmp_path / "bare-tokenizer"  # TinyLlama's tokenizer without its chat template
+    shutil.copytree(TOKENIZERS / "tinyllama", bare, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    return path, bare
+
+
+@pytest.mark.integration
+def test_the_cli_names_the_chat_template_setting_for_a_student_without_a_template(tmp_path):
+    from test_cli_bad_input import one_line_error, run
+
+    path, bare = chat_job(tmp_path)
+    line = one_line_error(run(path, f"student.tokenizer={bare}", "data.max_length=200", "data.max_prompt_length=96"))
+    assert "student.chat_template" in line and "no chat template" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.integration
+def test_the_cli_refuses_a_sampling_policy_on_conversations_naming_off_policy(tmp_path):
+    from test_cli_bad_input import one_line_error, run
+
+    path, _ = chat_job(tmp_path)
+    line = one_line_error(run(path, "policy.name=on_policy", "data.max_length=200", "data.max_prompt_length=96"))
+    assert "conversations" in line and "off_policy" in line
