@@ -187,6 +187,9 @@ def diagnose_chat(
         side: load_tokenizer(ModelConfig(tokenizer=path, chat_template=template), side)
         for side, path, template in (("teacher", teacher_path, templates[0]), ("student", student_path, templates[1]))
     }
+    for (side, tok), flag in zip(tokenizers.items(), ("--teacher-template", "--student-template")):
+        if not chat.template_of(tok):
+            raise DskdError(f"the {side} tokenizer {tok.name_or_path!r} has no chat template; pass {flag} FILE.jinja")
     if data:
         conversations = [e for e in load_examples(data, DataConfig(format="conversation"), "doctor")]
         sample, source = conversations[0], f"{data}, sample 0"
