@@ -391,3 +391,13 @@ def test_the_cli_refuses_a_sampling_policy_on_conversations_naming_off_policy(tm
     path, _ = chat_job(tmp_path)
     line = one_line_error(run(path, "policy.name=on_policy", "data.max_length=200", "data.max_prompt_length=96"))
     assert "conversations" in line and "off_policy" in line
+
+
+@pytest.mark.parametrize("content", ["m", "end", "|", "im"])
+def test_the_end_of_turn_marker_is_found_when_the_content_is_a_piece_of_the_marker(content):
+    tok = tokenizer("gpt2", CHATML)
+    messages = (("user", "Say it."), ("assistant", content), ("user", "Again."), ("assistant", content))
+    enc = chat.encode_conversation(tok, messages, side="student", where="t")
+    for turn in enc.turns:
+        assert covered_text(enc.text, enc.offsets, range(*turn.marker)) == "<|im_end|>"
+        assert enc.text[slice(*turn.chars)] == content

@@ -164,21 +164,20 @@ def _ambiguous(text: str, content: str, cursor: int) -> bool:
     return bool(needle) and text.count(needle, cursor) > 1
 
 
-def _marker(tokenizer: Any, messages: list[Message], k: int, rendered: str | None = None) -> str:
+def _marker(tokenizer: Any, messages: list[Message], k: int, text: str, span: tuple[int, int]) -> str:
     """The text the template writes after assistant message k when it is the last message, trailing whitespace
-    removed: the end-of-turn marker. `rendered`: that rendering, when the caller has it."""
+    removed: the end-of-turn marker. `text` is the rendering of all `messages`, where k's content is at `span`."""
+    if k == len(messages) - 1:
+        return text[span[1] :].rstrip()
     try:
-        text = rendered if rendered is not None else _apply(tokenizer, messages[: k + 1], False)
+        alone = _apply(tokenizer, messages[: k + 1], False)
     except Exception:  # the template refuses a conversation ending there: no marker can be read
         return ""
-    content = messages[k][1]
-    at = text.rfind(content) if content else -1
-    end = at + len(content) if at >= 0 else -1
-    if at < 0:
-        stripped = content.strip()
-        at = text.rfind(stripped)
-        end = at + len(stripped) if at >= 0 else -1
-    return text[end:].rstrip() if end >= 0 else ""
+    # The rendering up to the content is the same text when the template renders prefixes consistently (all the
+    # templates we know); the content then sits at the same place.
+    if alone.startswith(text[: span[1]]):
+        return alone[span[1] :].rstrip()
+    return ""
 
 
 def locate(
@@ -189,8 +188,6 @@ def locate(
     their indices in `messages` when the system text was folded (else None)."""
     text, rendered, folded = render(tokenizer, messages, side=side, where=where)
     spans: list[tuple[int, int] | None] = []
-    markers: list[str] = []
-    marker: str | None = None
     cursor = 0
     for k, (role, content) in enumerate(rendered):
         start = cursor
@@ -212,18 +209,15 @@ def locate(
                     f"{where}: assistant message {k} {what} for the {side} chat template of {_name(tokenizer)!r}; "
                     f"fix that sample, or set {side}.chat_template to a template that writes assistant content verbatim"
                 )
-            if marker is None:
-                # What the template writes after an assistant turn is the same for every turn of a conversation
-                # (templates do not branch on the turn's position except for the last message): read once, from
-                # the last assistant turn, and checked at each turn by the caller (it must follow the content).
-                last = max(j for j, (r, _) in enumerate(rendered) if r == "assistant")
-                marker = _marker(tokenizer, rendered, last, text if last == len(rendered) - 1 else None)
-            markers.append(marker)
-        else:
-            markers.append("")
         if span is not None:
             cursor = span[1]
         spans.append(span)
+    # What the template writes after an assistant turn is the same for every turn of a conversation (templates do
+    # not branch on the turn's position except for the last message): read once, after the last assistant turn
+    # when nothing follows it, and checked at each turn by the caller (it must follow the content there).
+    last = max(j for j, (r, _) in enumerate(rendered) if r == "assistant")
+    marker = _marker(tokenizer, rendered, last, text, spans[last])
+    markers = [marker if role == "assistant" else "" for role, _ in rendered]
     return text, spans, markers, rendered, folded
 
 
