@@ -401,3 +401,24 @@ def test_the_end_of_turn_marker_is_found_when_the_content_is_a_piece_of_the_mark
     for turn in enc.turns:
         assert covered_text(enc.text, enc.offsets, range(*turn.marker)) == "<|im_end|>"
         assert enc.text[slice(*turn.chars)] == content
+
+
+def test_scoring_conversations_prompts_with_the_template_cuts_at_the_marker_and_counts_teacher_scaffolding():
+    import torch
+    from tiny_job import llama_config
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dskd.evaluation.scoring import generate_and_score
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**llama_config(16)))
+    tok = tokenizer("tinyllama", CHATML)  # "<|im_end|>" is text here: answers are cut at it, not stopped by an id
+    ids = chat.generation_prompt_ids(tok, CONVERSATION, side="student", where="t")
+    words = ("[INST]", "e")  # "e" shows up in nearly any sampled text: the measure must count it
+    scored = generate_and_score(
+        model, tok, [""], [("revir",)], max_new_tokens=12, temperature=1.0, prompt_ids=[ids],
+        stop_text="<|im_end|>", scaffolding=words,
+    )  # fmt: skip
+    (answer,) = scored["predictions"]
+    assert "<|im_end|>" not in answer
+    assert scored["teacher_scaffolding"] == (100.0 if any(w in answer for w in words) else 0.0)

@@ -136,9 +136,11 @@ def evaluate_stage(
     header = ["model", "exact match", "ROUGE-L", "agreement %", "KL to teacher"]
     if scaffolding:
         keys.append("teacher_scaffolding")
-        header.append(f"with {'/'.join(scaffolding)} %")
+        header.append("teacher scaffolding %")  # its words ([INST]) are listed in the line below, not as markup
     rows = [[name] + [results[name].get(k, "-") for k in keys] for name in MODELS if name in results]
     console.table(f"results ({config.eval.split} split)", header, rows)
+    if scaffolding:
+        console.print(f"teacher scaffolding: answers containing any of {', '.join(scaffolding)}", markup=False)
     return results
 
 
