@@ -422,3 +422,20 @@ def test_scoring_conversations_prompts_with_the_template_cuts_at_the_marker_and_
     (answer,) = scored["predictions"]
     assert "<|im_end|>" not in answer
     assert scored["teacher_scaffolding"] == (100.0 if any(w in answer for w in words) else 0.0)
+
+
+def test_the_committed_chat_data_is_byte_identical_to_a_fresh_generation_with_the_planned_shape(tmp_path):
+    import subprocess
+    import sys
+
+    chat_dir = TOKENIZERS.parent / "chat"
+    subprocess.run([sys.executable, str(chat_dir / "make_chat.py"), "--out", str(tmp_path)], check=True)
+    for split, size in (("train", 1500), ("valid", 100), ("test", 100)):
+        committed = (chat_dir / "data" / f"{split}.jsonl").read_bytes()
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == committed, split
+        rows = [json.loads(line) for line in committed.decode().splitlines()]
+        assert len(rows) == size
+        users = [sum(m["role"] == "user" for m in r["messages"]) for r in rows]
+        assert set(users) == {1, 2, 3}
+        with_system = sum(r["messages"][0]["role"] == "system" for r in rows)
+        assert 0.2 * size < with_system < 0.5 * size
