@@ -7,6 +7,7 @@ depends on a table of known templates.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -42,6 +43,7 @@ CONVERSATION = (
 )
 
 
+@functools.lru_cache(maxsize=None)  # loading a tokenizer is most of these tests' time; none of them changes one
 def tokenizer(name: str, template: str | None = None):
     tok = AutoTokenizer.from_pretrained(TOKENIZERS / name)
     if template is not None:
