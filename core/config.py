@@ -45,6 +45,9 @@ class ModelConfig:
     """Tokenizer directory or hub id. Empty: the one saved with `model`."""
     dtype: str = "float32"
     """Weights dtype: "float32" or "bfloat16"."""
+    chat_template: str = ""
+    """A Jinja chat template file (.jinja) for conversation data, used instead of the tokenizer's own `chat_template`
+    (needed for a tokenizer without one, e.g. GPT-2). Empty: the tokenizer's."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,15 @@ class DataConfig:
     """Processes that tokenise and align the data (0: in the main process)."""
     cache_dir: str = ""
     """Cache of tokenised and aligned splits, keyed by data and tokenizer fingerprints. Empty: <output_dir>/cache."""
+    format: str = "auto"
+    """Record shape: "auto" (detected from the fields), "instruction" (instruction/context/response and the template),
+    "prompt_completion" (TRL's `prompt`/`completion`), or "conversation" (`messages`, each model's chat template)."""
+    messages_field: str = "messages"
+    """Field holding a conversation: a list of {role, content} with roles system, user, assistant."""
+    completion_field: str = "completion"
+    """Field holding the completion of prompt/completion records (the prompt is data.prompt_field, else "prompt")."""
+    train_on: str = "all"
+    """Conversations: the assistant turns that are labels, "all" or "last" (the final one only)."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +274,8 @@ PATH_FIELDS = {
     ("teacher", "tls_ca_file"),
     ("teacher", "cache_dir"),
     ("teacher", "store"),
+    ("teacher", "chat_template"),
+    ("student", "chat_template"),
     ("data", "train"),
     ("data", "valid"),
     ("data", "test"),
@@ -566,6 +580,22 @@ def check_values(config: Config) -> list[ConfigProblem]:
     )
     for key in ("split", "valid_split", "test_split"):
         need(bool(getattr(d, key)), f"data.{key}", "is empty", 'name a split of the dataset, e.g. "train"')
+    need(
+        d.format in ("auto", "instruction", "prompt_completion", "conversation"),
+        "data.format",
+        f"unknown record shape {d.format!r}",
+        'use "auto", "instruction", "prompt_completion" or "conversation"',
+    )
+    need(d.train_on in ("all", "last"), "data.train_on", f"unknown value {d.train_on!r}", 'use "all" or "last"')
+    for role, model in (("teacher", t), ("student", config.student)):
+        if model.chat_template:
+            path = Path(model.chat_template)
+            need(
+                path.is_file(),
+                f"{role}.chat_template",
+                f"{model.chat_template}: no such file",
+                "point it at a Jinja chat template file (.jinja)",
+            )
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}", "use 0 or more")
     need(tr.max_steps >= 1, "train.max_steps", f"must be >= 1, got {tr.max_steps}", "use e.g. 1000")
     need(tr.batch_size >= 1, "train.batch_size", f"must be >= 1, got {tr.batch_size}", "use e.g. 8")

@@ -153,6 +153,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "tokenizer": "org/student-tok",
             "dtype": "bfloat16",
             "gradient_checkpointing": True,
+            "chat_template": "",
         },
         "teacher": {
             "model": "",
@@ -167,6 +168,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "wire_dtype": "float32",
             "cache_dir": "teacher-cache",
             "store": "",  # a store must exist to validate; tests/test_store_*.py parse real ones
+            "chat_template": "",
         },
         "teacher_sft": {"steps": 5, "lr": 0.002, "batch_size": 4, "warmup_steps": 1},
         "data": {
@@ -188,6 +190,10 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "test_split": "heldout",
             "data_files": ["data/part-*.parquet"],
             "streaming": True,
+            "format": "instruction",
+            "messages_field": "conversation",
+            "completion_field": "answer",
+            "train_on": "last",
         },
         "train": {
             "max_steps": 9,

@@ -23,9 +23,11 @@ from dskd.types import IGNORE_INDEX, Batch
 
 
 def _pad(
-    sequences: list[list[int]], prompt_lengths: list[int], pad_id: int
+    sequences: list[list[int]], prompt_lengths: list[int], pad_id: int, masks: list[list[int]] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(input_ids, attention_mask, labels)`, each `(B, T)` with `T = max(len(ids)) - 1`."""
+    """`(input_ids, attention_mask, labels)`, each `(B, T)` with `T = max(len(ids)) - 1`. `masks[b]`, when given
+    (conversations), marks which of `ids[prompt_len:]` are labels; the others (a user turn between two assistant
+    turns, the template's scaffolding) get -100."""
     width = max(len(ids) for ids in sequences) - 1
     input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(sequences), width), dtype=np.int64)
@@ -36,6 +38,9 @@ def _pad(
         mask[b, :n] = 1
         # Position p predicts ids[p + 1]; the first response token is ids[prompt_len], predicted at prompt_len - 1.
         labels[b, prompt_len - 1 : n] = ids[prompt_len:]
+        if masks is not None:
+            off = np.flatnonzero(np.asarray(masks[b], dtype=bool) == 0)
+            labels[b, prompt_len - 1 + off] = IGNORE_INDEX
     return input_ids, mask, labels
 
 
@@ -49,8 +54,13 @@ def collate(rows: Sequence[dict[str, Any]], *, student_pad_id: int, teacher_pad_
     t_ids = [list(r["teacher_ids"]) for r in rows]
     s_prompt = [int(r["student_prompt_len"]) for r in rows]
     t_prompt = [int(r["teacher_prompt_len"]) for r in rows]
-    s_input, s_mask, s_labels = _pad(s_ids, s_prompt, student_pad_id)
-    t_input, t_mask, t_labels = _pad(t_ids, t_prompt, teacher_pad_id)
+    masked = bool(rows) and "student_label_mask" in rows[0]
+    s_input, s_mask, s_labels = _pad(
+        s_ids, s_prompt, student_pad_id, [r["student_label_mask"] for r in rows] if masked else None
+    )
+    t_input, t_mask, t_labels = _pad(
+        t_ids, t_prompt, teacher_pad_id, [r["teacher_label_mask"] for r in rows] if masked else None
+    )
     alignment = None
     if rows and "alignment" in rows[0]:
         blocks = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -34,53 +33,34 @@ except ImportError:  # datasets < 4 names the variable-length list feature Seque
     from datasets import Sequence as List
 
 from dskd.config import DataConfig
+from dskd.data import chat
+from dskd.data.records import (  # noqa: F401  (Example, render_prompt, ALPACA*: the names this module always had)
+    ALPACA,
+    ALPACA_WITH_CONTEXT,
+    Example,
+    check_template,
+    detect_shape,
+    needed_fields,
+    prompt_name,
+    render_prompt,
+    to_example,
+)
 from dskd.data.sources import read_rows
 from dskd.errors import DataError, PluginError
 from dskd.models.teacher import tokenizer_fingerprint
 
-ALPACA = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-ALPACA_WITH_CONTEXT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-    "### Input:\n{context}\n\n### Response:\n"
-)
-_PLACEHOLDER = re.compile(r"\{(instruction|context)\}")
 CACHE_VERSION = 2  # bump when the cached columns or their meaning change
 
 
-@dataclass(frozen=True)
-class Example:
-    """One sample: the complete prompt text and its reference responses (the first is trained on)."""
-
-    prompt: str
-    references: tuple[str, ...]
-
-    @property
-    def response(self) -> str:
-        return self.references[0]
-
-
-def render_prompt(instruction: str, context: str, template: str) -> str:
-    """The prompt for one record: the Alpaca template (with an input section only when there is context) or a
-    custom template whose `{instruction}` and `{context}` are substituted (other braces are left alone)."""
-    if template == "alpaca":
-        template = ALPACA_WITH_CONTEXT if context.strip() else ALPACA
-    # One pass, so a "{context}" written inside the instruction text stays as it is.
-    values = {"instruction": instruction, "context": context}
-    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
-
-
 def load_examples(path: str | Path, cfg: DataConfig, split: str) -> list[Example]:
-    """Read one split (`dskd.data.sources`: a data file, a folder or a hub dataset) into `Example`s; every
-    problem is a one-line `DataError` naming the source, the sample and the fix."""
+    """Read one split (`dskd.data.sources`: a data file, a folder or a hub dataset) into `Example`s of any
+    record shape (`dskd.data.records`); every problem is a one-line `DataError` naming the source, the sample and
+    the fix."""
     where = f"data.{split} ({path})"
-    if not cfg.prompt_field:
-        _check_template(cfg.template)
-    fields = [cfg.context_field, cfg.prompt_field or cfg.instruction_field, cfg.response_field]
-    columns, rows = read_rows(path, cfg, split, fields)
+    if cfg.format in ("auto", "instruction") and not cfg.prompt_field:
+        check_template(cfg.template)
+    fields = [cfg.context_field, cfg.instruction_field, cfg.response_field, cfg.messages_field, cfg.completion_field]
+    columns, rows = read_rows(path, cfg, split, [name for name in fields + [prompt_name(cfg)] if name])
     convert = RowConverter(cfg, where, tuple(columns))
     return [convert(row, index) for index, row in enumerate(rows)]
 
@@ -88,69 +68,29 @@ def load_examples(path: str | Path, cfg: DataConfig, split: str) -> list[Example
 @dataclass(frozen=True)
 class RowConverter:
     """The one function from a record (a dict) to an `Example`, shared by the in-memory and the streaming
-    reader, so both give the same examples. Built from the source's column names, which it checks at once."""
+    reader, so both give the same examples. Built from the source's column names, from which it reads the
+    record shape (`data.format` overrides it) and checks the fields that shape needs at once."""
 
     cfg: DataConfig
     where: str
     columns: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        cfg = self.cfg
-        key = "prompt_field" if cfg.prompt_field else "instruction_field"
-        for config_key, name in [
-            (key, cfg.prompt_field or cfg.instruction_field),
-            ("response_field", cfg.response_field),
-        ]:
+        for config_key, name in needed_fields(self.shape, self.cfg):
             if name not in self.columns:
                 raise DataError(
                     f"{self.where} has no field {name!r} (fields: {', '.join(self.columns)}); "
                     f"set data.{config_key} to the field that holds it"
                 )
 
+    @property
+    def shape(self) -> str:
+        return detect_shape(list(self.columns), self.cfg)
+
     def __call__(self, row: dict[str, Any], index: int) -> Example:
-        cfg, where = self.cfg, self.where
+        cfg = self.cfg
         use_context = bool(cfg.context_field) and cfg.context_field in self.columns and not cfg.prompt_field
-        text = _string(row, cfg.prompt_field or cfg.instruction_field, where, index)
-        references = _references(row, cfg.response_field, where, index)
-        if not cfg.prompt_field:
-            context = _string(row, cfg.context_field, where, index, optional=True) if use_context else ""
-            if context.strip() and cfg.template != "alpaca" and "{context}" not in cfg.template:
-                raise DataError(
-                    f"{where}, sample {index}: has a {cfg.context_field!r} but data.template has no {{context}}; "
-                    'add {context} to the template, or set data.context_field = "" to ignore context'
-                )
-            text = render_prompt(text, context, cfg.template)
-        return Example(prompt=text, references=references)
-
-
-def _string(row: dict[str, Any], name: str, where: str, index: int, optional: bool = False) -> str:
-    value = row.get(name)
-    if value is None and optional:
-        return ""
-    if not isinstance(value, str):
-        got = "missing" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
-        raise DataError(
-            f"{where}, sample {index}: field {name!r} is {got}, not a string; store text in it or fix that sample"
-        )
-    return value
-
-
-def _references(row: dict[str, Any], name: str, where: str, index: int) -> tuple[str, ...]:
-    value = row.get(name)
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    if isinstance(value, list):
-        raise DataError(
-            f"{where}, sample {index}: field {name!r} must be a string or a non-empty list of strings; fix that sample"
-        )
-    return (_string(row, name, where, index),)
-
-
-def _check_template(template: str) -> None:
-    if template != "alpaca" and "{instruction}" not in template:
-        raise DataError(
-            f'data.template {template[:40]!r} has no {{instruction}}; use "alpaca" or a string with {{instruction}} (and {{context}})'
-        )
+        return to_example(row, cfg, self.shape, self.where, index, use_context=use_context)
 
 
 def _tokenizer_name(tokenizer: Any) -> str:
@@ -280,7 +220,14 @@ def encode_prompt(tokenizer: Any, prompt: str, cfg: DataConfig) -> list[int]:
 
 def encoder_columns(examples: list[Example], sample_ids: list[int]) -> dict[str, list]:
     """The input of `_PairEncoder` for `examples`: the columns it reads (the streaming reader builds the
-    same, so both paths encode alike)."""
+    same, so both paths encode alike). Conversations travel as JSON text of their messages and the indices of
+    their trained assistant turns; the encoder renders them with each tokenizer's template."""
+    if examples and examples[0].is_conversation:
+        return {
+            "sample_id": list(sample_ids),
+            "messages": [json.dumps(e.messages, ensure_ascii=False) for e in examples],
+            "trained": [list(e.trained) for e in examples],
+        }
     return {
         "sample_id": list(sample_ids),
         "prompt": [e.prompt for e in examples],
@@ -298,14 +245,18 @@ class _PairEncoder:
         cfg: DataConfig,
         aligner: Any | None,
         split: str,
+        sides: tuple[str, str] = ("student", "teacher"),
     ) -> None:
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizer = teacher_tokenizer  # None: the teacher shares the student's tokenizer
         self.cfg = cfg
         self.aligner = aligner
         self.split = split
+        self.sides = sides  # the config tables the two tokenizers come from, for error messages
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if "messages" in batch:
+            return self._conversations(batch)
         prompts, responses, indices = batch["prompt"], batch["response"], batch["sample_id"]
         student = _encode_many(self.student_tokenizer, prompts, responses, self.cfg, self.split, indices)
         teacher = (
@@ -344,12 +295,128 @@ class _PairEncoder:
             )
         return pairs.reshape(-1).tolist()
 
+    def _conversations(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {key: [] for key in FEATURES}
+        out.update(student_label_mask=[], teacher_label_mask=[])
+        if self.aligner is not None:
+            out.update(alignment=[], text_differs=[])
+        indices = batch["sample_id"]
+        conversations = [tuple((role, content) for role, content in json.loads(raw)) for raw in batch["messages"]]
+        trained = [tuple(t) for t in batch["trained"]]
+        student = encode_turns_batch(
+            self.student_tokenizer, conversations, trained, self.cfg, self.split, indices, self.sides[0]
+        )
+        teacher = (
+            student
+            if self.teacher_tokenizer is None
+            else encode_turns_batch(
+                self.teacher_tokenizer, conversations, trained, self.cfg, self.split, indices, self.sides[1]
+            )
+        )
+        out["sample_id"] = list(indices)
+        for side, encodings in (("student", student), ("teacher", teacher)):
+            out[f"{side}_ids"] = [e.ids for e in encodings]
+            out[f"{side}_prompt_len"] = [e.prompt_len for e in encodings]
+            out[f"{side}_label_mask"] = [e.mask for e in encodings]
+        if self.aligner is not None:
+            from dskd.kit import Aligner, member  # local: the kit's sampling helpers import this module
+
+            differs = member(self.aligner, Aligner, "text_differs")
+            for t, s, index in zip(teacher, student, indices):
+                out["alignment"].append(self._align_turns(t, s, index))
+                out["text_differs"].append(
+                    any(bool(differs(t.ids[t0:t1], s.ids[s0:s1])) for (t0, t1, _), (s0, s1, _) in zip(t.turns, s.turns))
+                )
+        return out
+
+    def _align_turns(self, teacher: "TurnEncoding", student: "TurnEncoding", index: int) -> list[int]:
+        """Turn k of the teacher with turn k of the student: the aligner pairs the two contents (each its own
+        tokenisation of the same text), shifted to label positions, and the two end-of-turn tokens (their last
+        tokens, when both templates write one) pair like the EOS pair of an instruction sample."""
+        blocks = []
+        for (t0, t1, t_end), (s0, s1, s_end) in zip(teacher.turns, student.turns):
+            t_labels, s_labels = teacher.ids[t0:t1], student.ids[s0:s1]
+            pairs = self._align((t_labels, 0), (s_labels, 0), index) if t_labels and s_labels else []
+            block = np.asarray(pairs, dtype=np.int64).reshape(-1, 2) + [
+                t0 - teacher.prompt_len,
+                s0 - student.prompt_len,
+            ]
+            if t_end > t1 and s_end > s1:
+                block = np.concatenate([block, [[t_end - 1 - teacher.prompt_len, s_end - 1 - student.prompt_len]]])
+            blocks.append(block)
+        return np.concatenate(blocks).astype(np.int64).reshape(-1).tolist() if blocks else []
+
+
+@dataclass(frozen=True)
+class TurnEncoding:
+    """One side of a tokenised conversation: ids up to the last label, the first label position, the label mask over
+    `ids[prompt_len:]`, and each trained turn's `(content start, content end, end-of-turn end)` token positions."""
+
+    ids: list[int]
+    prompt_len: int
+    mask: list[int]
+    turns: list[tuple[int, int, int]]
+
+
+def encode_turns(
+    tokenizer: Any,
+    messages: tuple[tuple[str, str], ...],
+    trained: tuple[int, ...],
+    cfg: DataConfig,
+    split: str,
+    index: int,
+    side: str,
+) -> TurnEncoding:
+    """A conversation rendered with `tokenizer`'s own chat template (`dskd.data.chat`), as training rows need it.
+
+    Labels are the trained assistant turns' content and end-of-turn tokens; the ids stop after the last label (the
+    template's text after it is never trained on). More than `cfg.max_length` ids is a `DataError`; conversations
+    are never cut (a cut conversation would train on a turn without its context)."""
+    return encode_turns_batch(tokenizer, [messages], [trained], cfg, split, [index], side)[0]
+
+
+def encode_turns_batch(
+    tokenizer: Any,
+    conversations: list[tuple[tuple[str, str], ...]],
+    trained: list[tuple[int, ...]],
+    cfg: DataConfig,
+    split: str,
+    indices: list[int],
+    side: str,
+) -> list[TurnEncoding]:
+    """`encode_turns` of many conversations (one tokenizer call for all of them)."""
+    wheres = [f"data.{split}, sample {index}" for index in indices]
+    encoded = chat.encode_conversations(tokenizer, conversations, side=side, wheres=wheres)
+    return [_turn_encoding(tokenizer, e, t, cfg, w, side) for e, t, w in zip(encoded, trained, wheres)]
+
+
+def _turn_encoding(tokenizer: Any, encoded, trained: tuple[int, ...], cfg: DataConfig, where: str, side: str):
+    turns = [(t.content[0], t.content[1], t.marker[1]) for t in encoded.turns if t.message in trained]
+    labels = encoded.label_tokens(trained)
+    first, last = labels[0], labels[-1]
+    if first == 0:
+        raise DataError(
+            f"{where}: the {side} chat template writes nothing before the first assistant turn, so no token "
+            "predicts its first token; start the conversation with a user turn"
+        )
+    if last + 1 > cfg.max_length:
+        raise DataError(
+            f"{where}: {last + 1} tokens with {_tokenizer_name(tokenizer)!r} (its chat template) exceed "
+            f"data.max_length = {cfg.max_length}; raise data.max_length or drop that sample"
+        )
+    mask = np.zeros(last + 1 - first, dtype=np.int8)
+    mask[np.asarray(labels) - first] = 1
+    return TurnEncoding(encoded.ids[: last + 1], first, mask.tolist(), turns)
+
 
 def data_fingerprint(examples: list[Example]) -> str:
     """Content hash of a split's prompts and references (order included)."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps([example.prompt, list(example.references)], ensure_ascii=False).encode())
+        record = [example.prompt, list(example.references)]
+        if example.is_conversation:  # instruction samples keep the hash (and cache) they always had
+            record += [[list(m) for m in example.messages], list(example.trained)]
+        digest.update(json.dumps(record, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:32]
 
@@ -412,11 +479,17 @@ def tokenize_split(
     cache_dir: str | Path | None = None,
     num_workers: int = 0,
     split: str = "train",
+    sides: tuple[str, str] = ("student", "teacher"),
 ) -> Dataset:
     """Student and teacher ids of every example, and the alignment of their label sequences when `aligner`
     is given, as a `datasets.Dataset` (columns `sample_id`, `student_ids`, `student_prompt_len`, `teacher_ids`,
     `teacher_prompt_len`, and with an aligner `alignment` and `text_differs`: whether the two tokenizations
     disagree about the sample's text, `Aligner.text_differs`).
+
+    Conversations are rendered by each tokenizer's own chat template and add `student_label_mask` and
+    `teacher_label_mask` (1 where `ids[prompt_len:]` is a label: assistant content and end-of-turn tokens); their
+    alignment pairs tokens inside corresponding assistant turns only. `sides` names the config tables the two
+    tokenizers come from (for error messages: which `<side>.chat_template` to set).
 
     Tokenisation and alignment run in `num_workers` processes (0: this one). With `cache_dir`, the result is
     stored there under a key of the data's content, both tokenizers, the aligner and the length limits, and
@@ -424,8 +497,19 @@ def tokenize_split(
     """
     if not examples:
         raise DataError(f"data.{split}: split is empty; add samples or point data.{split} at another file")
+    conversations = examples[0].is_conversation
     student_fp = tokenizer_fingerprint(student_tokenizer)
     teacher_fp = student_fp if teacher_tokenizer is None else tokenizer_fingerprint(teacher_tokenizer)
+    if conversations:
+        # The templates are part of what a conversation's ids depend on; a missing one fails here, before work.
+        where = f"data.{split}"
+        chat.require_template(student_tokenizer, sides[0], where)
+        student_fp += chat.template_fingerprint(student_tokenizer)
+        if teacher_tokenizer is None:
+            teacher_fp = student_fp
+        else:
+            chat.require_template(teacher_tokenizer, sides[1], where)
+            teacher_fp += chat.template_fingerprint(teacher_tokenizer)
     if teacher_fp == student_fp:
         teacher_tokenizer = None  # same tokenizer: the teacher columns repeat the student's, tokenised once
     key = hashlib.sha256(
@@ -451,13 +535,16 @@ def tokenize_split(
     features = dict(
         FEATURES, **({"alignment": List(Value("int32")), "text_differs": Value("bool")} if aligner is not None else {})
     )
-    raw = Dataset.from_dict(encoder_columns(examples, list(range(len(examples)))))
+    if conversations:
+        features.update(student_label_mask=List(Value("int8")), teacher_label_mask=List(Value("int8")))
+    columns = encoder_columns(examples, list(range(len(examples))))
+    raw = Dataset.from_dict(columns)
     encoded = raw.map(
-        _PairEncoder(student_tokenizer, teacher_tokenizer, cfg, aligner, split),
+        _PairEncoder(student_tokenizer, teacher_tokenizer, cfg, aligner, split, sides),
         batched=True,
         batch_size=256,
         num_proc=num_workers or None,
-        remove_columns=["prompt", "response"],
+        remove_columns=[name for name in columns if name != "sample_id"],
         features=Features(features),
         new_fingerprint=key,  # skips hashing the tokenizers through dill: the key already says what changed
         desc=f"tokenising data.{split}",

@@ -30,6 +30,8 @@ def _sample_texts(data: str | None) -> list[str]:
         from dskd.data.examples import load_examples
 
         examples = load_examples(data, DataConfig(), "doctor")
+        if examples[0].is_conversation:  # every assistant turn is text the two models must align on
+            return [c for e in examples[:SAMPLE_LIMIT] for role, c in e.messages if role == "assistant" and c]
         return [e.response for e in examples[:SAMPLE_LIMIT] if e.response]
     # Real prose with newlines, digits and punctuation that ships with every Python.
     paragraphs = [p.strip("\n") for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key]) if p.strip()]
@@ -160,11 +162,122 @@ def _recommend(same: bool, report: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def run_doctor(teacher: str, student: str, *, data: str | None = None, as_json: bool = False) -> int:
+# A conversation that uses every role, for `--chat` without data: what the two templates must agree on.
+SAMPLE_CONVERSATION = (
+    ("system", "You are a concise assistant."),
+    ("user", "What is 17 plus 25?"),
+    ("assistant", "42"),
+    ("user", "Now spell 'river' backwards, please."),
+    ("assistant", "revir\n\nAnything else?"),
+)
+
+
+def diagnose_chat(
+    teacher_path: str, student_path: str, data: str | None = None, templates: tuple[str, str] = ("", "")
+) -> dict[str, Any]:
+    """Both renderings of one conversation with their label spans, the aligned fraction of assistant tokens
+    (against the exact-span bound), and warnings: a template that drops or folds a role the conversation uses, and
+    assistant spans whose text differs between the two templates."""
+    from dskd.data import chat
+    from dskd.data.examples import load_examples
+    from dskd.data.records import Example
+    from dskd.registry import load_registry
+
+    tokenizers = {
+        side: load_tokenizer(ModelConfig(tokenizer=path, chat_template=template), side)
+        for side, path, template in (("teacher", teacher_path, templates[0]), ("student", student_path, templates[1]))
+    }
+    for (side, tok), flag in zip(tokenizers.items(), ("--teacher-template", "--student-template")):
+        if not chat.template_of(tok):
+            raise DskdError(f"the {side} tokenizer {tok.name_or_path!r} has no chat template; pass {flag} FILE.jinja")
+    if data:
+        conversations = [e for e in load_examples(data, DataConfig(format="conversation"), "doctor")]
+        sample, source = conversations[0], f"{data}, sample 0"
+    else:
+        sample = Example("", (SAMPLE_CONVERSATION[-1][1],), SAMPLE_CONVERSATION, (2, 4))
+        source = "built-in sample"
+    encoded = {
+        side: chat.encode_conversation(tok, sample.messages, side=side, where=f"{source}")
+        for side, tok in tokenizers.items()
+    }
+    registry = load_registry()
+    aligner = registry.get("aligners", registry.default("aligners"))(tokenizers["teacher"], tokenizers["student"])
+    pairs = bound = student_tokens = 0
+    warnings = []
+    roles_used = {role for role, _ in sample.messages}
+    for side, enc in encoded.items():
+        if enc.folded_system:
+            warnings.append(
+                f"the {side} template has no system role: the system prompt is folded into the first user turn"
+            )
+        for k in enc.dropped:
+            warnings.append(
+                f"the {side} template drops message {k} ({sample.messages[k][0]}): its text is not in the rendering"
+            )
+    t_enc, s_enc = encoded["teacher"], encoded["student"]
+    for t_turn, s_turn in zip(t_enc.turns, s_enc.turns):
+        t_text, s_text = t_enc.text[slice(*t_turn.chars)], s_enc.text[slice(*s_turn.chars)]
+        if t_text != s_text:
+            warnings.append(
+                f"assistant message {t_turn.message}: the templates put different text in its span "
+                f"({t_text[:30]!r} vs {s_text[:30]!r}); tokens outside the common text stay unpaired"
+            )
+        t_ids, s_ids = t_enc.ids[slice(*t_turn.content)], s_enc.ids[slice(*s_turn.content)]
+        pairs += len(aligner.align(t_ids, s_ids)) + (
+            t_turn.marker[1] > t_turn.marker[0] and s_turn.marker[1] > s_turn.marker[0]
+        )
+        exact = exact_span_pairs(tokenizers["teacher"], tokenizers["student"], s_text if t_text == s_text else "")
+        bound += len(exact) + 1
+        student_tokens += (s_turn.content[1] - s_turn.content[0]) + (s_turn.marker[1] - s_turn.marker[0])
+    return {
+        "source": source,
+        "roles": sorted(roles_used),
+        "teacher": {"rendering": _marked(t_enc), "end_of_turn": [_marker_text(t_enc, t) for t in t_enc.turns]},
+        "student": {"rendering": _marked(s_enc), "end_of_turn": [_marker_text(s_enc, t) for t in s_enc.turns]},
+        "assistant_tokens": student_tokens,
+        "aligned_pairs": pairs,
+        "aligned_fraction": pairs / max(student_tokens, 1),
+        "exact_span_bound": bound,
+        "recall_of_bound": pairs / max(bound, 1),
+        "warnings": warnings,
+    }
+
+
+def _marker_text(enc, turn) -> str:
+    return "".join(enc.text[slice(*enc.offsets[i])] for i in range(*turn.marker))
+
+
+def _marked(enc) -> str:
+    """The rendering with each label span (assistant content and its end-of-turn tokens) in «guillemets»."""
+    out, cursor = [], 0
+    for turn in enc.turns:
+        start = enc.offsets[turn.content[0]][0] if turn.content[1] > turn.content[0] else turn.chars[0]
+        end = enc.offsets[turn.marker[1] - 1][1] if turn.marker[1] > turn.marker[0] else turn.chars[1]
+        out += [enc.text[cursor:start], "«", enc.text[start:end], "»"]
+        cursor = end
+    out.append(enc.text[cursor:])
+    return "".join(out)
+
+
+def run_doctor(
+    teacher: str,
+    student: str,
+    *,
+    data: str | None = None,
+    as_json: bool = False,
+    chat: bool = False,
+    templates: tuple[str, str] = ("", ""),
+) -> int:
     for role, path in (("teacher", teacher), ("student", student)):
         if not Path(path).exists():
             raise DskdError(f"--{role} {path}: no such folder; pass a model or tokenizer folder")
+    for role, path in zip(("teacher", "student"), templates):
+        if path and not Path(path).is_file():
+            raise DskdError(f"--{role}-template {path}: no such file; pass a Jinja chat template file")
     report = diagnose(teacher, student, data)
+    if chat:
+        report["chat"] = diagnose_chat(teacher, student, data, templates)
+        report["warnings"] += report["chat"]["warnings"]
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
@@ -185,6 +298,15 @@ def run_doctor(teacher: str, student: str, *, data: str | None = None, as_json: 
         f"the reference's greedy matching: {a['reference_greedy_exact_pairs']} exact pairs "
         f"({a['reference_greedy_ratio']:.1%} of student tokens) of the {a['reference_greedy_pairs']} it makes"
     )
+    if chat:
+        c = report["chat"]
+        for side in ("teacher", "student"):
+            console.print(f"[bold]{side} rendering[/bold] ({c['source']}; «labels»):")
+            console.print(c[side]["rendering"], markup=False)  # a rendering is full of [brackets]
+        console.print(
+            f"chat: {c['aligned_pairs']} of {c['assistant_tokens']} student assistant tokens aligned "
+            f"({c['aligned_fraction']:.1%}); {c['recall_of_bound']:.3f} of the exact-span bound ({c['exact_span_bound']})"
+        )
     for warning in report["warnings"]:
         console.warn(warning)
     aligner = f" with aligner {r['aligner']}" if r["aligner"] else ""

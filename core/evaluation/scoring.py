@@ -55,6 +55,10 @@ def generate_and_score(
     top_p: float = 1.0,
     seeds: Sequence[int] = (0,),
     max_prompt_length: int = 0,
+    prompt_ids: list[list[int]] | None = None,
+    stop_ids: Sequence[int] = (),
+    stop_text: str = "",
+    scaffolding: Sequence[str] = (),
 ) -> dict:
     """Generate an answer to every prompt, once per seed, and score it against its references.
 
@@ -65,6 +69,11 @@ def generate_and_score(
     included), plus `num_examples`, `seeds`, `per_seed` (each seed's own figures) and `predictions` (the
     answers of the first seed, for the caller to save). Greedy decoding (`temperature == 0`) ignores the
     seed, so it generates once and reuses the answers for every seed.
+
+    Conversations: `prompt_ids` are the prompts already rendered by the model's chat template and tokenised (used
+    instead of `prompts`), generation stops at `stop_ids` (the template's end-of-turn token) and each answer is cut
+    at `stop_text` (an end-of-turn marker of several tokens). With `scaffolding` (the teacher template's words),
+    `teacher_scaffolding` is the percentage of answers that contain any of them.
     """
     seeds = [int(s) for s in seeds]
     if len(prompts) != len(references):
@@ -80,7 +89,10 @@ def generate_and_score(
     if temperature < 0 or not 0 < top_p <= 1:
         raise DskdError(f"temperature must be >= 0 (got {temperature}) and top_p in (0, 1] (got {top_p})")
 
-    encoded = [_encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
+    if prompt_ids is not None:
+        encoded = [list(ids)[-max_prompt_length:] if max_prompt_length else list(ids) for ids in prompt_ids]
+    else:
+        encoded = [_encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
     _check_context(model, encoded, max_new_tokens)
 
     per_seed: list[dict] = []
@@ -94,13 +106,17 @@ def generate_and_score(
                 rows = sample_continuations(
                     model, tokenizer, encoded,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                    stop_ids=stop_ids,
                 )  # fmt: skip
             else:  # a remote teacher generates on its server, in requests it sizes to the server's limits
                 rows = model.generate(
                     encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
                 )
             greedy_rows = rows if temperature == 0 else None
-        texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+        if stop_text:
+            texts = [text.split(stop_text)[0] for text in texts]
+        texts = [text.strip() for text in texts]
         if predictions is None:
             predictions = texts
         per_seed.append(
@@ -110,7 +126,11 @@ def generate_and_score(
     def mean(key: str) -> float:
         return sum(s[key] for s in per_seed) / len(per_seed)
 
+    extra = {}
+    if scaffolding:
+        extra["teacher_scaffolding"] = 100.0 * sum(any(w in t for w in scaffolding) for t in predictions) / len(prompts)
     return {
+        **extra,
         "exact_match": mean("exact_match"),
         "rougeL": mean("rougeL"),
         "avg_new_tokens": mean("avg_new_tokens"),

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dskd.config import Config
+from dskd.data import chat
 from dskd.data.batching import ResumableBatchSampler, collate
 from dskd.data.examples import load_examples
 from dskd.evaluation.scoring import generate_and_score, teacher_agreement
@@ -19,15 +20,38 @@ from dskd.kit.objective import same_vocabulary
 from dskd.models.loading import load_model, load_tokenizer
 from dskd.run.components import build_aligner, build_student, build_teacher
 
-GENERATION_KEYS = ("exact_match", "rougeL", "avg_new_tokens", "num_examples")
+GENERATION_KEYS = ("exact_match", "rougeL", "avg_new_tokens", "num_examples", "teacher_scaffolding")
 
 
-def generation_metrics(config: Config, model, tokenizer) -> dict[str, Any]:
+def eval_examples(config: Config):
     e = config.eval
     path = config.data.test if e.split == "test" else config.data.valid
     examples = load_examples(path, config.data, e.split)
-    if e.max_samples:
-        examples = examples[: e.max_samples]
+    return examples[: e.max_samples] if e.max_samples else examples
+
+
+def generation_metrics(
+    config: Config, model, tokenizer, *, side: str = "student", scaffolding: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Exact match and ROUGE-L of `model`'s answers on the evaluation split. Conversations: each model is prompted
+    through its own chat template with the messages before the last assistant turn and the generation prompt, stops
+    at its end-of-turn token, and is scored against that last assistant turn; with `scaffolding` (the teacher
+    template's words, `dskd.data.chat.foreign_scaffolding`) also the share of answers that contain them."""
+    e = config.eval
+    examples = eval_examples(config)
+    chat_kwargs: dict[str, Any] = {}
+    if examples and examples[0].is_conversation:
+        where = f"data.{e.split}"
+        marker = chat.end_of_turn(tokenizer, examples[0].messages, side=side, where=f"{where}, sample 0")
+        chat_kwargs = dict(
+            prompt_ids=[
+                chat.generation_prompt_ids(tokenizer, x.messages, side=side, where=f"{where}, sample {i}")
+                for i, x in enumerate(examples)
+            ],
+            stop_ids=chat.end_of_turn_ids(tokenizer, marker),
+            stop_text=marker,
+            scaffolding=scaffolding,
+        )
     scored = generate_and_score(
         model,
         tokenizer,
@@ -38,7 +62,8 @@ def generation_metrics(config: Config, model, tokenizer) -> dict[str, Any]:
         temperature=e.temperature,
         top_p=e.top_p,
         seeds=list(e.seeds),
-        max_prompt_length=config.data.max_prompt_length,
+        max_prompt_length=0 if chat_kwargs else config.data.max_prompt_length,
+        **chat_kwargs,
     )
     return {key: scored[key] for key in GENERATION_KEYS if key in scored}
 
@@ -68,13 +93,18 @@ def evaluate_stage(
     teacher = build_teacher(
         config, device, model_path=str(teacher_path) if teacher_path else None, cache_dir=job.cache_dir
     )
+    scaffolding = _teacher_scaffolding(config, teacher.tokenizer)
     if "teacher" not in include:
         pass
     elif hasattr(teacher, "model"):
-        results["teacher"] = generation_metrics(config, teacher.model, teacher.tokenizer)
+        results["teacher"] = generation_metrics(
+            config, teacher.model, teacher.tokenizer, side="teacher", scaffolding=scaffolding
+        )
     elif "generate" in getattr(teacher, "capabilities", ()):
         # A remote teacher generates on its server (Generate): the same metrics as an in-process one.
-        results["teacher"] = generation_metrics(config, teacher, teacher.tokenizer)
+        results["teacher"] = generation_metrics(
+            config, teacher, teacher.tokenizer, side="teacher", scaffolding=scaffolding
+        )
     else:
         console.print(
             "eval: the teacher does not offer Generate (a server without it, or a teacher store); its generation metrics are not measured"
@@ -92,7 +122,7 @@ def evaluate_stage(
         model = load_model(config.student.__class__(model=str(final), dtype=config.student.dtype), "student").to(device)
         students["student"] = (model, tokenizer)
     for name, (model, tokenizer) in students.items():
-        metrics = generation_metrics(config, model, tokenizer)
+        metrics = generation_metrics(config, model, tokenizer, scaffolding=scaffolding)
         metrics.update(
             teacher_agreement(
                 model,
@@ -104,17 +134,27 @@ def evaluate_stage(
         )
         results[name] = metrics
     teacher.close()
-    rows = [
-        [name] + [results[name].get(k, "-") for k in ("exact_match", "rougeL", "teacher_agreement", "teacher_kl")]
-        for name in MODELS
-        if name in results
-    ]
-    console.table(
-        f"results ({config.eval.split} split)",
-        ["model", "exact match", "ROUGE-L", "agreement %", "KL to teacher"],
-        rows,
-    )
+    keys = ["exact_match", "rougeL", "teacher_agreement", "teacher_kl"]
+    header = ["model", "exact match", "ROUGE-L", "agreement %", "KL to teacher"]
+    if scaffolding:
+        keys.append("teacher_scaffolding")
+        header.append("teacher scaffolding %")  # its words ([INST]) are listed in the line below, not as markup
+    rows = [[name] + [results[name].get(k, "-") for k in keys] for name in MODELS if name in results]
+    console.table(f"results ({config.eval.split} split)", header, rows)
+    if scaffolding:
+        console.print(f"teacher scaffolding: answers containing any of {', '.join(scaffolding)}", markup=False)
     return results
+
+
+def _teacher_scaffolding(config: Config, teacher_tokenizer) -> tuple[str, ...]:
+    """Conversations: the teacher template's words the student's template never writes (none otherwise)."""
+    examples = eval_examples(config)
+    if not examples or not examples[0].is_conversation:
+        return ()
+    student_tokenizer = load_tokenizer(config.student, "student")
+    return chat.foreign_scaffolding(
+        teacher_tokenizer, student_tokenizer, examples[0].messages, f"data.{config.eval.split}, sample 0"
+    )
 
 
 def agreement_aligner(job, teacher_tokenizer, student_tokenizer, same_vocab: bool):

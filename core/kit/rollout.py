@@ -43,6 +43,13 @@ class Rollouts:
         # Re-tokenised responses may be longer in the other tokenizer; they are cut to max_length afterwards.
         self.unbounded = dataclasses.replace(context.data, max_length=1 << 30)
         self.prompts = context.prompts
+        if self.prompts and not all(self.prompts):
+            # Conversations carry no prompt text: each model renders its own template, and re-tokenising a sample
+            # for the other model would need that model's rendering of the history, which rollouts do not build yet.
+            raise DataError(
+                "data.train holds conversations, and policies that sample (on-policy, teacher-generated, mixed) do not "
+                'distil on conversations yet; use policy.name = "off_policy"'
+            )
         self.eos = self.student_tokenizer.eos_token_id
         self.student_bytes = vocab_bytes(self.student_tokenizer).table
         self.pads = (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -52,8 +54,10 @@ def sample_continuations(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 32,
+    stop_ids: Sequence[int] = (),
 ) -> list[list[int]]:
-    """Continuations of each prompt, up to and including the first EOS.
+    """Continuations of each prompt, up to and including the first EOS (or the first of `stop_ids`, when given: a
+    chat template's end-of-turn token).
 
     `temperature == 0` is greedy decoding. Sampling runs in eval mode (no dropout; spec §14.16) with its own
     seeded RNG, so it neither depends on nor disturbs the training RNG streams.
@@ -62,6 +66,7 @@ def sample_continuations(
         return []
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    stops = [int(i) for i in stop_ids] or ([] if eos is None else [eos])
     device = next(model.parameters()).device
     padded = PaddedRowsMask.for_model(model, len(tokenizer))
     was_training = model.training
@@ -74,7 +79,7 @@ def sample_continuations(
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
                 ids, mask = left_pad(chunk, pad)
-                kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+                kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops if stop_ids else eos)
                 if padded:
                     kwargs.update(logits_processor=LogitsProcessorList([padded]))
                 if temperature > 0:
@@ -83,8 +88,9 @@ def sample_continuations(
                     kwargs.update(do_sample=False)
                 generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
                 for row in generated[:, ids.shape[1] :].tolist():
-                    if eos is not None and eos in row:
-                        row = row[: row.index(eos) + 1]
+                    ends = [row.index(stop) for stop in stops if stop in row]
+                    if ends:
+                        row = row[: min(ends) + 1]
                     out.append(row)
     finally:
         model.train(was_training)

@@ -67,7 +67,21 @@ def load_tokenizer(cfg: ModelConfig, role: str):
         raise ModelError(
             f"the {role} tokenizer at {source!r} has no EOS token; set eos_token in its tokenizer_config.json"
         )
-    return ensure_pad_token(tokenizer)
+    return ensure_pad_token(install_chat_template(tokenizer, getattr(cfg, "chat_template", ""), role))
+
+
+def install_chat_template(tokenizer, path: str, role: str):
+    """Give the tokenizer the Jinja chat template in `path` (the job's `<role>.chat_template`), replacing its own;
+    saved with it, so a distilled student keeps the template it was trained with. Empty `path`: unchanged."""
+    if not path:
+        return tokenizer
+    try:
+        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{role}.chat_template {path}: cannot be read ({exc}); point it at a UTF-8 Jinja template file"
+        ) from None
+    return tokenizer
 
 
 def ensure_pad_token(tokenizer):

@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--teacher", required=True, help="teacher model or tokenizer folder")
     doctor.add_argument("--student", required=True, help="student model or tokenizer folder")
     doctor.add_argument("--data", help="a JSONL file to measure alignment on")
+    doctor.add_argument(
+        "--chat",
+        action="store_true",
+        help="also render one conversation (the first of --data, else a built-in one) with both chat templates",
+    )
+    doctor.add_argument("--teacher-template", default="", help="a .jinja chat template for the teacher")
+    doctor.add_argument("--student-template", default="", help="a .jinja chat template for the student")
     doctor.add_argument("--json", action="store_true")
     doctor.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -162,7 +169,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from dskd.evaluation.doctor import run_doctor
 
-    return run_doctor(args.teacher, args.student, data=args.data, as_json=args.json)
+    return run_doctor(
+        args.teacher,
+        args.student,
+        data=args.data,
+        as_json=args.json,
+        chat=args.chat,
+        templates=(args.teacher_template, args.student_template),
+    )
 
 
 def cmd_teacher_store(args: argparse.Namespace) -> int:

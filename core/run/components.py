@@ -20,7 +20,13 @@ from dskd.kit.contracts import member
 from dskd.kit.lm_head import head_from_model
 from dskd.kit.objective import ObjectiveContext, same_vocabulary, student_ce_terms
 from dskd.kit.policy import PolicyContext
-from dskd.models.loading import check_vocabulary, ensure_pad_token, load_model, load_tokenizer
+from dskd.models.loading import (
+    check_vocabulary,
+    ensure_pad_token,
+    install_chat_template,
+    load_model,
+    load_tokenizer,
+)
 from dskd.models.teacher import LocalTeacher, Teacher
 from dskd.run.plugin_checks import CheckedAligner, checked_divergence, describe
 
@@ -55,7 +61,7 @@ def build_teacher(
             cache_dir=t.cache_dir or (str(cache_dir) if cache_dir else None),
             device=device,
         )
-        ensure_pad_token(teacher.tokenizer)
+        install_chat_template(ensure_pad_token(teacher.tokenizer), t.chat_template, "teacher")
         return teacher
     tokenizer = load_tokenizer(_with_tokenizer_fallback(t, model_path), "teacher")
     model = load_model(t, "teacher", seed=config.run.seed + 1, path=model_path)

@@ -125,7 +125,15 @@ class Job:
     def examples(self, split: str):
         return load_examples(getattr(self.config.data, split), self.config.data, split)
 
-    def tokenized(self, split: str, student_tokenizer: Any, teacher_tokenizer: Any, aligner: Any = None, examples=None):
+    def tokenized(
+        self,
+        split: str,
+        student_tokenizer: Any,
+        teacher_tokenizer: Any,
+        aligner: Any = None,
+        examples=None,
+        sides: tuple[str, str] = ("student", "teacher"),
+    ):
         examples = self.examples(split) if examples is None else examples
         # Tokenise (and align) once on the main process; the others then read the cache it wrote.
         with self.accelerator.main_process_first():
@@ -138,17 +146,24 @@ class Job:
                 cache_dir=self.cache_dir,
                 num_workers=self.config.data.num_workers,
                 split=split,
+                sides=sides,
             )
 
     def train_batches(
-        self, student_tokenizer: Any, teacher_tokenizer: Any, aligner: Any, batch_size: int, examples=None
+        self,
+        student_tokenizer: Any,
+        teacher_tokenizer: Any,
+        aligner: Any,
+        batch_size: int,
+        examples=None,
+        sides: tuple[str, str] = ("student", "teacher"),
     ):
         """`StageSpec.make_batches` of the training split: in memory (tokenised once, cached, shuffled per epoch),
         or with `data.streaming` read in order and encoded on the fly (`dskd.data.streaming`)."""
         data = self.config.data
         student_pad, teacher_pad = student_tokenizer.pad_token_id, (teacher_tokenizer or student_tokenizer).pad_token_id
         if not data.streaming:
-            dataset = self.tokenized("train", student_tokenizer, teacher_tokenizer, aligner, examples)
+            dataset = self.tokenized("train", student_tokenizer, teacher_tokenizer, aligner, examples, sides=sides)
             return dataset, self.batches(dataset, batch_size, student_pad, teacher_pad)
         acc = self.accelerator
         spec = StreamSpec(data.train, data, "train", batch_size, acc.process_index, acc.num_processes)
@@ -206,7 +221,7 @@ class Job:
             cfg, self.registry, teacher_as_student, None, None, name=self.registry.default("objectives", "teacher_sft")
         )
         sft = cfg.teacher_sft
-        _, make_batches = self.train_batches(tokenizer, None, None, sft.batch_size)
+        _, make_batches = self.train_batches(tokenizer, None, None, sft.batch_size, sides=("teacher", "teacher"))
         train = dataclasses.replace(
             cfg.train,
             max_steps=sft.steps,
