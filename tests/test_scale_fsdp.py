@@ -188,3 +188,59 @@ def test_a_sharded_run_killed_with_sigkill_resumes_to_the_weights_of_the_uninter
     for name in expected:
         assert torch.equal(expected[name], got[name]), name  # bit for bit
     assert [r["step"] for r in _metrics(crashed / "run")] == list(range(1, STEPS + 1))
+
+
+def test_gradient_checkpointing_under_fsdp_gives_identical_training(runs, tmp_path):
+    setup, _, two = runs
+    if setup != SETUPS[0]:
+        pytest.skip("one setup is enough")
+    _run(_dskd(2, _job(tmp_path, setup), 2, "--set", "student.gradient_checkpointing=true"), tmp_path)
+    assert [r["train/loss"] for r in _metrics(tmp_path / "run")] == [r["train/loss"] for r in _metrics(two / "run")]
+    expected, got = _weights(two / "run"), _weights(tmp_path / "run")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name  # recomputed activations are the same activations
+
+
+def _lora_job(folder: Path) -> Path:
+    from test_lora import _lora_job as lora_job
+
+    return lora_job(folder, objective="dskd_v2", steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """A LoRA student (dropout 0, so every process draws nothing) in one process, and in two under FSDP (with
+    gradient checkpointing, merged at the end) and under DDP."""
+    root = tmp_path_factory.mktemp("lora")
+    one, fsdp, ddp = root / "one", root / "fsdp", root / "ddp"
+    _run(_dskd(1, _lora_job(one), 4), one)
+    extra = ("--set", "student.gradient_checkpointing=true", "--set", "student.merge_lora=true")
+    _run(_dskd(2, _lora_job(fsdp), 2, *extra), fsdp)
+    _run(_dskd(2, _lora_job(ddp), 2, "--set", "train.sharding=none"), ddp)
+    return one, fsdp, ddp
+
+
+def test_lora_composes_with_fsdp_and_ddp(lora_runs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    one, fsdp, ddp = lora_runs
+    want = _metrics(one / "run")
+    for other in (fsdp, ddp):
+        got = _metrics(other / "run")
+        assert len(got) == len(want) == STEPS
+        for a, b in zip(want, got):
+            assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5 * abs(a["train/loss"]), (other.name, a, b)
+    ids = torch.arange(3, 40).reshape(1, -1)
+
+    def adapted(run: Path, adapter: Path) -> torch.Tensor:
+        base = AutoModelForCausalLM.from_pretrained(run / "base")
+        with torch.no_grad():
+            return PeftModel.from_pretrained(base, adapter).eval()(input_ids=ids).logits
+
+    reference = adapted(one, one / "run" / "final")
+    assert torch.allclose(adapted(ddp, ddp / "run" / "final"), reference, atol=1e-5)
+    assert torch.allclose(adapted(fsdp, fsdp / "run" / "final" / "adapter"), reference, atol=1e-5)
+    with torch.no_grad():  # the merged model written from the gathered shards
+        merged = AutoModelForCausalLM.from_pretrained(fsdp / "run" / "final").eval()(input_ids=ids).logits
+    assert torch.allclose(merged, reference, atol=1e-5)

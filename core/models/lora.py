@@ -162,13 +162,8 @@ def save_lora(
 
     directory.mkdir(parents=True, exist_ok=True)
     adapter_dir = directory / "adapter" if merge else directory
-    if state_dict is not None:
-        from peft import get_peft_model_state_dict
-
-        adapter_state = get_peft_model_state_dict(model, state_dict=state_dict)
-        model.save_pretrained(adapter_dir, state_dict=adapter_state)
-    else:
-        model.save_pretrained(adapter_dir)
+    # peft picks the adapter's entries out of `state_dict` (the sharded model's own tensors are shards).
+    model.save_pretrained(adapter_dir, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(directory)
     if merge:
         plain = copy.deepcopy(model) if state_dict is None else _unsharded_copy(model, state_dict)
