@@ -201,6 +201,19 @@ def test_gradient_checkpointing_under_fsdp_gives_identical_training(runs, tmp_pa
         assert torch.equal(expected[name], got[name]), name  # recomputed activations are the same activations
 
 
+def test_accelerate_s_fsdp2_config_shards_like_train_sharding(runs, tmp_path):
+    setup, _, two = runs
+    if setup != SETUPS[0]:
+        pytest.skip("one setup is enough")
+    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launch += ["--num_processes", "2", "--main_process_port", str(_free_port())]
+    command = _dskd(1, _job(tmp_path, setup), 2)  # one-process command line: no train.sharding set
+    _run([*launch, *command[1:]], tmp_path)
+    assert (tmp_path / "run" / "checkpoints" / "distill" / f"step-{STEPS:08d}" / "sharded").is_dir()
+    assert [r["train/loss"] for r in _metrics(tmp_path / "run")] == [r["train/loss"] for r in _metrics(two / "run")]
+
+
 def _lora_job(folder: Path) -> Path:
     from test_lora import _lora_job as lora_job
 

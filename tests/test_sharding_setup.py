@@ -26,26 +26,37 @@ def _accelerator(kind: DistributedType, processes: int, fsdp_version: int | None
 
 
 def test_train_sharding_fsdp_shards_over_several_processes_and_none_does_not():
-    assert sharding_mode(TrainConfig(sharding="fsdp"), _accelerator(DistributedType.MULTI_CPU, 2)) == FSDP
-    assert sharding_mode(TrainConfig(), _accelerator(DistributedType.MULTI_CPU, 2)) == "none"
+    assert sharding_mode(TrainConfig(sharding="fsdp"), _accelerator(DistributedType.MULTI_CPU, 2), {}) == FSDP
+    assert sharding_mode(TrainConfig(), _accelerator(DistributedType.MULTI_CPU, 2), {}) == "none"
 
 
 def test_accelerate_s_fsdp_plugin_version_2_selects_fsdp_and_version_1_is_refused_naming_version_2():
-    assert sharding_mode(TrainConfig(), _accelerator(DistributedType.FSDP, 2, fsdp_version=2)) == FSDP
+    assert sharding_mode(TrainConfig(), _accelerator(DistributedType.FSDP, 2, fsdp_version=2), {}) == FSDP
     with pytest.raises(LaunchError, match="fsdp_version: 2") as info:
-        sharding_mode(TrainConfig(), _accelerator(DistributedType.FSDP, 2, fsdp_version=1))
+        sharding_mode(TrainConfig(), _accelerator(DistributedType.FSDP, 2, fsdp_version=1), {})
     assert "\n" not in str(info.value)
+
+
+def test_accelerate_s_fsdp_launch_on_cpus_is_read_from_the_environment_it_sets():
+    # On CPUs accelerate's Accelerator reports a plain multi-process run for an FSDP launch; its launcher's
+    # environment still says what was asked for.
+    cpu = _accelerator(DistributedType.MULTI_CPU, 2)
+    assert sharding_mode(TrainConfig(), cpu, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == FSDP
+    with pytest.raises(LaunchError, match="FSDP version 1"):
+        sharding_mode(TrainConfig(), cpu, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+    with pytest.raises(LaunchError, match="DeepSpeed is not supported"):
+        sharding_mode(TrainConfig(), cpu, {"ACCELERATE_USE_DEEPSPEED": "true"})
 
 
 def test_fsdp_in_one_process_is_refused_naming_the_launch():
     with pytest.raises(LaunchError, match="2 or more processes") as info:
-        sharding_mode(TrainConfig(sharding="fsdp"), _accelerator(DistributedType.NO, 1))
+        sharding_mode(TrainConfig(sharding="fsdp"), _accelerator(DistributedType.NO, 1), {})
     assert "torchrun" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_deepspeed_is_refused_naming_fsdp():
     with pytest.raises(LaunchError) as info:
-        sharding_mode(TrainConfig(), _accelerator(DistributedType.DEEPSPEED, 2))
+        sharding_mode(TrainConfig(), _accelerator(DistributedType.DEEPSPEED, 2), {})
     assert "DeepSpeed is not supported" in str(info.value) and 'sharding = "fsdp"' in str(info.value)
 
 

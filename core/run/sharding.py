@@ -15,6 +15,7 @@ Projectors stay whole on every rank; `dskd.run.launch.average_gradients` average
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,20 +28,27 @@ from dskd.run.launch import LaunchError
 FSDP = "fsdp"
 
 
-def sharding_mode(train: Any, accelerator) -> str:
+def sharding_mode(train: Any, accelerator, env: dict[str, str] | None = None) -> str:
     """ "fsdp" when the student is to be sharded (`train.sharding`, or accelerate's FSDP plugin), else "none";
-    refuses what cannot run as asked, in one line, before anything is built."""
+    refuses what cannot run as asked, in one line, before anything is built.
+
+    accelerate's launcher asks for FSDP or DeepSpeed through the environment of the processes it starts; its
+    `Accelerator` turns that into a distributed type only on GPUs (on CPUs it would silently run DDP), so the
+    environment is read here as well.
+    """
     from accelerate.utils import DistributedType
 
+    env = os.environ if env is None else env
     kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
+    if kind == DistributedType.DEEPSPEED or _flag(env, "ACCELERATE_USE_DEEPSPEED"):
         raise LaunchError(
             "DeepSpeed is not supported by dskd; to shard a student that does not fit one device use FSDP2: "
             'train.sharding = "fsdp" (or `accelerate launch --use_fsdp --fsdp_version 2`)'
         )
     mode = train.sharding
-    if kind == DistributedType.FSDP:
-        version = getattr(getattr(getattr(accelerator, "state", None), "fsdp_plugin", None), "fsdp_version", 1)
+    if kind == DistributedType.FSDP or _flag(env, "ACCELERATE_USE_FSDP"):
+        plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+        version = getattr(plugin, "fsdp_version", None) or int(env.get("FSDP_VERSION", "1") or 1)
         if version != 2:
             raise LaunchError(
                 f"accelerate's FSDP plugin is set to FSDP version {version}, but dskd shards with FSDP2 only; "
@@ -53,6 +61,10 @@ def sharding_mode(train: Any, accelerator) -> str:
             'over); launch several (`torchrun --nproc_per_node N -m dskd run FILE`) or use sharding = "none"'
         )
     return mode
+
+
+def _flag(env, name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
