@@ -214,6 +214,20 @@ def test_accelerate_s_fsdp2_config_shards_like_train_sharding(runs, tmp_path):
     assert [r["train/loss"] for r in _metrics(tmp_path / "run")] == [r["train/loss"] for r in _metrics(two / "run")]
 
 
+def test_bf16_under_fsdp_computes_in_bfloat16_and_keeps_float32_weights(runs, tmp_path):
+    setup, _, two = runs
+    if setup != SETUPS[0]:
+        pytest.skip("one setup is enough")
+    _run(_dskd(2, _job(tmp_path, setup), 2, "--set", "train.precision=bf16"), tmp_path)
+    want, got = _metrics(two / "run"), _metrics(tmp_path / "run")
+    rel = [abs(a["train/loss"] - b["train/loss"]) / a["train/loss"] for a, b in zip(want, got)]
+    assert max(rel) < 1e-2 and any(r > 0 for r in rel)  # bfloat16 compute: close, not identical
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "final" / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}
+
+
 def _lora_job(folder: Path) -> Path:
     from test_lora import _lora_job as lora_job
 
