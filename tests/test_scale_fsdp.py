@@ -228,6 +228,20 @@ def test_bf16_under_fsdp_computes_in_bfloat16_and_keeps_float32_weights(runs, tm
         assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}
 
 
+def test_dskd_cma_under_fsdp_trains_as_under_ddp(tmp_path):
+    # dskd_cma reads the student's input embeddings (not only its head) inside the loss; under FSDP it must read
+    # the trained, whole parameter. Compared with DDP over the same two processes, which slices the batch alike.
+    runs = {}
+    for sharding in ("fsdp", "none"):
+        folder = tmp_path / sharding
+        job = write_policy_job(folder, vocab="different", objective="dskd_cma", samples=24)
+        _run(_dskd(2, job, 2, "--set", f"train.sharding={sharding}", "--set", "train.max_steps=6"), folder)
+        runs[sharding] = [r["train/loss"] for r in _metrics(folder / "run")]
+    assert len(runs["fsdp"]) == 6
+    for a, b in zip(runs["none"], runs["fsdp"]):
+        assert abs(a - b) <= 1e-6 * abs(a), (runs["none"], runs["fsdp"])
+
+
 def _lora_job(folder: Path) -> Path:
     from test_lora import _lora_job as lora_job
 
