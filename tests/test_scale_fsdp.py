@@ -235,11 +235,15 @@ def test_dskd_cma_under_fsdp_trains_as_under_ddp(tmp_path):
     for sharding in ("fsdp", "none"):
         folder = tmp_path / sharding
         job = write_policy_job(folder, vocab="different", objective="dskd_cma", samples=24)
-        _run(_dskd(2, job, 2, "--set", f"train.sharding={sharding}", "--set", "train.max_steps=6"), folder)
+        # A high learning rate, so that embeddings read stale (as they were at setup) change the losses visibly; no
+        # clipping, whose norm DDP (torch's float32 vector_norm) and FSDP compute with different rounding.
+        extra = ("--set", f"train.sharding={sharding}", "--set", "train.max_steps=6", "--set", "train.lr=0.05")
+        extra += ("--set", "train.clip_grad=0")
+        _run(_dskd(2, job, 2, *extra), folder)
         runs[sharding] = [r["train/loss"] for r in _metrics(folder / "run")]
     assert len(runs["fsdp"]) == 6
     for a, b in zip(runs["none"], runs["fsdp"]):
-        assert abs(a - b) <= 1e-6 * abs(a), (runs["none"], runs["fsdp"])
+        assert abs(a - b) <= 1e-7 * abs(a), (runs["none"], runs["fsdp"])
 
 
 def _lora_job(folder: Path) -> Path:
