@@ -5,6 +5,10 @@ projectors, the policy state, RNG states, the data position and a `manifest.json
 file. It is written under a temporary name, flushed to disk, and renamed into place, so a crash leaves either
 the previous good checkpoint or the new complete one. On resume, a checkpoint whose manifest is missing or
 whose files do not match their hashes is named in one line and skipped in favour of the previous good one.
+
+Under FSDP (`dskd.run.sharding`) the student and optimizer state are not pickled by the main process: every
+process writes its shards with `torch.distributed.checkpoint` into `sharded/` of the same temporary folder, and the
+main process adds the rest, hashes everything and renames the folder into place.
 """
 
 from __future__ import annotations
@@ -234,12 +238,11 @@ class StageCheckpoints:
 
     def _objects(self) -> dict[str, Any]:
         t = self.trainer
-        # Sharded: student and optimizer state go through torch.distributed.checkpoint (`_save_shards`).
-        whole = {} if t.sharded else {"model": t.accelerator.unwrap_model(t.model).state_dict()}
-        if not t.sharded:
-            whole["optimizer"] = t.optimizer.state_dict()
-        objects = {
-            **whole,
+        objects = {}
+        if not t.sharded:  # sharded: the student and optimizer state are written by every process (`_save_shards`)
+            objects["model"] = t.accelerator.unwrap_model(t.model).state_dict()
+            objects["optimizer"] = t.optimizer.state_dict()
+        objects |= {
             "scheduler": t.scheduler.state_dict(),
             "policy": t.spec.policy.state_dict(),
             "rng": rng_state(),
