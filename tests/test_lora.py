@@ -147,6 +147,38 @@ def test_final_holds_the_adapter_or_the_merged_model_and_each_loads_with_its_lib
             assert torch.equal(merged_away[name], value), name
 
 
+@pytest.mark.integration
+def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    overrides = ["train.max_steps=6", "train.save_every=2"]
+    straight = _job(_lora_job(tmp_path / "straight"), overrides)
+    straight.distill(None)
+
+    path = _lora_job(tmp_path / "crashed")
+    original = Trainer.train_step
+
+    def crash_at_step_5(self, window, meter):
+        if self.state.step == 4:
+            raise KeyboardInterrupt
+        return original(self, window, meter)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        _job(path, overrides).distill(None)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    saved = torch.load(tmp_path / "crashed" / "run" / "checkpoints" / "distill" / "step-00000004" / "model.pt")
+    assert saved and all(".lora_" in name for name in saved)  # the frozen base is not written again
+    resumed = Job(load_config(path, overrides, registry=REGISTRY), REGISTRY, resume=True)
+    resumed.prepare_run_dir()
+    resumed.distill(None)
+    from safetensors.torch import load_file
+
+    want = load_file(tmp_path / "straight" / "run" / "final" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "crashed" / "run" / "final" / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
 def test_gradient_checkpointing_gives_a_lora_student_identical_gradients(tmp_path):
     path = _lora_job(tmp_path)
     grads = []

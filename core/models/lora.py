@@ -152,6 +152,37 @@ def is_lora(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a resumable checkpoint keeps of the student: its whole state, or for a LoRA student only the tensors
+    that train (adapters, a listed head); the frozen base is the same `student.model` at every resume, so writing
+    it with every checkpoint would cost the whole model's size on disk for nothing."""
+    state = model.state_dict()
+    if not is_lora(model):
+        return state
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: value for name, value in state.items() if name in trained}
+
+
+def load_checkpoint_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Restore `checkpoint_state`'s tensors; for a LoRA student every trained tensor must be among them."""
+    if not is_lora(model):
+        model.load_state_dict(state)
+        return
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trained - state.keys())
+    if missing:
+        raise ModelError(
+            f"the checkpoint lacks {len(missing)} trained LoRA tensors of the student (e.g. {missing[0]}); "
+            f"it was written with other student.lora settings: resume with those, or start afresh"
+        )
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ModelError(
+            f"the checkpoint holds {len(unexpected)} tensors this LoRA student does not have (e.g. {unexpected[0]}); "
+            f"it was written with other student.lora settings: resume with those, or start afresh"
+        )
+
+
 def save_lora(
     model: torch.nn.Module, tokenizer, directory: Path, *, merge: bool, state_dict: dict | None = None
 ) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dskd.errors import CheckpointError, DskdError, TeacherError
+from dskd.models.lora import checkpoint_state, load_checkpoint_state
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -240,7 +241,7 @@ class StageCheckpoints:
         t = self.trainer
         objects = {}
         if not t.sharded:  # sharded: the student and optimizer state are written by every process (`_save_shards`)
-            objects["model"] = t.accelerator.unwrap_model(t.model).state_dict()
+            objects["model"] = checkpoint_state(t.accelerator.unwrap_model(t.model))  # a LoRA student: its adapters
             objects["optimizer"] = t.optimizer.state_dict()
         objects |= {
             "scheduler": t.scheduler.state_dict(),
@@ -357,7 +358,7 @@ class StageCheckpoints:
 
             load_sharded(found.path / "sharded", t.model, t.projectors, t.optimizer)
         else:
-            acc.unwrap_model(t.model).load_state_dict(found.load("model"))
+            load_checkpoint_state(acc.unwrap_model(t.model), found.load("model"))
             t.optimizer.load_state_dict(found.load("optimizer"))
         t.scheduler.load_state_dict(found.load("scheduler"))
         if t.projectors is not None:
