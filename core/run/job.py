@@ -60,7 +60,7 @@ class Job:
         self.resume = resume
         self.force_resume = force_resume
         self.accelerator = make_accelerator("bf16" if config.train.precision == "bf16" else "no")
-        self.sharding = sharding_mode(config.train, self.accelerator)  # refuses DeepSpeed, FSDP on one process
+        sharding_mode(config.train, self.accelerator)  # at once: refuses DeepSpeed, and FSDP in one process
         self.console = Console(enabled=self.accelerator.is_main_process)
         self.run_dir = Path(config.run.output_dir)
         self.cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else self.run_dir / "cache"
@@ -81,13 +81,6 @@ class Job:
                 f"run.output_dir {self.run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                 f"or choose another directory (--set run.output_dir=...)"
             )
-        written = written_world_size(self.run_dir) if self.resume else None
-        if written is not None and written != self.accelerator.num_processes:
-            # Checked before anything is written: the checkpoints are split by process (and by shard under FSDP).
-            raise CheckpointError(
-                f"the checkpoints in {self.run_dir / 'checkpoints'} were written by {written} processes but this run has "
-                f"{self.accelerator.num_processes}; resume with {written} processes"
-            )
         finished = self.finished_config() if self.resume else None
         if finished is not None:
             changed = _changed_keys(finished, self.config.to_dict(), self._job_dir())
@@ -100,6 +93,13 @@ class Job:
                 f"{self.run_dir} holds this run, finished; nothing to do (its results are in {self.run_dir / 'results.json'})"
             )
             return False
+        written = written_world_size(self.run_dir) if self.resume else None
+        if written is not None and written != self.accelerator.num_processes:
+            # Checked before anything is written: the checkpoints are split by process (and by shard under FSDP).
+            raise CheckpointError(
+                f"the checkpoints in {self.run_dir / 'checkpoints'} were written by {written} processes but this run has "
+                f"{self.accelerator.num_processes}; resume with {written} processes"
+            )
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
