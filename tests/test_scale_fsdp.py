@@ -96,13 +96,32 @@ def _job(folder: Path, setup: str) -> Path:
 SETUPS = ("kd, same tokenizer", "dskd_v2, GPT-2 student, Mistral teacher")
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """setup -> (one-process run folder, two-process FSDP run folder), each pair run once per module."""
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(setup: str) -> tuple[Path, Path]:
+        if setup not in made:
+            root = tmp_path_factory.mktemp("fsdp")
+            one, two = root / "one", root / "two"
+            _run(_dskd(1, _job(one, setup), 4), one)
+            _run(_dskd(2, _job(two, setup), 2), two)
+            made[setup] = one, two
+        return made[setup]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=SETUPS)
-def runs(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
-    one, two = root / "one", root / "two"
-    _run(_dskd(1, _job(one, request.param), 4), one)
-    _run(_dskd(2, _job(two, request.param), 2), two)
-    return request.param, one, two
+def runs(request, launched):
+    return (request.param, *launched(request.param))
+
+
+@pytest.fixture(scope="module")
+def kd_runs(launched):
+    """The kd setup alone: enough for the crash, checkpointing, launcher and precision tests."""
+    return (SETUPS[0], *launched(SETUPS[0]))
 
 
 def test_fsdp_over_two_processes_gives_the_losses_of_one_process_with_the_global_batch(runs):
@@ -144,10 +163,8 @@ def test_a_sharded_checkpoint_holds_every_process_s_shards_and_everything_a_ddp_
     assert {p.name for p in own.iterdir()} == {"rng.pt", "policy.pt", "manifest.json"}
 
 
-def test_a_sharded_run_killed_with_sigkill_resumes_to_the_weights_of_the_uninterrupted_run(runs, tmp_path):
-    setup, _, two = runs
-    if setup != SETUPS[0]:
-        pytest.skip("one setup is enough for the crash; the other is covered by the loss comparison")
+def test_a_sharded_run_killed_with_sigkill_resumes_to_the_weights_of_the_uninterrupted_run(kd_runs, tmp_path):
+    setup, _, two = kd_runs
     crashed = tmp_path / "crashed"
     job = _job(crashed, setup)
     root = crashed / "run" / "checkpoints" / "distill"
@@ -190,10 +207,8 @@ def test_a_sharded_run_killed_with_sigkill_resumes_to_the_weights_of_the_uninter
     assert [r["step"] for r in _metrics(crashed / "run")] == list(range(1, STEPS + 1))
 
 
-def test_gradient_checkpointing_under_fsdp_gives_identical_training(runs, tmp_path):
-    setup, _, two = runs
-    if setup != SETUPS[0]:
-        pytest.skip("one setup is enough")
+def test_gradient_checkpointing_under_fsdp_gives_identical_training(kd_runs, tmp_path):
+    setup, _, two = kd_runs
     _run(_dskd(2, _job(tmp_path, setup), 2, "--set", "student.gradient_checkpointing=true"), tmp_path)
     assert [r["train/loss"] for r in _metrics(tmp_path / "run")] == [r["train/loss"] for r in _metrics(two / "run")]
     expected, got = _weights(two / "run"), _weights(tmp_path / "run")
@@ -201,10 +216,8 @@ def test_gradient_checkpointing_under_fsdp_gives_identical_training(runs, tmp_pa
         assert torch.equal(expected[name], got[name]), name  # recomputed activations are the same activations
 
 
-def test_accelerate_s_fsdp2_config_shards_like_train_sharding(runs, tmp_path):
-    setup, _, two = runs
-    if setup != SETUPS[0]:
-        pytest.skip("one setup is enough")
+def test_accelerate_s_fsdp2_config_shards_like_train_sharding(kd_runs, tmp_path):
+    setup, _, two = kd_runs
     config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     launch += ["--num_processes", "2", "--main_process_port", str(_free_port())]
@@ -214,10 +227,8 @@ def test_accelerate_s_fsdp2_config_shards_like_train_sharding(runs, tmp_path):
     assert [r["train/loss"] for r in _metrics(tmp_path / "run")] == [r["train/loss"] for r in _metrics(two / "run")]
 
 
-def test_bf16_under_fsdp_computes_in_bfloat16_and_keeps_float32_weights(runs, tmp_path):
-    setup, _, two = runs
-    if setup != SETUPS[0]:
-        pytest.skip("one setup is enough")
+def test_bf16_under_fsdp_computes_in_bfloat16_and_keeps_float32_weights(kd_runs, tmp_path):
+    setup, _, two = kd_runs
     _run(_dskd(2, _job(tmp_path, setup), 2, "--set", "train.precision=bf16"), tmp_path)
     want, got = _metrics(two / "run"), _metrics(tmp_path / "run")
     rel = [abs(a["train/loss"] - b["train/loss"]) / a["train/loss"] for a, b in zip(want, got)]
