@@ -19,6 +19,7 @@ from typing import Any
 import tomllib
 
 from dskd.errors import ConfigError, ConfigProblem
+from dskd.models.lora import lora_problems
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,13 @@ class ModelConfig:
 class StudentConfig(ModelConfig):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about 30% more time)."""
+    lora: dict = field(default_factory=dict)
+    """LoRA adapters through peft, e.g. { r = 16, alpha = 32, dropout = 0.05, target_modules = ["q_proj", "v_proj"] }: only
+    the adapters (and the objective's projectors) train; the LM head stays frozen unless its name is in target_modules.
+    Needs pretrained weights (student.model). Empty: full fine-tuning."""
+    merge_lora: bool = False
+    """With lora: final/ holds the merged model (an ordinary Hugging Face model) and the adapter in final/adapter/;
+    without it, final/ holds the adapter alone."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,9 @@ class TrainConfig:
     """Consecutive steps with a non-finite loss or gradient norm (each skipped, no update) after which the run stops."""
     chunk_size: int = 0
     """Token rows per chunk of the loss (bounds the memory of full-vocabulary logits). 0: 2**24 / vocabulary rows."""
+    sharding: str = "none"
+    """"none" (each process holds the whole student; DDP with several) or "fsdp" (FSDP2: the student's weights, gradients
+    and optimizer state are sharded over the processes; needs 2 or more). accelerate's FSDP plugin (version 2) selects fsdp too."""
 
 
 @dataclass(frozen=True)
@@ -264,6 +275,7 @@ class Config:
 
 PLUGIN_TABLES = {"objective": "objectives", "divergence": "divergences", "aligner": "aligners", "policy": "policies"}
 STAGES = ("teacher_sft", "distill", "eval")
+SHARDINGS = ("none", "fsdp")
 PATH_FIELDS = {
     ("student", "model"),
     ("student", "config"),
@@ -641,6 +653,18 @@ def check_values(config: Config) -> list[ConfigProblem]:
     need(tr.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {tr.max_bad_steps}", "use e.g. 3")
     need(tr.chunk_size >= 0, "train.chunk_size", f"must be >= 0, got {tr.chunk_size}", "use 0 (automatic) or e.g. 256")
     need(0 <= o.kd_rate <= 1, "objective.kd_rate", f"must be in [0, 1], got {o.kd_rate}", "use e.g. 0.5")
+    need(
+        tr.sharding in SHARDINGS,
+        "train.sharding",
+        f"unknown sharding {tr.sharding!r}"
+        + (
+            " (DeepSpeed is not supported)"
+            if "deepspeed" in tr.sharding.lower() or "zero" in tr.sharding.lower()
+            else ""
+        ),
+        'use "none" or "fsdp" (FSDP2 shards weights, gradients and optimizer state like ZeRO-3)',
+    )
+    p.extend(lora_problems(config.student))
     need(o.temperature > 0, "objective.temperature", f"must be > 0, got {o.temperature}", "use e.g. 1.0 or 2.0")
     need(e.split in ("test", "valid"), "eval.split", f"unknown split {e.split!r}", 'use "test" or "valid"')
     need(e.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {e.max_new_tokens}", "use e.g. 64")

@@ -57,6 +57,8 @@ def toml_value(value) -> str:
         return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     return repr(value)
 
 
@@ -148,12 +150,14 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "log_every": 3,
         },
         "student": {
-            "model": "",
+            "model": "org/student",
             "config": "student.json",
             "tokenizer": "org/student-tok",
             "dtype": "bfloat16",
             "gradient_checkpointing": True,
             "chat_template": "",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+            "merge_lora": True,
         },
         "teacher": {
             "model": "",
@@ -212,6 +216,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "keep_checkpoints": 1,
             "max_bad_steps": 5,
             "chunk_size": 16,
+            "sharding": "fsdp",
         },
         "objective": {"name": "kd", "kd_rate": 0.25, "temperature": 2.0, "teacher_signal": "top_k", "top_k": 8},
         "divergence": {"name": "skew_forward_kl", "lam": 0.3},

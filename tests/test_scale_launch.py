@@ -48,10 +48,9 @@ def test_a_plain_process_gets_a_one_process_accelerator(monkeypatch):
     assert accelerator.num_processes == 1 and accelerator.is_main_process
 
 
-def test_a_model_whose_weights_accelerate_moved_or_sharded_is_refused(tmp_path):
-    # FSDP and DeepSpeed ZeRO-3 replace the student's weights (flattened, sharded); the objectives hold views of
-    # its LM head taken at setup and would silently train against stale weights. Neither runs on a CPU-only
-    # machine, so their effect on the parameters is reproduced here: prepare hands back a copy.
+def test_a_model_whose_weights_accelerate_moved_is_refused_naming_fsdp2_and_ddp(tmp_path):
+    # dskd shards with FSDP2 itself (`dskd.run.sharding`); a data-parallel `prepare` that copied the weights (a
+    # device placement dskd did not ask for) would leave the head view on a stale module: prepare hands back a copy.
     import copy
     from types import SimpleNamespace
 
@@ -64,7 +63,7 @@ def test_a_model_whose_weights_accelerate_moved_or_sharded_is_refused(tmp_path):
     from dskd.types import SignalRequest
 
     class ShardingAccelerator:
-        device, num_processes, distributed_type = torch.device("cpu"), 2, DistributedType.FSDP
+        device, num_processes, distributed_type = torch.device("cpu"), 2, DistributedType.MULTI_GPU
 
         def prepare(self, model, optimizer, device_placement=None):
             return copy.deepcopy(model), optimizer
@@ -76,9 +75,9 @@ def test_a_model_whose_weights_accelerate_moved_or_sharded_is_refused(tmp_path):
     spec = StageSpec(
         "distill", torch.nn.Linear(4, 3), objective, None, None, lambda consumed: iter(()), TrainConfig(), tmp_path, 1
     )
-    with pytest.raises(LaunchError, match="FSDP") as info:
+    with pytest.raises(LaunchError, match="FSDP2") as info:
         Trainer.for_stage(spec, ShardingAccelerator(), Console(enabled=False))
-    assert "\n" not in str(info.value) and "DDP" in str(info.value)
+    assert "\n" not in str(info.value) and "DDP" in str(info.value) and 'train.sharding = "fsdp"' in str(info.value)
 
 
 CPU_CHILD = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}

@@ -10,7 +10,8 @@ each piece in use.
   oracle), `LossWeights`, `weighting` and `objective_loss` (how the engine weights an objective's parts),
   `student_ce_terms` / `packed_ce_terms` (the gold CE), `gather_rows` / `gather_labels`.
 - Probabilities: `paired_logprobs`, `kl_terms`, `log_mixture`, `check_unit_interval`, `check_temperature`.
-- The LM head view: `LMHead`, `head_from_model`, `last_hidden_state`.
+- The LM head view: `LMHead`, `HeadView` (a student's head, read at each use; right under FSDP2 and peft),
+  `head_from_model`, `head_view`, `last_hidden_state`.
 - Dual-space terms: `DualSpaceSpec`, `dual_space_terms`, `paired_rows`, `least_squares_map`,
   `right_inverse_factor`, `shared_vocabulary`; row partners of index-style alignments: `row_partners`,
   `teacher_hidden`; cross-model attention: `attention_weights`, `padded`, `packed`, `sequence_has`.
@@ -31,6 +32,7 @@ _EXPORTS = {
     "ByteTable": "dskd.kit.token_bytes",
     "CROSS_TOKENIZER_OBJECTIVES": "dskd.kit.objective",
     "DualSpaceSpec": "dskd.kit.dual_space",
+    "HeadView": "dskd.kit.lm_head",
     "LMHead": "dskd.kit.lm_head",
     "LossWeights": "dskd.kit.weights",
     "Objective": "dskd.kit.objective",
@@ -54,6 +56,7 @@ _EXPORTS = {
     "gather_rows": "dskd.kit.objective",
     "generation_seed": "dskd.kit.rollout",
     "head_from_model": "dskd.kit.lm_head",
+    "head_view": "dskd.kit.lm_head",
     "ids_text": "dskd.kit.rollout",
     "kl_terms": "dskd.kit.probability",
     "last_hidden_state": "dskd.kit.lm_head",

@@ -40,6 +40,11 @@ class LMHead:
     def hidden_size(self) -> int:
         return int(self.weight.shape[1])
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the head's weight receives gradients (False for a frozen head, e.g. under LoRA)."""
+        return bool(self.weight.requires_grad)
+
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits `(..., V)` of `hidden` `(..., d)`; `weight` overrides the stored one (e.g. a detached
         or differently-sliced view) while keeping bias, scale and soft-cap."""
@@ -74,6 +79,68 @@ class LMHead:
                 digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
         digest.update(f"{self.scale}:{self.softcap}".encode())
         return digest.hexdigest()
+
+
+class HeadView(LMHead):
+    """The student's LM head read from its module at each use, so it stays right when the module's parameters are
+    replaced: FSDP2 swaps them between sharded and unsharded tensors, and peft may wrap the head.
+
+    Between the model's forward and its backward the root of an FSDP2 model holds its parameters unsharded, so an
+    objective's loss reads the whole head and its gradient reaches FSDP's reduction. Read anywhere else (e.g. a
+    closed-form map refreshed after the optimizer step) a sharded head is gathered: a collective, so every process
+    must read it at the same point. Sizes are stored, so asking for them never gathers.
+    """
+
+    def __init__(self, module: torch.nn.Module, vocab_size: int, hidden_size: int, scale: float, softcap: float):
+        self._module = module
+        self._vocab_size = vocab_size
+        self._hidden_size = hidden_size
+        self.scale = scale
+        self.softcap = softcap
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return _whole(self._module.weight)[: self._vocab_size]
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+        bias = getattr(self._module, "bias", None)
+        return None if bias is None else _whole(bias)[: self._vocab_size]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden_size
+
+    @property
+    def trainable(self) -> bool:
+        return bool(self._module.weight.requires_grad)
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]) -> LMHead:
+        return LMHead(tensors["weight"], tensors.get("bias"), self.scale, self.softcap)
+
+    def __repr__(self) -> str:  # the dataclass repr would read (and so gather) the weight
+        return (
+            f"HeadView({type(self._module).__name__}, vocab_size={self._vocab_size}, hidden_size={self._hidden_size})"
+        )
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def head_view(model: torch.nn.Module, vocab_size: int, *, verify: bool = True, name: str = "model") -> HeadView:
+    """`head_from_model`'s head (verified the same way) as a `HeadView` of `model`'s head module."""
+    head = head_from_model(model, vocab_size, verify=verify, name=name)
+    return HeadView(model.get_output_embeddings(), head.vocab_size, head.hidden_size, head.scale, head.softcap)
 
 
 def last_hidden_state(

@@ -5,6 +5,10 @@ projectors, the policy state, RNG states, the data position and a `manifest.json
 file. It is written under a temporary name, flushed to disk, and renamed into place, so a crash leaves either
 the previous good checkpoint or the new complete one. On resume, a checkpoint whose manifest is missing or
 whose files do not match their hashes is named in one line and skipped in favour of the previous good one.
+
+Under FSDP (`dskd.run.sharding`) the student and optimizer state are not pickled by the main process: every
+process writes its shards with `torch.distributed.checkpoint` into `sharded/` of the same temporary folder, and the
+main process adds the rest, hashes everything and renames the folder into place.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from dskd.errors import CheckpointError, DskdError, TeacherError
+from dskd.models.lora import checkpoint_state, load_checkpoint_state
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -72,15 +77,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(root: Path, step: int, objects: dict[str, Any], manifest: dict[str, Any], *, keep: int) -> Path:
-    """Write `objects` (name -> picklable state) as checkpoint `step` under `root`; keep the newest `keep`."""
+def save(
+    root: Path, step: int, objects: dict[str, Any], manifest: dict[str, Any], *, keep: int, tmp: Path | None = None
+) -> Path:
+    """Write `objects` (name -> picklable state) as checkpoint `step` under `root`; keep the newest `keep`.
+
+    `tmp`: a temporary folder (`sharded_tmp`) that other writers have already filled (FSDP shards); its files
+    enter the manifest like the objects' and move into place with them."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     hashes = {}
+    if tmp is None:
+        tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    else:
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            hashes[str(path.relative_to(tmp))] = _sha256(path)
     for name, obj in objects.items():
         path = tmp / f"{name}.pt"
         with path.open("wb") as handle:
@@ -103,6 +117,24 @@ def save(root: Path, step: int, objects: dict[str, Any], manifest: dict[str, Any
     for old in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def sharded_tmp(root: Path, step: int) -> Path:
+    """The temporary folder that every process writes its shards of checkpoint `step` into (one name for all)."""
+    return root / f".step-{step:08d}.tmp-sharded"
+
+
+def written_world_size(run_dir: Path) -> int | None:
+    """The number of processes that wrote the newest checkpoint of any stage under `run_dir`, or None."""
+    sizes = []
+    for stage in sorted((run_dir / "checkpoints").glob("*")):
+        for path in reversed(checkpoints(stage)):
+            try:
+                sizes.append(int(json.loads((path / MANIFEST).read_text()).get("world_size", 1)))
+                break
+            except (OSError, ValueError, TypeError):
+                continue
+    return sizes[-1] if sizes else None
 
 
 def checkpoints(root: Path) -> list[Path]:
@@ -173,8 +205,18 @@ def require_finite(model: torch.nn.Module, extra: torch.nn.Module | None, what: 
     )
     if not named:
         return
-    finite = torch.stack([p.detach().isfinite().all().to(named[0][1].device) for _, p in named]).tolist()
-    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    from torch.distributed.tensor import DTensor
+
+    # A sharded (FSDP) parameter is checked shard by shard and the verdicts combined over processes, so every
+    # process raises here or none does.
+    local = [p.to_local() if isinstance(p, DTensor) else p for _, p in named]
+    device = local[0].device
+    finite = torch.stack([p.detach().isfinite().all().to(device) for p in local]).to(torch.int32)
+    if any(isinstance(p, DTensor) for _, p in named):
+        import torch.distributed as dist
+
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
     if bad:
         listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise DskdError(
@@ -198,9 +240,11 @@ class StageCheckpoints:
 
     def _objects(self) -> dict[str, Any]:
         t = self.trainer
-        objects = {
-            "model": t.accelerator.unwrap_model(t.model).state_dict(),
-            "optimizer": t.optimizer.state_dict(),
+        objects = {}
+        if not t.sharded:  # sharded: the student and optimizer state are written by every process (`_save_shards`)
+            objects["model"] = checkpoint_state(t.accelerator.unwrap_model(t.model))  # a LoRA student: its adapters
+            objects["optimizer"] = t.optimizer.state_dict()
+        objects |= {
             "scheduler": t.scheduler.state_dict(),
             "policy": t.spec.policy.state_dict(),
             "rng": rng_state(),
@@ -224,14 +268,33 @@ class StageCheckpoints:
             "world_size": acc.num_processes,
         }
         root = self.root if rank == 0 else self.root / f"rank-{rank}"
+        shards = self._save_shards() if t.sharded else None
         objects = self._objects() if rank == 0 else {"rng": rng_state(), "policy": t.spec.policy.state_dict()}
         position = getattr(getattr(t, "batches", None), "state_dict", None)
         if position is not None:  # a stream: this process's position after the consumed batches
             objects["data"] = position(t.state.consumed)
-        save(root, t.state.step, objects, manifest, keep=t.train_cfg.keep_checkpoints)
+        save(
+            root, t.state.step, objects, manifest, keep=t.train_cfg.keep_checkpoints, tmp=shards if rank == 0 else None
+        )
         self.saved_step = t.state.step
         self.last_save = time.monotonic()
         acc.wait_for_everyone()
+
+    def _save_shards(self) -> Path:
+        """Every process writes its shards of the student and optimizer into one temporary folder (rank 0 then
+        adds the rest, hashes everything and renames it into place)."""
+        from dskd.run.sharding import save_sharded
+
+        t = self.trainer
+        tmp = sharded_tmp(self.root, t.state.step)
+        if t.accelerator.is_main_process:
+            if tmp.exists():  # left by a run killed while saving this step
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        t.accelerator.wait_for_everyone()
+        save_sharded(tmp / "sharded", t.model, t.projectors, t.optimizer)
+        t.accelerator.wait_for_everyone()
+        return tmp
 
     def due(self) -> bool:
         """`train.save_every_minutes` passed since the last checkpoint. Asked only at log steps: with several
@@ -306,8 +369,13 @@ class StageCheckpoints:
                     f"{found.path} was trained with a different {key} ({saved[:12]} vs now {value[:12]}); "
                     f"resuming would mix two setups; pass --force-resume to resume anyway"
                 )
-        acc.unwrap_model(t.model).load_state_dict(found.load("model"))
-        t.optimizer.load_state_dict(found.load("optimizer"))
+        if t.sharded:
+            from dskd.run.sharding import load_sharded
+
+            load_sharded(found.path / "sharded", t.model, t.projectors, t.optimizer)
+        else:
+            load_checkpoint_state(acc.unwrap_model(t.model), found.load("model"))
+            t.optimizer.load_state_dict(found.load("optimizer"))
         t.scheduler.load_state_dict(found.load("scheduler"))
         if t.projectors is not None:
             t.projectors.load_state_dict(found.load("objective"))

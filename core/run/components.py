@@ -17,7 +17,7 @@ import torch
 from dskd.config import Config, plugin_options
 from dskd.errors import PluginError
 from dskd.kit.contracts import member
-from dskd.kit.lm_head import head_from_model
+from dskd.kit.lm_head import head_view
 from dskd.kit.objective import ObjectiveContext, same_vocabulary, student_ce_terms
 from dskd.kit.policy import PolicyContext
 from dskd.models.loading import (
@@ -27,6 +27,7 @@ from dskd.models.loading import (
     load_model,
     load_tokenizer,
 )
+from dskd.models.lora import apply_lora, lora_settings
 from dskd.models.teacher import LocalTeacher, Teacher
 from dskd.run.plugin_checks import CheckedAligner, checked_divergence, describe
 
@@ -131,12 +132,17 @@ class Student:
 
 
 def build_student(config: Config, device: torch.device, *, fresh: bool = False) -> Student:
-    """The student (pretrained, or random-init from its config with the run's seed)."""
+    """The student (pretrained, or random-init from its config with the run's seed), with LoRA adapters when
+    `student.lora` is set (`fresh`: the plain model, e.g. the evaluation's untrained baseline)."""
     tokenizer = load_tokenizer(config.student, "student")
     model = load_model(config.student, "student", seed=config.run.seed)
     check_vocabulary(model, tokenizer, "student")
     if config.student.gradient_checkpointing and not fresh:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant: the reentrant variant drops the gradients of adapters inside a block whose input needs no
+        # gradient (frozen embeddings under LoRA), and it is the variant FSDP2 composes with.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.student.lora and not fresh:
+        model = apply_lora(model, lora_settings(config.student.lora), "student")
     return Student(model.to(device), tokenizer)
 
 
@@ -146,7 +152,8 @@ def build_objective(
     """The configured objective (or `name`), and the student's gold CE alone for the engine's split steps."""
     name = name or config.objective.name
     factory = registry.get("objectives", name)
-    head = head_from_model(student.model, len(student.tokenizer), name="student")
+    # A view, read at each use: FSDP2 swaps the student's parameters between shards and whole tensors.
+    head = head_view(student.model, len(student.tokenizer), name="student")
     same_vocab = teacher is None or same_vocabulary(teacher.tokenizer, student.tokenizer)
     context = ObjectiveContext(
         student=student.model,

@@ -36,6 +36,7 @@ from dskd.run.interrupts import stop_requests
 from dskd.run.launch import LaunchError, average_gradients
 from dskd.run.meter import Meter, MetricsFile
 from dskd.run.optim import build_optimizer, build_scheduler, step_weights
+from dskd.run.sharding import FSDP, clip_grad_norm, is_sharded, shard_student, sharding_mode, whole_parameters
 from dskd.types import Batch, LossTerms
 
 
@@ -83,17 +84,15 @@ class Trainer:
             self.projectors.to(accelerator.device)
         self.optimizer = optimizer
         self.scheduler = build_scheduler(optimizer, spec.train)
-        # The objective reads the student's LM head through views taken at setup, so `prepare` must wrap the
-        # model without moving or re-sharding its weights: the model is already on `accelerator.device`, and
-        # accelerate's own placement would copy it (a CPU model "moves" to cpu:0 in a multi-process CPU run).
-        storage = _parameter_storage(spec.model)
-        self.model, self.optimizer = accelerator.prepare(spec.model, self.optimizer, device_placement=[False, True])
-        if _parameter_storage(accelerator.unwrap_model(self.model)) != storage:
-            raise LaunchError(
-                f"accelerate moved or sharded the weights of the {spec.name} model ({accelerator.distributed_type.value}), but "
-                f"the objectives read its LM head directly; run data parallel (DDP, `accelerate launch --multi_gpu`), "
-                f"not FSDP or DeepSpeed ZeRO-3"
-            )
+        # FSDP2 (`dskd.run.sharding`): the model was sharded before its optimizer was built; accelerate wraps nothing.
+        self.sharded = is_sharded(spec.model)
+        # Trained parameters that no wrapper synchronises: the projectors, and under FSDP any left whole.
+        self.synced_here = [p for p in self.projectors.parameters()] if self.projectors is not None else []
+        if self.sharded:
+            self.model = spec.model
+            self.synced_here += whole_parameters(p for p in spec.model.parameters() if p.requires_grad)
+        else:
+            self._prepare_data_parallel(spec, accelerator)
         self.fetcher = SignalFetcher(spec.teacher, spec.objective.request)
         # Cross-step prefetch needs a policy whose output is its input (off_policy); a synchronous teacher's call
         # is merely deferred to when the signal is needed.
@@ -104,9 +103,25 @@ class Trainer:
         self.metrics = MetricsFile(spec.run_dir / "metrics.jsonl", main_process=accelerator.is_main_process)
         self.checkpoints = StageCheckpoints(self)
 
+    def _prepare_data_parallel(self, spec: StageSpec, accelerator) -> None:
+        # The objective reads the student's LM head through a view of its module, so `prepare` must wrap the model
+        # without moving or re-sharding its weights: the model is already on `accelerator.device`, and accelerate's
+        # own placement would copy it (a CPU model "moves" to cpu:0 in a multi-process CPU run).
+        storage = _parameter_storage(spec.model)
+        self.model, self.optimizer = accelerator.prepare(spec.model, self.optimizer, device_placement=[False, True])
+        if _parameter_storage(accelerator.unwrap_model(self.model)) != storage:
+            raise LaunchError(
+                f"accelerate moved or sharded the weights of the {spec.name} model ({accelerator.distributed_type.value}) "
+                f'itself; dskd shards with FSDP2 on its own: set train.sharding = "fsdp" (or launch with accelerate\'s '
+                f"FSDP plugin, version 2), or run data parallel (DDP, `accelerate launch --multi_gpu`)"
+            )
+
     @classmethod
     def for_stage(cls, spec: StageSpec, accelerator, console: Console) -> Trainer:
-        """A trainer with the stage's AdamW (`dskd.run.optim.build_optimizer`)."""
+        """A trainer with the stage's AdamW (`dskd.run.optim.build_optimizer`); under `train.sharding = "fsdp"` the
+        student is sharded first, since FSDP2 replaces its parameters and the optimizer must hold the new ones."""
+        if sharding_mode(spec.train, accelerator) == FSDP and not is_sharded(spec.model):
+            shard_student(spec.model, bf16=spec.train.precision == "bf16")
         projectors = spec.objective.trainable_modules()
         return cls(spec, accelerator, console, build_optimizer(spec.model, projectors, spec.train))
 
@@ -130,7 +145,8 @@ class Trainer:
             pending = self._submit(window[i + 1]) if i + 1 < len(window) else None
             last = i + 1 == len(window)
             with (
-                contextlib.nullcontext() if last else acc.no_sync(model),
+                # FSDP2 reduce-scatters every micro-batch's gradients (sharded sums, no whole-model gradient held).
+                contextlib.nullcontext() if last or self.sharded else acc.no_sync(model),
                 acc.autocast(),
                 weighting(weights[i]) as weighing,
             ):
@@ -147,8 +163,8 @@ class Trainer:
                 meter.add_host("train/align_ratio_num", float(batch.aligned_rows.shape[0]))
                 meter.add_host("train/align_ratio_den", float(batch.student_rows.shape[0]))
             self.state.tokens += int(batch.student_attention_mask.sum())
-        if self.projectors is not None:  # outside the DDP-wrapped model: averaged here, as DDP does the student's
-            average_gradients(self.accelerator, [p for p in self.projectors.parameters() if p.requires_grad])
+        if self.synced_here:  # outside the DDP-wrapped or sharded model: averaged here, as DDP does the student's
+            average_gradients(self.accelerator, [p for p in self.synced_here if p.requires_grad])
         if self._finite_step(step_loss, meter):
             self.optimizer.step()
             self.scheduler.step()
@@ -166,7 +182,9 @@ class Trainer:
         """
         acc = self.accelerator
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.train_cfg.clip_grad > 0:
+        if self.sharded:  # sharded and whole gradients: one norm over both (`dskd.run.sharding.clip_grad_norm`)
+            norm = clip_grad_norm(params, self.train_cfg.clip_grad)
+        elif self.train_cfg.clip_grad > 0:
             norm = acc.clip_grad_norm_(params, self.train_cfg.clip_grad)
         else:  # no clipping: the norm alone, without touching the gradients
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])

@@ -27,12 +27,13 @@ from dskd.console import Console
 from dskd.data.batching import ResumableBatchSampler, collate, make_loader
 from dskd.data.examples import load_examples, tokenize_split
 from dskd.data.streaming import StreamBatches, StreamSpec, rank_agreement
-from dskd.errors import DskdError
+from dskd.errors import CheckpointError, DskdError
 from dskd.kit import Objective, member
 from dskd.kit.objective import same_vocabulary
 from dskd.models.loading import load_model, load_tokenizer, save_pretrained_atomic, teacher_dtype
+from dskd.models.lora import is_lora, save_lora
 from dskd.models.teacher import tokenizer_fingerprint
-from dskd.run.checkpoint import require_finite
+from dskd.run.checkpoint import require_finite, written_world_size
 from dskd.run.components import (
     Student,
     build_aligner,
@@ -45,6 +46,7 @@ from dskd.run.components import (
 )
 from dskd.run.engine import StageSpec, Trainer
 from dskd.run.launch import make_accelerator
+from dskd.run.sharding import full_state_dict, is_sharded, plain_model, sharding_mode
 
 OUTPUTS = ("checkpoints", "final", "teacher", "results.json", "metrics.jsonl")
 FINISHED = "finished.json"
@@ -59,6 +61,7 @@ class Job:
         self.resume = resume
         self.force_resume = force_resume
         self.accelerator = make_accelerator("bf16" if config.train.precision == "bf16" else "no")
+        sharding_mode(config.train, self.accelerator)  # at once: refuses DeepSpeed, and FSDP in one process
         self.console = Console(enabled=self.accelerator.is_main_process)
         self.run_dir = Path(config.run.output_dir)
         self.cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else self.run_dir / "cache"
@@ -91,6 +94,13 @@ class Job:
                 f"{self.run_dir} holds this run, finished; nothing to do (its results are in {self.run_dir / 'results.json'})"
             )
             return False
+        written = written_world_size(self.run_dir) if self.resume else None
+        if written is not None and written != self.accelerator.num_processes:
+            # Checked before anything is written: the checkpoints are split by process (and by shard under FSDP).
+            raise CheckpointError(
+                f"the checkpoints in {self.run_dir / 'checkpoints'} were written by {written} processes but this run has "
+                f"{self.accelerator.num_processes}; resume with {written} processes"
+            )
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,9 +259,7 @@ class Job:
             resume=self.resume, force=self.force_resume
         )
         require_finite(trained, None, f"fine-tuned teacher in {target}")
-        if self.accelerator.is_main_process:
-            save_pretrained_atomic(trained, tokenizer, target)
-        self.accelerator.wait_for_everyone()
+        self._save_model(trained, tokenizer, target)
         return target
 
     def distill(self, teacher_path: Path | None) -> Path:
@@ -326,11 +334,25 @@ class Job:
         require_finite(
             trained, None, f"distilled student in {final}"
         )  # no final/ (and so no results.json) of NaN weights
-        if self.accelerator.is_main_process:
-            save_pretrained_atomic(trained, student.tokenizer, final)
-        self.accelerator.wait_for_everyone()
+        self._save_model(trained, student.tokenizer, final)
         teacher.close()
         return final
+
+    def _save_model(self, model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
+        """Write a trained model as one ordinary Hugging Face folder from the main process: a sharded model is
+        gathered first (all processes take part); a LoRA student is its adapter, or merged (`student.merge_lora`)."""
+        state = full_state_dict(model) if is_sharded(model) else None
+        if self.accelerator.is_main_process:
+            if is_lora(model):
+                _write_atomic(
+                    target,
+                    lambda tmp: save_lora(
+                        model, tokenizer, tmp, merge=self.config.student.merge_lora, state_dict=state
+                    ),
+                )
+            else:
+                save_pretrained_atomic(model if state is None else plain_model(model, state), tokenizer, target)
+        self.accelerator.wait_for_everyone()
 
     def evaluate(self, teacher_path: Path | None, final: Path | None) -> dict[str, Any]:
         from dskd.evaluation.stage import evaluate_stage
@@ -421,6 +443,22 @@ def _changed_keys(finished: dict[str, Any], new: dict[str, Any], job_dir: str) -
 def _listed(keys: list[str], most: int = 6) -> str:
     # One readable line even when a config from another dskd version differs in dozens of keys.
     return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def _write_atomic(directory: Path, write) -> None:
+    """`write(tmp)` into a sibling temporary folder, then swapped in for `directory` (as `save_pretrained_atomic`)."""
+    import shutil
+
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -65,12 +65,15 @@ class DSKDCMA(Objective):
     request = SignalRequest(hidden_states=True)
 
     def __init__(
-        self, context: ObjectiveContext, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor
+        self, context: ObjectiveContext, student_embedding: torch.nn.Module, teacher_embeddings: torch.Tensor
     ) -> None:
         self.student_head = context.student_head
         self.teacher_head = context.teacher.head
-        self.student_embeddings = student_embeddings  # the live parameter; read detached at every step
+        # The module, not its weight: its parameter is read (detached) at every step, so it is the trained one even
+        # when FSDP2 replaces the parameter object (inside `compute` the sharded root holds it whole).
+        self.student_embedding = student_embedding
         self.teacher_embeddings = teacher_embeddings.detach()
+        student_embeddings = student_embedding.weight
         self.divergence = context.divergence
         self.temperature = context.temperature
         self.chunk_size = context.chunk_size
@@ -112,7 +115,7 @@ class DSKDCMA(Objective):
         """Projected values of each side, mixed by the cross-model attention, at the packed label rows."""
         (b, t_s), t_t = batch.student_labels.shape, batch.teacher_labels.shape[1]
         s_rows, t_rows = batch.student_rows, batch.teacher_rows
-        e_s = self.student_embeddings.detach()
+        e_s = self.student_embedding.weight.detach()
         x_s, y_s = gather_labels(batch.student_input_ids, s_rows), gather_labels(batch.student_labels, s_rows)
         x_t, y_t = gather_labels(batch.teacher_input_ids, t_rows), gather_labels(batch.teacher_labels, t_rows)
         e_t_x, e_t_y = (
@@ -195,7 +198,7 @@ def dskd_cma(context: ObjectiveContext) -> DSKDCMA:
             f"objective dskd_cma needs the student's input embeddings, but {type(context.student).__name__} has none "
             "(get_input_embeddings() is None); use a Hugging Face causal LM as the student"
         )
-    return DSKDCMA(context, embedding.weight, teacher_embeddings)
+    return DSKDCMA(context, embedding, teacher_embeddings)
 
 
 @dskd.hookimpl

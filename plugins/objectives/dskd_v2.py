@@ -107,7 +107,10 @@ class DSKDv2(Objective):
         return self.projectors
 
     def on_optimizer_step(self) -> None:
-        # A = sg(S') pinv(T'): (d_s, V') @ (V', d_t); stored as a linear weight (d_t, d_s).
+        # A = sg(S') pinv(T'): (d_s, V') @ (V', d_t); stored as a linear weight (d_t, d_s). A frozen student head
+        # (a LoRA student) never changes it, so it is computed once.
+        if getattr(self, "s2t_weight", None) is not None and not self.student_head.trainable:
+            return
         with torch.no_grad():
             if self.pinv_teacher is None:
                 self.s2t_weight = torch.zeros(
