@@ -1,5 +1,5 @@
 """Thread defaults of `dskd` commands (`dskd.run.threads`): one torch thread per usable core unless the user
-chose, and passive OpenMP waiting handed to the processes dskd starts."""
+chose."""
 
 from __future__ import annotations
 
@@ -14,22 +14,20 @@ from dskd.run.threads import apply_thread_defaults, choose_threads, usable_cores
 
 def test_threads_follow_the_usable_cores_not_the_machine():
     chosen = choose_threads({}, torch_default=8, cores=2)
-    assert chosen.threads == 2 and chosen.wait_policy == "PASSIVE"
+    assert chosen.threads == 2
     assert choose_threads({}, torch_default=1, cores=4).threads == 1  # never more than torch would start
 
 
 def test_a_user_choice_is_left_alone():
-    chosen = choose_threads({"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}, torch_default=8, cores=2)
-    assert chosen.threads is None and chosen.wait_policy == "ACTIVE"
+    chosen = choose_threads({"OMP_NUM_THREADS": "3"}, torch_default=8, cores=2)
+    assert chosen.threads is None
 
 
-def test_apply_sets_torch_threads_and_the_inherited_wait_policy():
-    environ: dict[str, str] = {}
+def test_apply_sets_torch_threads():
     before = torch.get_num_threads()
     try:
-        chosen = apply_thread_defaults(environ)
+        chosen = apply_thread_defaults({})
         assert chosen.threads == min(before, usable_cores()) == torch.get_num_threads()
-        assert environ["OMP_WAIT_POLICY"] == "PASSIVE"
     finally:
         torch.set_num_threads(before)
 
