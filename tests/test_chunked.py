@@ -152,3 +152,12 @@ def test_rows_of_different_lengths_are_refused():
     rows["h_t"] = rows["h_t"][:-1]
     with pytest.raises(ValueError, match="'h_t' has 6 rows, expected 7"):
         chunked_loss(dskd_like(DIVERGENCES["forward_kl"]), rows, shared, chunk_size=2)
+
+
+def test_auto_chunk_rows_bound_the_buffer_by_vocabulary_and_amortise_the_head_gradient_by_hidden_size():
+    from dskd.kit.chunked import CHUNK_ELEMENTS, auto_chunk_rows
+
+    assert auto_chunk_rows((32000,), (768,)) == CHUNK_ELEMENTS // 32000  # memory decides at a small vocabulary
+    assert auto_chunk_rows((151_936, 32000), (896, 768)) == 448  # the larger head's d / 2 at a large one
+    assert auto_chunk_rows((None,), ()) == CHUNK_ELEMENTS // 32000  # unknown sizes: a 32k vocabulary
+    assert auto_chunk_rows((10,), (8,)) == 4096 and auto_chunk_rows((10**9,), (8,)) == 32  # clamped

@@ -9,7 +9,8 @@ each piece in use.
 - Losses: `chunked_parts` / `chunked_loss` (row chunks, gradients taken chunk by chunk), `dense_loss` (the
   oracle), `LossWeights`, `weighting` and `objective_loss` (how the engine weights an objective's parts),
   `student_ce_terms` / `packed_ce_terms` (the gold CE), `gather_rows` / `gather_labels`.
-- Probabilities: `paired_logprobs`, `kl_terms`, `log_mixture`, `check_unit_interval`, `check_temperature`.
+- Probabilities: `paired_logprobs`, `kl_terms`, `log_mixture`, `check_unit_interval`, `check_temperature`;
+  `fused_kl_rows` / `fused_applies` (the KL family with a closed-form student gradient, for speed).
 - The LM head view: `LMHead`, `HeadView` (a student's head, read at each use; right under FSDP2 and peft),
   `head_from_model`, `head_view`, `last_hidden_state`.
 - Dual-space terms: `DualSpaceSpec`, `dual_space_terms`, `paired_rows`, `least_squares_map`,
@@ -49,11 +50,14 @@ _EXPORTS = {
     "check_unit_interval": "dskd.kit.probability",
     "chunked_loss": "dskd.kit.chunked",
     "chunked_parts": "dskd.kit.chunked",
+    "auto_chunk_rows": "dskd.kit.chunked",
     "dense_loss": "dskd.kit.chunked",
     "dual_space_terms": "dskd.kit.dual_space",
     "exact_byte_map": "dskd.kit.token_bytes",
     "gather_labels": "dskd.kit.objective",
     "gather_rows": "dskd.kit.objective",
+    "fused_applies": "dskd.kit.probability",
+    "fused_kl_rows": "dskd.kit.probability",
     "generation_seed": "dskd.kit.rollout",
     "head_from_model": "dskd.kit.lm_head",
     "head_view": "dskd.kit.lm_head",

@@ -19,11 +19,30 @@ all rows at once and is the oracle the tests and benchmarks compare against.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from dskd.kit.weights import LossWeights, current_weighing
+
+CHUNK_ELEMENTS = 1 << 24
+"""Elements of one float32 `(rows, V)` chunk buffer under the automatic chunk size: 64 MiB."""
+
+
+def auto_chunk_rows(vocab_sizes: Sequence[int | None], hidden_sizes: Sequence[int | None] = ()) -> int:
+    """Rows per loss chunk for LM heads of these vocabularies and hidden sizes (`train.chunk_size = 0`).
+
+    Memory bounds the rows from above: one float32 `(rows, V)` buffer is at most 64 MiB at the largest
+    vocabulary, and a divergence keeps a handful of them live, far below the dense computation's peak. The hidden
+    size bounds them from below: every chunk allocates and adds a `(V, d)` gradient of the trainable head, a
+    fixed cost per chunk, so at least `d / 2` rows keep it to about two of the chunk's twenty-odd passes over
+    `(rows, V)` (at a 152k vocabulary 64 MiB would be 110 rows, and the head's gradient alone three times the
+    chunk's logits). Small chunks also make the matmuls of the heads less efficient. Between 32 and 4096 rows.
+    """
+    vocab = max((v for v in vocab_sizes if v), default=32000)
+    hidden = max((d for d in hidden_sizes if d), default=0)
+    return int(min(max(CHUNK_ELEMENTS // vocab, (hidden + 1) // 2, 32), 4096))
+
 
 ChunkFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """`fn(rows, shared) -> (loss, stats)`: `rows` are chunk slices of the row inputs (first dimension = rows),

@@ -82,8 +82,22 @@ def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature != 1:
         z = z / temperature
     # NaN and +inf are excluded like -inf rather than allowed to turn the whole row into NaN.
-    z = torch.where(torch.isfinite(z), z, torch.full((), -math.inf, dtype=z.dtype, device=z.device))
+    if z.requires_grad and torch.is_grad_enabled():
+        # `where`, whose backward is exactly 0 at the replaced entries (nan_to_num's multiplies the incoming
+        # gradient by 0, which keeps the NaN that log_softmax's backward gives a row left out entirely).
+        z = torch.where(torch.isfinite(z), z, torch.full((), -math.inf, dtype=z.dtype, device=z.device))
+    else:  # one pass instead of isfinite + where (two passes and a bool buffer over rows x vocabulary)
+        z = torch.nan_to_num(z, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
     return torch.log_softmax(z, dim=-1)
+
+
+def check_dense_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str) -> None:
+    """Raise a `DivergenceError` unless both logits are `(N, V)` of the same shape."""
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise DivergenceError(
+            f"divergence {divergence!r}: student and teacher logits must both have shape (N, V), got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}; align and flatten rows first"
+        )
 
 
 def paired_logprobs(
@@ -103,11 +117,7 @@ def paired_logprobs(
                 f"use forward_kl or reverse_kl with a top-k teacher, or ask the teacher for hidden states"
             )
         return sparse_buckets(student_logits, teacher_logits, temperature=temperature, divergence=divergence)
-    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
-        raise DivergenceError(
-            f"divergence {divergence!r}: student and teacher logits must both have shape (N, V), got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}; align and flatten rows first"
-        )
+    check_dense_pair(student_logits, teacher_logits, divergence)
     student = tempered_logprobs(student_logits, temperature)
     teacher = tempered_logprobs(teacher_logits, temperature)
     dtype = torch.promote_types(student.dtype, teacher.dtype)
@@ -183,3 +193,122 @@ def log_mixture(logp: torch.Tensor, logq: torch.Tensor, weight: float) -> torch.
     if weight >= 1:
         return logp
     return torch.logaddexp(logp + math.log(weight), logq + math.log1p(-weight))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused rows: the KL family with its student gradient computed in closed form, in the forward pass.
+# ---------------------------------------------------------------------------------------------------------
+#
+# Through autograd, a divergence over (N, V) logits costs some thirty passes over rows x vocabulary (each
+# where, exp, sub and mul forward, and their backward ops), and on a CPU those passes, not the matmuls of the
+# LM heads, decide whether a chunked loss keeps up with a dense one. When only the student needs a gradient
+# (the teacher's logits are data: the usual case, and TRL GKD's), the gradient has a closed form. Writing
+# J = sum_v over unmasked entries of a term in (p_s, p_t), and `score = dJ / dp_s` (p_s taken as free),
+#
+#     dJ / dz_s = p_s * (score - <p_s, score>) / tau,
+#
+# with score = -p_t / p_s for KL(p_t || p_s) (so the gradient is (p_s * sum p_t - p_t) / tau, no division),
+# log p_s - log p_t + 1 for KL(p_s || p_t), and (1 - beta)(log p_s - log m) for the generalised JSD. Entries
+# left out of the sum (either side non-finite) have score 0, and the student's non-finite logits get p_s = 0,
+# hence a zero gradient: exactly what autograd gives on the masked formulas above. So the forward pass does
+# some fifteen in-place passes, keeps one (N, V) buffer for the backward (the gradient itself) and no graph,
+# and the backward is one multiply by the incoming per-row gradient.
+
+
+def fused_applies(student_logits: torch.Tensor, teacher_logits: object) -> bool:
+    """Whether `fused_kl_rows` may stand in for the autograd formulas: dense teacher logits that need no
+    gradient (a teacher's logits that are trained through, e.g. a projected teacher, take the autograd path)."""
+    return isinstance(teacher_logits, torch.Tensor) and not (teacher_logits.requires_grad and torch.is_grad_enabled())
+
+
+def fused_kl_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float, beta: float, divergence: str
+) -> torch.Tensor:
+    """Per-row generalised JSD with weight `beta` on the teacher, `(N,)`: forward KL at `beta = 0`, reverse KL
+    at `beta = 1` (the end-point limits, as `generalized_jsd` defines them), with the same masking and values
+    as the autograd formulas, differentiable with respect to `student_logits` only (see the section comment)."""
+    check_temperature(temperature, divergence)
+    check_dense_pair(student_logits, teacher_logits, divergence)
+    need_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    return _FusedKLRows.apply(student_logits, teacher_logits.detach(), float(temperature), float(beta), need_grad)
+
+
+class _FusedKLRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, temperature, beta, need_grad):  # type: ignore[override]
+        values, grad = _kl_rows(student_logits.detach(), teacher_logits, temperature, beta, need_grad)
+        ctx.grad = grad
+        ctx.dtype = student_logits.dtype
+        return values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):  # type: ignore[override]
+        # Out of place: a retained graph (gradcheck, `retain_graph=True`) may call this again.
+        grad = (ctx.grad * grad_rows.unsqueeze(-1).to(ctx.grad.dtype)).to(ctx.dtype)
+        return grad, None, None, None, None
+
+
+def _kl_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, beta: float, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(values (N,), dJ/dz_s (N, V) or None)`; every (N, V) op below is one pass, in place where it can be."""
+    ls = tempered_logprobs(student_logits, temperature)
+    lt = tempered_logprobs(teacher_logits, temperature)
+    dtype = torch.promote_types(ls.dtype, lt.dtype)
+    ls, lt = ls.to(dtype), lt.to(dtype)
+    # Both sides finite: log-probabilities are <= 0, -inf or NaN (a row left out entirely), so their sum exceeds
+    # -inf exactly then (one compare; isfinite is three passes on the CPU: abs, ne, eq).
+    mask = torch.gt(ls + lt, -math.inf)
+    zero = torch.zeros((), dtype=dtype, device=ls.device)
+    minus_inf = torch.full((), -math.inf, dtype=dtype, device=ls.device)
+    if beta <= 0:  # KL(p_t || p_s)
+        diff = torch.sub(lt, ls)
+        diff = torch.where(mask, diff, zero, out=diff)
+        pt = torch.where(mask, lt, minus_inf, out=lt).exp_()  # 0 off the mask
+        values = _row_dot(pt, diff)
+        if not need_grad:
+            return values, None
+        del diff
+        ps = _student_probs(ls)
+        grad = ps.mul_(pt.sum(-1, keepdim=True)).sub_(pt)
+    elif beta >= 1:  # KL(p_s || p_t)
+        score = torch.sub(ls, lt)
+        score = torch.where(mask, score, zero, out=score)
+        del lt
+        ps = _student_probs(ls)
+        values = _row_dot(ps, score)
+        if not need_grad:
+            return values, None
+        grad = _through_softmax(ps, score.add_(mask))
+    else:
+        ls0 = torch.where(mask, ls, zero)
+        lt0 = torch.where(mask, lt, zero, out=lt)
+        lm = log_mixture(lt0, ls0, beta)
+        # Off the mask ls0 = lt0 = lm = 0, so every product below is 0 there without another where.
+        teacher_part = _row_dot(lt0.exp(), lt0.sub_(lm))
+        score = ls0.sub_(lm)
+        del lt0, lm
+        values = beta * teacher_part + (1 - beta) * _row_dot(torch.where(mask, ls, minus_inf).exp_(), score)
+        if not need_grad:
+            return values, None
+        ps = _student_probs(ls)
+        grad = _through_softmax(ps, score.mul_(1 - beta))
+    if temperature != 1:
+        grad.div_(temperature)
+    return values, grad
+
+
+def _student_probs(logp: torch.Tensor) -> torch.Tensor:
+    """`exp(logp)` in place; a row left out entirely (NaN log-probabilities) gets probability 0, so no gradient."""
+    return logp.exp_().nan_to_num_(nan=0.0)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row `sum_v a * b` without an (N, V) product buffer."""
+    return torch.einsum("nv,nv->n", a, b)
+
+
+def _through_softmax(ps: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """`ps * (score - <ps, score>)`, in place in `ps`: a gradient with respect to p_s taken to the logits."""
+    return ps.mul_(score.sub_(_row_dot(ps, score).unsqueeze(-1)))

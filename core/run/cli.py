@@ -198,6 +198,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from dskd.run.threads import apply_thread_defaults  # local: torch threads are set before any command runs
+
+    apply_thread_defaults()
     try:
         return COMMANDS[args.command](args)
     except DskdError as exc:

@@ -16,6 +16,7 @@ import torch
 
 from dskd.config import Config, plugin_options
 from dskd.errors import PluginError
+from dskd.kit.chunked import auto_chunk_rows
 from dskd.kit.contracts import member
 from dskd.kit.lm_head import head_view
 from dskd.kit.objective import ObjectiveContext, same_vocabulary, student_ce_terms
@@ -164,7 +165,10 @@ def build_objective(
         divergence_name=config.divergence.name,
         temperature=config.objective.temperature,
         chunk_size=config.train.chunk_size
-        or auto_chunk_size(len(student.tokenizer), None if teacher is None else teacher.vocab_size),
+        or auto_chunk_rows(
+            (len(student.tokenizer), None if teacher is None else teacher.vocab_size),
+            (head.hidden_size, None if teacher is None else teacher.hidden_size),
+        ),
         aligner=aligner,
         same_vocab=same_vocab,
     )
@@ -183,16 +187,6 @@ def build_objective(
 def distils(registry: Any, name: str) -> bool:
     """Whether objective `name` has distillation parts for `kd_rate` to weigh (`sft` has the CE alone)."""
     return bool(registry.declared("objectives", name, "needs_teacher"))
-
-
-CHUNK_ELEMENTS = 1 << 24
-
-
-def auto_chunk_size(*vocab_sizes: int | None) -> int:
-    """Rows per loss chunk so that one float32 `(rows, V)` buffer is 64 MiB for the larger vocabulary: a dual-space
-    loss keeps about ten such buffers live, which stays far below the dense computation's peak at any vocabulary."""
-    largest = max(v for v in vocab_sizes if v) if any(vocab_sizes) else 32000
-    return int(min(max(CHUNK_ELEMENTS // largest, 32), 4096))
 
 
 def _missing_capabilities(request, teacher) -> str:
