@@ -152,6 +152,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "config": "student.json",
             "tokenizer": "org/student-tok",
             "dtype": "bfloat16",
+            "gguf_file": "",  # non-empty needs a model folder holding the file (tested in test_models_gguf.py)
             "gradient_checkpointing": True,
         },
         "teacher": {
@@ -159,6 +160,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "config": "teacher.json",
             "tokenizer": "org/teacher-tok",
             "dtype": "bfloat16",
+            "gguf_file": "",
             "address": [],
             "auth_token_env": "TEACHER_TOKEN",
             "tls_ca_file": "",
