@@ -87,6 +87,13 @@ def perplexities(run_dir: Path, job_file: Path, overrides: list[str], gguf: Path
         return {name: per_byte_perplexity(model, tok, texts) for name, (model, tok) in models.items()}
 
 
+def cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Distil SmolLM2-135M-Instruct into a small GPT-2-tokenizer student.")
     p.add_argument("--remote", action="store_true", help="serve the teacher with serve_teacher.py on loopback")
@@ -147,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "teacher": "remote" if args.remote else "in process",
         "seconds_distill_and_eval": round(trained, 1),
+        # CPU seconds of this process and its children (a remote teacher's server): on a shared machine the
+        # wall time says more about the neighbours than about the job.
+        "cpu_seconds": round(cpu_seconds(), 1),
         "loadavg": os.getloadavg(),
         "rows": rows,
     }
