@@ -20,7 +20,7 @@ from dskd.errors import DataError
 
 
 @torch.no_grad()
-def text_nll(model: torch.nn.Module, ids: list[int], *, window: int = 256, stride: int = 128) -> float:
+def text_nll(model: torch.nn.Module, ids: list[int], *, window: int = 512, stride: int = 384) -> float:
     """Summed negative log-likelihood (nats) of `ids[1:]` given what precedes each token (at most `window - 1`
     tokens of it; `ids[0]` is context only)."""
     if stride < 1 or stride >= window:
@@ -43,7 +43,7 @@ def text_nll(model: torch.nn.Module, ids: list[int], *, window: int = 256, strid
 
 
 def per_byte_perplexity(
-    model: torch.nn.Module, tokenizer, texts: Iterable[str], *, window: int = 256, stride: int = 128
+    model: torch.nn.Module, tokenizer, texts: Iterable[str], *, window: int = 512, stride: int = 384
 ) -> dict[str, float]:
     """`perplexity_per_byte` = exp(NLL / bytes) and `bits_per_byte` over all `texts`, with the totals."""
     was_training = model.training
