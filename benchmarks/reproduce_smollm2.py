@@ -28,18 +28,24 @@ and writes it to benchmarks/results/reproduce_smollm2[_quick].json; the table go
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import os
-import resource
-import statistics
-import sys
-import time
-from pathlib import Path
-from types import SimpleNamespace
 
-import torch
+# Teacher and students run one after another in this process, often beside other work on a small machine: OpenMP
+# threads that spin while they wait burn the cores the other threads need (on this project's shared 2-core
+# machine a passive wait made the teacher several times faster). Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "smollm2"

@@ -13,16 +13,22 @@ text of the held-out test topics, prints a table and writes it to `<output_dir>/
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
+
+# Teacher and student share the cores turn by turn; OpenMP threads that spin while they wait take them from the
+# other side (and from neighbours on a shared machine). Set before torch loads OpenMP; a server started from here
+# inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -132,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     trained = time.monotonic() - started
     run_dir = Path(args.output_dir)
     results = json.loads((run_dir / "results.json").read_text())
-    ppl = perplexities(run_dir, job_file, [o for o in overrides if not o.startswith("teacher.")], gguf)
+    ppl = perplexities(
+        run_dir, job_file, [*(o for o in overrides if not o.startswith("teacher.")), f"teacher.model={gguf}"], gguf
+    )
     rows = []
     for name in ("teacher", "student_init", "student"):
         r = results.get(name, {}) if isinstance(results.get(name), dict) else {}
