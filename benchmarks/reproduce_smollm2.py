@@ -121,6 +121,12 @@ class MemoTeacher(LocalTeacher):
         model = lambda **_: SimpleNamespace(hidden_states=[hidden])  # noqa: E731
         signal = compute_signal(model, self.head, input_ids, attention_mask, rows, request)
         signal.fingerprint = self.fingerprint
+        # As LocalTeacher.score: compute_signal runs under inference_mode, and its tensors could not enter the
+        # student's autograd graph (DSKD projects the teacher's hidden states); one clone makes them ordinary.
+        for name in ("hidden_states", "topk_ids", "topk_logprobs", "tail_logmass", "logits"):
+            value = getattr(signal, name)
+            if value is not None:
+                setattr(signal, name, value.clone())
         return signal
 
     def close(self) -> None:  # shared by every run; nothing to release between them

@@ -48,6 +48,8 @@ def test_remembered_sequences_give_the_local_teachers_signal_and_run_once():
     assert memo.forward_tokens == int(mask.sum())
     for name in ("hidden_states", "topk_ids", "topk_logprobs", "tail_logmass", "logits"):
         torch.testing.assert_close(getattr(first, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
+        # DSKD projects the teacher's hidden states with trained weights: they must be usable by autograd.
+        assert not getattr(first, name).is_inference() and not getattr(again, name).is_inference()
     # Rows of sequence b in the reordered batch: the same values as in the first batch.
     per_sequence = [mask[b].sum().item() for b in range(3)]
     starts = [0, per_sequence[0], per_sequence[0] + per_sequence[1]]
