@@ -19,6 +19,7 @@ from typing import Any
 import tomllib
 
 from dskd.errors import ConfigError, ConfigProblem
+from dskd.models.gguf import gguf_path
 from dskd.models.lora import lora_problems
 
 
@@ -49,6 +50,9 @@ class ModelConfig:
     chat_template: str = ""
     """A Jinja chat template file (.jinja) for conversation data, used instead of the tokenizer's own `chat_template`
     (needed for a tokenizer without one, e.g. GPT-2). Empty: the tokenizer's."""
+    gguf_file: str = ""
+    """A GGUF file (llama.cpp format) inside the folder `model`. Empty: `model` is a checkpoint folder, a hub id or
+    itself a `.gguf` file. A GGUF model is converted once to a float32 checkpoint cached by content hash."""
 
 
 @dataclass(frozen=True)
@@ -526,6 +530,20 @@ def check_values(config: Config) -> list[ConfigProblem]:
             f"{table}.dtype",
             f"unknown dtype {m.dtype!r}",
             'use "auto", "float32" or "bfloat16"',
+        )
+    for table, m in (("student", config.student), ("teacher", t)):
+        need(
+            not m.gguf_file or bool(m.model),
+            f"{table}.gguf_file",
+            "is set but model is empty",
+            f"set {table}.model to the folder that holds {m.gguf_file}, or set {table}.model to the .gguf file itself",
+        )
+        gguf = gguf_path(m.model, m.gguf_file) if m.model else None
+        need(
+            gguf is None or gguf.is_file(),
+            f"{table}.gguf_file" if m.gguf_file else f"{table}.model",
+            f"GGUF file not found: {gguf}",
+            "check the path (relative paths start at the config file's folder)",
         )
     # Only stages that build a student need one: a job of just teacher_sft trains the teacher alone.
     need(

@@ -1,6 +1,6 @@
 """Serve a Hugging Face causal LM as a dskd teacher over gRPC.
 
-    python servers/serve_teacher.py --model PATH_OR_ID [--host 127.0.0.1] [--port 50051] [--dtype bfloat16]
+    python servers/serve_teacher.py --model PATH_OR_ID_OR_GGUF [--gguf-file F] [--host 127.0.0.1] [--port 50051] [--dtype bfloat16]
         [--device cuda|cpu] [--max-batch-tokens N] [--max-seq-len N] [--auth-token-file F]
         [--tls-cert F --tls-key F] [--reflection] [--insecure]
 
@@ -37,7 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 
 from dskd.errors import DskdError, ModelError  # noqa: E402
 from dskd.kit.lm_head import LMHead, head_from_model  # noqa: E402
-from dskd.models.loading import default_dtype  # noqa: E402
+from dskd.models.loading import checkpoint_source, default_dtype  # noqa: E402
 from dskd.models.teacher import model_fingerprint, tokenizer_fingerprint  # noqa: E402
 from dskd.protos import teacher_pb2_grpc as pb_grpc  # noqa: E402
 from dskd.servers.batcher import ModelWorker  # noqa: E402
@@ -66,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--model", required=True, help="a local folder or a Hugging Face model id (tokenizer from the same place)"
+    )
+    p.add_argument(
+        "--gguf-file",
+        default=None,
+        help="a GGUF file inside the folder --model (or give the .gguf file as --model); converted once to a "
+        "float checkpoint cached by content hash",
     )
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit) for a hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
@@ -129,9 +135,11 @@ def load_teacher(args: argparse.Namespace) -> LoadedTeacher:
         args.dtype = default_dtype(device)
         log.info("compute dtype %s (the default on %s; --dtype to change)", args.dtype, device.type)
     dtype = DTYPES[args.dtype]
+    # A GGUF file is read from its converted float checkpoint (the same cache a run uses), so a restart is quick.
+    source = checkpoint_source(args.model, args.gguf_file or "", "--model")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
-        model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=args.revision)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=args.revision, dtype=dtype)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(

@@ -154,6 +154,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "config": "student.json",
             "tokenizer": "org/student-tok",
             "dtype": "bfloat16",
+            "gguf_file": "",  # non-empty needs a model folder holding the file (tested in test_models_gguf.py)
             "gradient_checkpointing": True,
             "chat_template": "",
             "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
@@ -164,6 +165,7 @@ def test_every_key_of_every_table_parses_to_its_declared_type(job: Path, registr
             "config": "teacher.json",
             "tokenizer": "org/teacher-tok",
             "dtype": "bfloat16",
+            "gguf_file": "",
             "address": [],
             "auth_token_env": "TEACHER_TOKEN",
             "tls_ca_file": "",

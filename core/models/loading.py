@@ -9,6 +9,7 @@ import torch
 
 from dskd.config import ModelConfig
 from dskd.errors import ModelError
+from dskd.models.gguf import converted_checkpoint, gguf_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -41,7 +42,9 @@ def load_tokenizer(cfg: ModelConfig, role: str):
     """The fast tokenizer of a student or teacher, with a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    source = cfg.tokenizer or cfg.model
+    source = cfg.tokenizer or checkpoint_source(cfg.model, cfg.gguf_file, role)
+    if cfg.tokenizer and gguf_path(cfg.tokenizer):
+        source = checkpoint_source(cfg.tokenizer, "", role)
     if not source:
         raise ModelError(
             f"{role}.tokenizer is empty and there is no {role}.model to take it from; set {role}.tokenizer"
@@ -84,6 +87,13 @@ def install_chat_template(tokenizer, path: str, role: str):
     return tokenizer
 
 
+def checkpoint_source(model: str, gguf_file: str, role: str) -> str:
+    """What transformers loads for a model setting: the setting itself, or for a GGUF file (`model` ending in
+    `.gguf`, or a folder plus `gguf_file`) the float checkpoint converted from it (dskd.models.gguf)."""
+    path = gguf_path(model, gguf_file)
+    return str(converted_checkpoint(path, role)) if path is not None else model
+
+
 def ensure_pad_token(tokenizer):
     """Give a tokenizer without a pad token its EOS as pad: labels mark padding with -100, so the pad id
     itself is never trained (also applied to tokenizers fetched from a teacher server)."""
@@ -104,7 +114,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype, device)
-    source = path or cfg.model
+    source = path or checkpoint_source(cfg.model, cfg.gguf_file, role)
     if source:
         try:
             return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
