@@ -307,10 +307,15 @@ def generate(seed: int = SEED, total: int = sum(SIZES.values())) -> list[Record]
 
 
 def write_splits(out_dir: Path, seed: int = SEED) -> dict[str, Path]:
-    records = generate(seed)
+    return write_jsonl_splits(out_dir, generate(seed), SIZES)
+
+
+def write_jsonl_splits(out_dir: Path, records: list, sizes: dict[str, int]) -> dict[str, Path]:
+    """`records` cut in order into one JSONL file per split of `sizes` (LF line ends, so the committed files are
+    byte-identical on every platform); shared with `chat/make_chat.py`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, start = {}, 0
-    for split, size in SIZES.items():
+    for split, size in sizes.items():
         path = out_dir / f"{split}.jsonl"
         lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records[start : start + size]]
         path.write_text("".join(lines), encoding="utf-8", newline="\n")

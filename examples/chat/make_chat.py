@@ -16,7 +16,6 @@ byte against a fresh run.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
@@ -61,15 +60,7 @@ def conversations(seed: int = SEED) -> list[dict]:
 
 
 def write_splits(out_dir: Path, seed: int = SEED) -> dict[str, Path]:
-    records = conversations(seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths, start = {}, 0
-    for split, size in SIZES.items():
-        path = out_dir / f"{split}.jsonl"
-        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records[start : start + size]]
-        path.write_text("".join(lines), encoding="utf-8", newline="\n")
-        paths[split], start = path, start + size
-    return paths
+    return make_tasks.write_jsonl_splits(out_dir, conversations(seed), SIZES)
 
 
 def main() -> None:
