@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 import torch.nn.functional as F
 from cross_vocab_models import assert_rel, gradients, make_context, tiny_gpt2, tiny_llama, tokenizer
 
@@ -85,7 +84,9 @@ def composite(setup, entries):
     )
     hidden = last_hidden_state(student, batch.student_input_ids, batch.student_attention_mask)
     signals = {
-        n: teachers[n].score(v.batch.teacher_input_ids, v.batch.teacher_attention_mask, v.batch.teacher_rows, objective.requests[n])
+        n: teachers[n].score(
+            v.batch.teacher_input_ids, v.batch.teacher_attention_mask, v.batch.teacher_rows, objective.requests[n]
+        )
         for n, v in batch.teachers.items()
     }
     denominator = float(batch.num_student_tokens())
@@ -98,7 +99,9 @@ def independent(setup, entries, denominator):
     w_i(s) * KD_i(s), each teacher's KD computed by its own objective on a batch of just its samples."""
     student, teachers, objective, splits = setup
     s_tok = tokenizer("gpt2")
-    full = collate([splits["mistral"][i] for i in range(len(EXAMPLES))], student_pad_id=s_tok.eos_token_id, teacher_pad_id=0)
+    full = collate(
+        [splits["mistral"][i] for i in range(len(EXAMPLES))], student_pad_id=s_tok.eos_token_id, teacher_pad_id=0
+    )
     logits = student(input_ids=full.student_input_ids, attention_mask=full.student_attention_mask).logits
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), full.student_labels.reshape(-1), reduction="sum")
     total = (1 - KD_RATE) * ce
@@ -112,11 +115,15 @@ def independent(setup, entries, denominator):
             samples = [i for i, s in enumerate(serving) if s == teachers_of_group]
             weight = by_name[name].weight / sum(by_name[t].weight for t in teachers_of_group)
             sub = collate(
-                [splits[name][i] for i in samples], student_pad_id=s_tok.eos_token_id, teacher_pad_id=tokenizer(name).eos_token_id
+                [splits[name][i] for i in samples],
+                student_pad_id=s_tok.eos_token_id,
+                teacher_pad_id=tokenizer(name).eos_token_id,
             )
             hidden = last_hidden_state(student, sub.student_input_ids, sub.student_attention_mask)
             member = objective.members[name]
-            signal = teachers[name].score(sub.teacher_input_ids, sub.teacher_attention_mask, sub.teacher_rows, member.request)
+            signal = teachers[name].score(
+                sub.teacher_input_ids, sub.teacher_attention_mask, sub.teacher_rows, member.request
+            )
             kd, terms = objective_loss(member, sub, hidden, signal, weights=LossWeights(ce=0.0, kd=1.0))
             total = total + KD_RATE * weight * kd
             for part, value in terms.parts.items():
