@@ -3,7 +3,8 @@ batch collated from scratch of only the samples it serves (fresh padding, a fres
 call), weighted by hand with `weight_i / sum of the serving teachers' weights`; plus the CE of every sample once.
 Loss and gradients (student and each teacher's projectors) must agree, for a routed, a weighted and a mixed job.
 
-Two teachers of different tokenizers (Mistral and TinyLlama; tiny random Llamas), a GPT-2-tokenizer student."""
+Two teachers of different tokenizers (Mistral and TinyLlama; tiny random Llamas), a GPT-2-tokenizer student; every
+cross-tokenizer objective with its default aligner, and `kd` with two teachers of the student's own tokenizer."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dskd.config_teachers import TeacherEntry
 from dskd.data.batching import collate
 from dskd.data.examples import Example, tokenize_split
 from dskd.data.multi_teacher import MultiTeacherDataset, collate_teachers, serving_sets
-from dskd.kit.lm_head import last_hidden_state
+from dskd.kit.lm_head import head_from_model, last_hidden_state
 from dskd.kit.multi_teacher import MultiTeacherObjective
 from dskd.kit.objective import student_ce_terms
 from dskd.kit.weights import LossWeights, objective_loss
@@ -48,29 +49,51 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def setup():
+# objective -> its aligner (None: the teachers share the student's tokenizer)
+OBJECTIVES = {"dskd_v2": "eta", "dskd": None, "dskd_cma": "eta", "uld": "index", "mined_kd": "mined", "kd": None}
+
+
+def tokenizer_of(objective: str, name: str):
+    return tokenizer("gpt2" if OBJECTIVES[objective] is None else name)
+
+
+@functools.cache
+def build(objective_name: str):
     registry = load_registry()
-    student = tiny_gpt2(len(tokenizer("gpt2")))
+    s_tok = tokenizer("gpt2")
+    student = tiny_gpt2(len(s_tok))
+    toks = {n: tokenizer_of(objective_name, n) for n in NAMES}
     teachers = {
-        "mistral": LocalTeacher(tiny_llama(len(tokenizer("mistral")), seed=1), tokenizer("mistral")),
-        "tinyllama": LocalTeacher(tiny_llama(len(tokenizer("tinyllama")), hidden=20, seed=2), tokenizer("tinyllama")),
+        "mistral": LocalTeacher(tiny_llama(len(toks["mistral"]), seed=1), toks["mistral"]),
+        "tinyllama": LocalTeacher(tiny_llama(len(toks["tinyllama"]), hidden=20, seed=2), toks["tinyllama"]),
     }
-    aligners = {n: registry.get("aligners", "eta")(tokenizer(n), tokenizer("gpt2")) for n in NAMES}
+    aligner_name = OBJECTIVES[objective_name]
+    aligners = {n: aligner_name and registry.get("aligners", aligner_name)(toks[n], s_tok) for n in NAMES}
     divergence = bind_divergence(Config(), registry)
     members = {
-        n: registry.get("objectives", "dskd_v2")(
-            make_context(student, teachers[n], divergence=divergence, temperature=2.0, aligner=aligners[n])
+        n: registry.get("objectives", objective_name)(
+            make_context(
+                student,
+                teachers[n],
+                divergence=divergence,
+                temperature=2.0,
+                aligner=aligners[n],
+                same_vocab=aligner_name is None,
+            )
         )
         for n in NAMES
     }
-    head = members["mistral"].student_head
+    head = head_from_model(student, len(s_tok), name="student")
     objective = MultiTeacherObjective(members, functools.partial(student_ce_terms, head, chunk_size=4))
     splits = {
-        n: tokenize_split(EXAMPLES, tokenizer("gpt2"), tokenizer(n), DataConfig(), aligner=aligners[n], split="valid")
-        for n in NAMES
+        n: tokenize_split(EXAMPLES, s_tok, toks[n], DataConfig(), aligner=aligners[n], split="valid") for n in NAMES
     }
     return student, teachers, objective, splits
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return build("dskd_v2")
 
 
 def composite(setup, entries):
@@ -79,7 +102,7 @@ def composite(setup, entries):
     batch = collate_teachers(
         [dataset[i] for i in range(len(dataset))],
         student_pad_id=tokenizer("gpt2").eos_token_id,
-        teacher_pad_ids={n: tokenizer(n).eos_token_id for n in NAMES},
+        teacher_pad_ids={n: teachers[n].tokenizer.eos_token_id for n in NAMES},
         weights={e.name: e.weight for e in entries},
     )
     hidden = last_hidden_state(student, batch.student_input_ids, batch.student_attention_mask)
@@ -134,10 +157,20 @@ def independent(setup, entries, denominator):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_loss_and_gradients_equal_each_teachers_objective_on_its_own_samples_weighted_by_hand(setup, case):
+    check_against_independent(setup, case)
+
+
+@pytest.mark.parametrize("objective", sorted(set(OBJECTIVES) - {"dskd_v2"}))
+def test_every_distillation_objective_works_with_two_teachers(objective):
+    check_against_independent(build(objective), "mixed")
+
+
+def check_against_independent(setup, case):
     student, _, objective, _ = setup
     entries = CASES[case]
     params = {f"student.{n}": p for n, p in student.named_parameters()}
-    params.update({f"projectors.{n}": p for n, p in objective.trainable_modules().named_parameters()})
+    modules = objective.trainable_modules()
+    params.update({f"projectors.{n}": p for n, p in modules.named_parameters()} if modules is not None else {})
     loss, terms, denominator = composite(setup, entries)
     expected, raw = independent(setup, entries, denominator)
     assert_rel(loss, expected, 1e-5, f"{case}: loss")
