@@ -72,3 +72,27 @@ def test_refusals_are_one_line_before_training(tmp_path, overrides, expected):
     line = one_line_error(run(path, *with_sets(*overrides)))
     assert expected in line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.integration
+def test_conversations_are_rendered_by_each_teachers_own_chat_template(tmp_path):
+    from multi_teacher_job import TOKENIZERS, two_teachers
+
+    chat = Path(__file__).resolve().parents[1] / "examples" / "chat"
+    lines = (chat / "data" / "train.jsonl").read_text().splitlines()[:16]
+    teachers = two_teachers(routed=False)
+    for entry, name in zip(teachers, ("mistral", "tinyllama")):
+        entry["chat_template"] = str(TOKENIZERS / name / "chat_template.jinja")
+    path = write_multi_job(tmp_path, teachers, steps=2)
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    done = run(
+        path,
+        *with_sets(
+            "data.train=chat.jsonl",
+            f"student.chat_template={chat / 'chatml.jinja'}",
+            "data.max_length=192",
+        ),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/projector_ce/mistral" in r and "train/projector_ce/tinyllama" in r for r in lines)
