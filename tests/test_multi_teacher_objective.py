@@ -160,6 +160,7 @@ def test_loss_and_gradients_equal_each_teachers_objective_on_its_own_samples_wei
     check_against_independent(setup, case)
 
 
+@pytest.mark.slow  # about 40 s on 2 cores (the mined aligner alone takes 15)
 @pytest.mark.parametrize("objective", sorted(set(OBJECTIVES) - {"dskd_v2"}))
 def test_every_distillation_objective_works_with_two_teachers(objective):
     check_against_independent(build(objective), "mixed")
