@@ -18,6 +18,13 @@ from typing import Any
 
 import tomllib
 
+from dskd.config_teachers import (
+    TeacherEntry,
+    apply_teacher_override,
+    parse_teachers,
+    teachers_plugin_problems,
+    teachers_value_problems,
+)
 from dskd.errors import ConfigError, ConfigProblem
 from dskd.models.gguf import gguf_path
 from dskd.models.lora import lora_problems
@@ -261,6 +268,9 @@ class Config:
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    teachers: tuple[TeacherEntry, ...] = ()
+    """`[[teachers]]`: several teachers, each a whole [teacher] table plus name, weight, aligner and route
+    (`dskd.config_teachers`). Empty: the one [teacher]."""
     source: str = ""
     """Path of the file this config was read from (not a table)."""
 
@@ -268,6 +278,10 @@ class Config:
         out = {}
         for f in dataclasses.fields(self):
             if f.name == "source":
+                continue
+            if f.name == "teachers":  # an array of tables, written only when the job has one (as in its TOML)
+                if self.teachers:
+                    out["teachers"] = [entry.to_dict() for entry in self.teachers]
                 continue
             table = dataclasses.asdict(getattr(self, f.name))
             options = table.pop("options", None)
@@ -303,7 +317,8 @@ HUB_FIELDS = {("student", "model"), ("student", "tokenizer"), ("teacher", "model
 
 
 def _tables() -> dict[str, type]:
-    return {f.name: _hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "source"}
+    # `teachers` is an array of tables, parsed by `dskd.config_teachers`.
+    return {f.name: _hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name not in ("source", "teachers")}
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -389,13 +404,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[ConfigPro
                 ConfigProblem(f"--set {item}", "expected table.key=value", "for example --set train.lr=3e-4")
             )
             continue
-        if table not in tables:
+        if table not in tables and table != "teachers":
             problems.append(ConfigProblem(f"--set {key}", f"unknown table {table!r}", _closest(table, list(tables))))
             continue
         try:
             value = tomllib.loads(f"v = {text.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = text.strip()
+        if table == "teachers":  # --set teachers.<name>.<key>=value
+            problem = apply_teacher_override(raw, name, value)
+            if problem is not None:
+                problems.append(problem)
+            continue
         section = raw.setdefault(table, {})
         if not isinstance(section, dict):  # `train = 3` in the file: report it instead of crashing on assignment
             problems.append(
@@ -419,7 +439,7 @@ def parse_config(
     tables = _tables()
     built: dict[str, Any] = {}
     for table_name in raw:
-        if table_name not in tables:
+        if table_name not in tables and table_name != "teachers":
             problems.append(ConfigProblem(table_name, "unknown table", _closest(table_name, list(tables))))
     for table_name, cls in tables.items():
         values = raw.get(table_name, {})
@@ -433,6 +453,7 @@ def parse_config(
             )
             continue
         built[table_name] = _build_table(table_name, cls, values, problems, base_dir)
+    built["teachers"] = parse_teachers(raw, built, problems, base_dir)
     if problems:
         raise ConfigError(problems, source=source)
     config = Config(**built, source=source)
@@ -730,6 +751,7 @@ def check_values(config: Config) -> list[ConfigProblem]:
     from dskd.store.checks import store_value_problems  # local: the store package imports this module
 
     p.extend(store_value_problems(config))
+    p.extend(teachers_value_problems(config))
     return p
 
 
@@ -778,6 +800,7 @@ def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
     # An objective declares whether it needs a teacher (sft does not); the name is never special-cased here.
     if (
         objective is not None
+        and not config.teachers  # each entry is checked by itself (`dskd.config_teachers`)
         and registry.declared("objectives", config.objective.name, "needs_teacher")
         and not (t.model or t.config or t.address or t.store)
     ):
@@ -837,6 +860,7 @@ def check_plugins(config: Config, registry: Any) -> list[ConfigProblem]:
                             f"use a value in [{low}, {high}]",
                         )
                     )
+    problems.extend(teachers_plugin_problems(config, registry))
     return problems
 
 

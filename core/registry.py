@@ -31,12 +31,13 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 DECLARATIONS: dict[str, dict[str, Any]] = {
     "divergences": {"accepts_sparse_teacher": False, "option_ranges": {}},
     "aligners": {"default": False, "option_ranges": {}},
-    "policies": {"default": False, "teacher_store": False, "option_ranges": {}},
+    "policies": {"default": False, "teacher_store": False, "multi_teacher": False, "option_ranges": {}},
     "objectives": {
         "needs_teacher": True,
         "default_aligner": "",
         "teacher_sft": False,
         "teacher_store_modes": ("hidden",),
+        "multi_teacher": True,
         "option_ranges": {},
     },
 }
@@ -48,6 +49,10 @@ does not (docs/plugins.md explains each):
 - policy `default`: the policy of a job that names none, and of the teacher_sft stage (built-in: off_policy);
 - policy `teacher_store`: a teacher store can serve it, because it distils on the dataset's own sequences only
   (built-in: off_policy; policies that sample from the student or the teacher need the live teacher);
+- policy `multi_teacher`: it works with several teachers (`[[teachers]]`; built-in: off_policy, whose batches are the
+  dataset's own sequences, which every teacher scores);
+- objective `multi_teacher`: False for an objective that can learn from one teacher only (a job with several
+  `[[teachers]]` is then refused); every built-in distillation objective takes several;
 - objective `needs_teacher`: False for an objective without distillation parts (no teacher, no `kd_rate`);
 - objective `default_aligner`: the aligner it uses when the job names none (uld: index, mined_kd: mined);
 - objective `teacher_sft`: the objective the teacher_sft stage trains the teacher with (built-in: sft);

@@ -84,9 +84,16 @@ class Batch:
     ce: bool = True
     kd: bool = True
     meta: dict = field(default_factory=dict)  # small host-side facts (e.g. which policy produced it)
+    # Several teachers (`[[teachers]]`): each teacher's part of this batch, by name, in the job's order. The
+    # teacher_* fields above then hold the first teacher's tokenisation of every sample, so single-teacher code
+    # reads a batch as before; None for a job with one teacher.
+    teachers: "dict[str, TeacherView] | None" = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        return _moved(self, device)
+        moved = _moved(self, device)
+        if self.teachers:
+            moved.teachers = {name: view.to(device) for name, view in self.teachers.items()}
+        return moved
 
     @property
     def size(self) -> int:
@@ -112,6 +119,35 @@ class Batch:
     def num_student_tokens(self) -> int:
         """Valid student label tokens (a host-side count, used once per step for the loss denominator)."""
         return int((self.student_labels != IGNORE_INDEX).sum())
+
+
+@dataclass
+class ServedGroup:
+    """Samples of a micro-batch served by the same set of teachers, as one teacher sees them: that teacher's
+    weight on them (normalised over the set) and the sub-batch a single-teacher objective computes on."""
+
+    weight: float  # weight_i / sum of the weights of the teachers that serve these samples
+    batch: Batch  # the samples alone: student fields of the parent batch (same width), this teacher's fields
+    samples: torch.Tensor  # (m,) positions of the samples in the parent batch (to select the student's hidden states)
+    signal_rows: torch.Tensor | None = None  # (R_g,) rows of the view's teacher signal for these samples; None: all
+
+    def to(self, device: torch.device | str) -> "ServedGroup":
+        moved = _moved(self, device)
+        moved.batch = self.batch.to(device)
+        return moved
+
+
+@dataclass
+class TeacherView:
+    """One teacher's part of a multi-teacher micro-batch (`Batch.teachers`): the samples it serves, tokenised and
+    aligned for it (`batch`, the batch its signal is asked for), split into groups of equal weight."""
+
+    batch: Batch  # served samples: student fields of the parent batch, this teacher's ids, labels, alignment, rows
+    samples: torch.Tensor  # (n,) positions of the served samples in the parent batch
+    groups: list[ServedGroup] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> "TeacherView":
+        return TeacherView(self.batch.to(device), self.samples.to(device), [g.to(device) for g in self.groups])
 
 
 @dataclass(frozen=True)

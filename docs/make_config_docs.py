@@ -45,6 +45,12 @@ TABLE_INTROS = {
     "aligner": "How teacher and student tokens are paired when the vocabularies differ. Other keys are options.",
     "policy": "Which sequences are distilled at each step. Other keys are the plugin's options.",
     "eval": "Generation evaluation (stage `eval`): ROUGE-L and agreement with the teacher.",
+    "teachers": (
+        "Several teachers (an array of tables, `[[teachers]]`, one per teacher), in place of the one `[teacher]` table: "
+        "each entry takes every key of `[teacher]` plus the keys below. A job has either `[teacher]` or "
+        "`[[teachers]]`. Each sample is distilled from the teachers that serve it (their `route`), their losses "
+        "weighted by `weight` normalised over those teachers. `--set teachers.<name>.<key>=value` overrides an entry."
+    ),
 }
 
 HEADER = """\
@@ -90,6 +96,8 @@ def attribute_docstrings(cls: type) -> dict[str, str]:
 
 
 def type_name(tp: Any) -> str:
+    if tp is Any:  # a [[teachers]] entry's aligner: a name or a table
+        return "string or table"
     if typing.get_origin(tp) is tuple:
         return f"list of {type_name(typing.get_args(tp)[0])}s"
     return {str: "string", int: "integer", float: "float", bool: "boolean", dict: "table"}[tp]
@@ -121,13 +129,15 @@ def render_table(name: str, cls: type) -> str:
         raise SystemExit(f"make_config_docs: table [{name}] has no introduction; add it to TABLE_INTROS")
     hints = typing.get_type_hints(cls)
     docs = attribute_docstrings(cls)
-    lines = [f"## [{name}]", "", TABLE_INTROS[name], "", "| key | type | default | description |", "|---|---|---|---|"]
+    title = f"## [[{name}]]" if name == "teachers" else f"## [{name}]"
+    lines = [title, "", TABLE_INTROS[name], "", "| key | type | default | description |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         if f.name not in docs:
             raise SystemExit(f"make_config_docs: {name}.{f.name} has no docstring; add one under the field")
-        if f.name == "options":  # not a key: the table's other keys, listed once in the introduction
+        if f.name in ("options", "teacher"):  # not keys: the table's other keys, listed once in the introduction
             continue
-        default = f"`{toml_value(field_default(f))}`"
+        value = field_default(f)
+        default = "the job's `[aligner]`" if value is None else f"`{toml_value(value)}`"
         lines.append(f"| `{f.name}` | {type_name(hints[f.name])} | {cell(default)} | {cell(docs[f.name])} |")
     return "\n".join(lines) + "\n"
 
@@ -138,6 +148,9 @@ def render() -> str:
     sections = [HEADER]
     for f in dataclasses.fields(config_module.Config):
         if f.name == "source":  # set by the loader, not a table a user writes
+            continue
+        if f.name == "teachers":  # an array of tables: the keys of one entry
+            sections.append(render_table(f.name, config_module.TeacherEntry))
             continue
         sections.append(render_table(f.name, hints[f.name]))
     return "\n".join(sections)

@@ -52,16 +52,16 @@ from dskd.models.teacher import tokenizer_fingerprint
 CACHE_VERSION = 2  # bump when the cached columns or their meaning change
 
 
-def load_examples(path: str | Path, cfg: DataConfig, split: str) -> list[Example]:
+def load_examples(path: str | Path, cfg: DataConfig, split: str, tag_fields: tuple[str, ...] = ()) -> list[Example]:
     """Read one split (`dskd.data.sources`: a data file, a folder or a hub dataset) into `Example`s of any
     record shape (`dskd.data.records`); every problem is a one-line `DataError` naming the source, the sample and
-    the fix."""
+    the fix. `tag_fields`: record fields kept as each example's tags (what `[[teachers]]` routes read)."""
     where = f"data.{split} ({path})"
     if cfg.format in ("auto", "instruction") and not cfg.prompt_field:
         check_template(cfg.template)
     fields = [cfg.context_field, cfg.instruction_field, cfg.response_field, cfg.messages_field, cfg.completion_field]
-    columns, rows = read_rows(path, cfg, split, [name for name in fields + [prompt_name(cfg)] if name])
-    convert = RowConverter(cfg, where, tuple(columns))
+    columns, rows = read_rows(path, cfg, split, [name for name in fields + [prompt_name(cfg), *tag_fields] if name])
+    convert = RowConverter(cfg, where, tuple(columns), tuple(tag_fields))
     return [convert(row, index) for index, row in enumerate(rows)]
 
 
@@ -74,6 +74,7 @@ class RowConverter:
     cfg: DataConfig
     where: str
     columns: tuple[str, ...]
+    tag_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for config_key, name in needed_fields(self.shape, self.cfg):
@@ -90,7 +91,7 @@ class RowConverter:
     def __call__(self, row: dict[str, Any], index: int) -> Example:
         cfg = self.cfg
         use_context = bool(cfg.context_field) and cfg.context_field in self.columns and not cfg.prompt_field
-        return to_example(row, cfg, self.shape, self.where, index, use_context=use_context)
+        return to_example(row, cfg, self.shape, self.where, index, use_context=use_context, tag_fields=self.tag_fields)
 
 
 def _tokenizer_name(tokenizer: Any) -> str:

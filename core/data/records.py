@@ -14,6 +14,7 @@ split, the sample and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ class Example:
     references: tuple[str, ...]
     messages: tuple[tuple[str, str], ...] = ()
     trained: tuple[int, ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()  # (field, value) of the fields teachers are routed by (`[[teachers]] route`)
 
     @property
     def response(self) -> str:
@@ -102,9 +104,27 @@ def check_template(template: str) -> None:
 
 
 def to_example(
-    row: dict[str, Any], cfg: DataConfig, shape: str, where: str, index: int, *, use_context: bool = True
+    row: dict[str, Any],
+    cfg: DataConfig,
+    shape: str,
+    where: str,
+    index: int,
+    *,
+    use_context: bool = True,
+    tag_fields: tuple[str, ...] = (),
 ) -> Example:
-    """One record of the given shape as an `Example` (`use_context`: the split has the context field)."""
+    """One record of the given shape as an `Example` (`use_context`: the split has the context field), with the
+    values of `tag_fields` as its tags (a field the record lacks, or null, gives no tag)."""
+    example = _to_example(row, cfg, shape, where, index, use_context=use_context)
+    if not tag_fields:
+        return example
+    tags = tuple((name, str(row[name])) for name in tag_fields if row.get(name) is not None)
+    return dataclasses.replace(example, tags=tags)
+
+
+def _to_example(
+    row: dict[str, Any], cfg: DataConfig, shape: str, where: str, index: int, *, use_context: bool
+) -> Example:
     if shape == "conversation":
         messages = _messages(row.get(cfg.messages_field), cfg.messages_field, where, index)
         return _conversation(messages, None, cfg, where, index)

@@ -29,7 +29,6 @@ from dskd.kit.contracts import member
 from dskd.kit.lm_head import last_hidden_state
 from dskd.kit.policy import Policy
 from dskd.kit.weights import weighting
-from dskd.models.prefetch import SignalFetcher
 from dskd.run import checkpoint
 from dskd.run.checkpoint import StageCheckpoints
 from dskd.run.interrupts import stop_requests
@@ -37,6 +36,7 @@ from dskd.run.launch import LaunchError, average_gradients
 from dskd.run.meter import Meter, MetricsFile
 from dskd.run.optim import build_optimizer, build_scheduler, step_weights
 from dskd.run.sharding import FSDP, clip_grad_norm, is_sharded, shard_student, sharding_mode, whole_parameters
+from dskd.run.teacher_set import make_fetcher
 from dskd.types import Batch, LossTerms
 
 
@@ -48,7 +48,7 @@ class StageSpec:
     model: torch.nn.Module
     objective: Any  # a `dskd.kit.objective.Objective`
     policy: Any  # a `dskd.kit.policy.Policy`
-    teacher: Any  # a `dskd.models.teacher.Teacher`, or None
+    teacher: Any  # a `dskd.models.teacher.Teacher`, a `dskd.run.teacher_set.TeacherSet` (several), or None
     make_batches: Callable[[int], Iterator[Batch]]  # consumed-batch count -> this process's batches from there on
     train: TrainConfig
     run_dir: Path
@@ -93,7 +93,7 @@ class Trainer:
             self.synced_here += whole_parameters(p for p in spec.model.parameters() if p.requires_grad)
         else:
             self._prepare_data_parallel(spec, accelerator)
-        self.fetcher = SignalFetcher(spec.teacher, spec.objective.request)
+        self.fetcher = make_fetcher(spec.teacher, spec.objective)
         # Cross-step prefetch needs a policy whose output is its input (off_policy); a synchronous teacher's call
         # is merely deferred to when the signal is needed.
         self._can_prefetch = bool(member(spec.policy, Policy, "prefetchable")) and self.fetcher.active
@@ -142,6 +142,8 @@ class Trainer:
             # Time the student stood waiting for its teacher (0 when the signal was prefetched in time).
             if pending is not None:
                 meter.add_host("perf/teacher_wait_s", time.perf_counter() - waited)
+                for name, seconds in getattr(self.fetcher, "waits", {}).items():  # several teachers: each one's wait
+                    meter.add_host(f"perf/teacher_wait_s/{name}", seconds)
             pending = self._submit(window[i + 1]) if i + 1 < len(window) else None
             last = i + 1 == len(window)
             with (

@@ -48,7 +48,7 @@ from dskd.run.engine import StageSpec, Trainer
 from dskd.run.launch import make_accelerator
 from dskd.run.sharding import full_state_dict, is_sharded, plain_model, sharding_mode
 
-OUTPUTS = ("checkpoints", "final", "teacher", "results.json", "metrics.jsonl")
+OUTPUTS = ("checkpoints", "final", "teacher", "teachers", "results.json", "metrics.jsonl")
 FINISHED = "finished.json"
 
 
@@ -215,13 +215,17 @@ class Job:
         return make
 
     # -- stages ------------------------------------------------------------------------------------------------
-    def teacher_sft(self) -> Path:
-        """Supervised fine-tuning of the teacher on the training split (the default job's tiny teacher)."""
-        target = self.run_dir / "teacher"
+    def teacher_sft(
+        self, *, config: Config | None = None, examples=None, target: Path | None = None, stage: str = "teacher_sft"
+    ) -> Path:
+        """Supervised fine-tuning of the teacher on the training split (the default job's tiny teacher). With
+        several teachers (`dskd.run.teachers`) each is trained by this, with its own `config` (the job as if it were
+        the one [teacher]), its routed `examples`, its `target` folder and its `stage` name."""
+        target = self.run_dir / "teacher" if target is None else target
         if (target / "config.json").exists():
             self.console.print(f"teacher_sft: reusing the trained teacher in {target}")
             return target
-        cfg = self.config
+        cfg = self.config if config is None else config
         tokenizer = load_tokenizer(cfg.teacher, "teacher")
         # Trained weights stay float32 ("auto" is an inference default; AdamW on bfloat16 weights loses updates).
         sft_cfg = dataclasses.replace(cfg.teacher, dtype="float32") if cfg.teacher.dtype == "auto" else cfg.teacher
@@ -231,7 +235,9 @@ class Job:
             cfg, self.registry, teacher_as_student, None, None, name=self.registry.default("objectives", "teacher_sft")
         )
         sft = cfg.teacher_sft
-        _, make_batches = self.train_batches(tokenizer, None, None, sft.batch_size, sides=("teacher", "teacher"))
+        _, make_batches = self.train_batches(
+            tokenizer, None, None, sft.batch_size, examples, sides=("teacher", "teacher")
+        )
         train = dataclasses.replace(
             cfg.train,
             max_steps=sft.steps,
@@ -242,7 +248,7 @@ class Job:
         )
         policy = self.registry.get("policies", self.registry.default("policies"))(None)
         spec = StageSpec(
-            "teacher_sft",
+            stage,
             model,
             objective,
             policy,
@@ -376,6 +382,8 @@ class Job:
             results = self.run_dir / "results.json"
             return json.loads(results.read_text()) if results.exists() else {}
         stages = self.config.run.stages
+        if self.config.teachers:  # several teachers: dskd.run.teachers
+            return self._run_teachers(stages)
         teacher_path = self.teacher_sft() if "teacher_sft" in stages else None
         if teacher_path is None and (self.run_dir / "teacher" / "config.json").exists():
             teacher_path = self.run_dir / "teacher"
@@ -385,6 +393,24 @@ class Job:
         results = self.evaluate(teacher_path, final) if "eval" in stages else {}
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:  # last, so that its presence means every output above is complete
+            _write_json(self.run_dir / FINISHED, {"config": self.config.to_dict(), "job_dir": self._job_dir()})
+        self.console.print(f"run directory: {self.run_dir}")
+        return results
+
+    def _run_teachers(self, stages: tuple[str, ...]) -> dict[str, Any]:
+        from dskd.run import teachers
+
+        trained = {e.name: self.run_dir / teachers.TEACHERS_DIR / e.name for e in self.config.teachers}
+        trained = {n: p for n, p in trained.items() if (p / "config.json").exists()}
+        if "teacher_sft" in stages:
+            trained = teachers.teacher_sft(self)
+        self.teacher_paths = trained  # the fine-tuned teachers by name, for the eval stage
+        final = teachers.distill(self, trained) if "distill" in stages else None
+        if final is None and (self.run_dir / "final" / "config.json").exists():
+            final = self.run_dir / "final"
+        results = self.evaluate(None, final) if "eval" in stages else {}
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
             _write_json(self.run_dir / FINISHED, {"config": self.config.to_dict(), "job_dir": self._job_dir()})
         self.console.print(f"run directory: {self.run_dir}")
         return results
@@ -415,6 +441,8 @@ def _changed_keys(finished: dict[str, Any], new: dict[str, Any], job_dir: str) -
         table = json.loads(json.dumps(table))
         out = {}
         for name, values in table.items():
+            if name == "teachers" and isinstance(values, list):  # [[teachers]]: compared entry by entry, by name
+                values = {f"{e.get('name')}.{k}": v for e in values if isinstance(e, dict) for k, v in e.items()}
             for key, value in values.items() if isinstance(values, dict) else ():
                 if base and isinstance(value, str) and value.startswith(base + os.sep):
                     value = "<job folder>" + value[len(base) :]

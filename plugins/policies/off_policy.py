@@ -23,6 +23,7 @@ def off_policy(context: PolicyContext) -> OffPolicy:
 
 off_policy.default = True  # the policy of a job that names none, and of the teacher_sft stage
 off_policy.teacher_store = True  # only the dataset's sequences: a teacher store holds every one of them
+off_policy.multi_teacher = True  # the same sequences for every teacher: each scores its own tokenisation of them
 
 
 @dskd.hookimpl
