@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dskd.config import Config
-from dskd.config_teachers import TeacherEntry, entry_config, teacher_entries
+from dskd.config_teachers import TeacherEntry, entry_config, route_fields, teacher_entries
 from dskd.data import chat
 from dskd.data.batching import ResumableBatchSampler, collate
 from dskd.data.examples import load_examples
@@ -33,15 +33,17 @@ from dskd.kit import Aligner, member
 from dskd.kit.objective import same_vocabulary
 from dskd.models.loading import load_model, load_tokenizer
 from dskd.run.components import build_aligner, build_student, build_teacher
+from dskd.run.teachers import TEACHERS_DIR
 
 GENERATION_KEYS = ("exact_match", "rougeL", "avg_new_tokens", "num_examples", "teacher_scaffolding")
 SCORE_KEYS = ("exact_match", "rougeL")
 
 
 def eval_examples(config: Config):
+    """The evaluation split (its first eval.max_samples), with the fields teachers are routed by as tags."""
     e = config.eval
     path = config.data.test if e.split == "test" else config.data.valid
-    examples = load_examples(path, config.data, e.split)
+    examples = load_examples(path, config.data, e.split, tag_fields=route_fields(config))
     return examples[: e.max_samples] if e.max_samples else examples
 
 
@@ -95,7 +97,7 @@ def generation_metrics(
 def _held_out_batches(job, teacher, student_tokenizer, aligner, same_vocab: bool, entry: TeacherEntry | None = None):
     config = job.config
     split = "valid" if config.data.valid else config.eval.split
-    examples = job.examples(split)
+    examples = load_examples(getattr(config.data, split), config.data, split, tag_fields=route_fields(config))
     if entry is not None and entry.route:
         examples = served_examples(entry, examples, f"data.{split}")
     dataset = job.tokenized(split, student_tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples)
@@ -149,22 +151,24 @@ def eval_teachers(job, teacher_path: Path | Mapping[str, Path] | None) -> list[E
     teacher_sft stage saved in the run directory (`teachers/<name>/`), if there is one."""
     entries = teacher_entries(job.config)
     several = len(entries) > 1
-    paths = dict(teacher_path) if isinstance(teacher_path, Mapping) else {}
+    # A job with several teachers records the folders its teacher_sft stage trained (`Job.teacher_paths`).
+    paths = dict(teacher_path) if isinstance(teacher_path, Mapping) else dict(getattr(job, "teacher_paths", {}) or {})
     out = []
     for entry in entries:
         if isinstance(teacher_path, (str, Path)) and not several:
             path = Path(teacher_path)
         else:
-            path = paths.get(entry.name) or _saved_copy(job, entry, several)
+            path = paths.get(entry.name) or _saved_copy(job, entry)
         out.append(EvalTeacher(entry, entry_config(job.config, entry), path, f"/{entry.name}" if several else ""))
     return out
 
 
-def _saved_copy(job, entry: TeacherEntry, several: bool) -> Path | None:
+def _saved_copy(job, entry: TeacherEntry) -> Path | None:
     t = entry.teacher
     if t.model or t.address or t.store:  # used as configured
         return None
-    folder = job.run_dir / ("teachers" / Path(entry.name) if several else Path("teacher"))
+    # [[teachers]] entries are saved by name (even a lone one); a [teacher] table in teacher/.
+    folder = job.run_dir / (Path(TEACHERS_DIR, entry.name) if job.config.teachers else Path("teacher"))
     return folder if (folder / "config.json").is_file() else None
 
 
