@@ -50,6 +50,7 @@ PER_TEACHER_KEYS = (
     "eval/teacher_kl",
 )
 TEACHER_ROW = "teacher/"
+METRIC_FAMILIES = frozenset({"train", "eval", "perf", "data", "policy", "teacher"})
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,10 @@ def teacher_names(records: list[dict], results: dict | None = None) -> list[str]
     """The teachers of a run with several (`[[teachers]]`), in order of first appearance; empty for one teacher. Read
     from the per-teacher metrics (`train/align_ratio/<name>`, ...) and the results' `teacher/<name>` rows."""
     names: dict[str, None] = {}
-    for key in [k for r in records for k in r] + list(results or {}):
+    for key in results or {}:
         if key.startswith(TEACHER_ROW):
             names.setdefault(key[len(TEACHER_ROW) :], None)
+    for key in (k for r in records for k in r):
         for base in PER_TEACHER_KEYS:
             if key.startswith(base + "/"):
                 names.setdefault(key[len(base) + 1 :], None)
@@ -124,10 +126,11 @@ def teacher_names(records: list[dict], results: dict | None = None) -> list[str]
 
 
 def split_teacher(key: str, names: list[str]) -> tuple[str, str]:
-    """`(base, teacher)` of a metric key: `("train/kd/list", ["list"])` -> `("train/kd", "list")`; a key of no
-    teacher -> `(key, "")`."""
+    """`(base, teacher)` of a metric or result key: `("train/kd/list", ["list"])` -> `("train/kd", "list")`,
+    `("exact_match/list", ...)` -> `("exact_match", "list")`; a key of no teacher -> `(key, "")`."""
     base, _, last = key.rpartition("/")
-    if base.count("/") >= 1 and last in names:
+    # "train/ce" is a term even beside a teacher named "ce": a teacher's name follows a metric, not a family.
+    if base and base not in METRIC_FAMILIES and last in names:
         return base, last
     return key, ""
 
