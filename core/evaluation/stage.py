@@ -367,7 +367,7 @@ def parse_teacher_dirs(values: list[str], config: Config) -> dict[str, str]:
 def _loadable(t: EvalTeacher) -> bool:
     """Whether a teacher has trained weights: a folder, a pretrained model or a server (a teacher built from a bare
     `config` is random until teacher_sft trains it, and agreement with it would mean nothing)."""
-    return bool(t.path or t.entry.teacher.model or t.entry.teacher.address)
+    return bool(t.path or t.config.teacher.model or t.config.teacher.address)
 
 
 def evaluate_saved_model(
