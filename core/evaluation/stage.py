@@ -94,12 +94,20 @@ def generation_metrics(
     return {key: scored[key] for key in keys if key in scored}
 
 
-def _held_out_batches(job, teacher, student_tokenizer, aligner, same_vocab: bool, entry: TeacherEntry | None = None):
-    config = job.config
-    split = "valid" if config.data.valid else config.eval.split
+def held_out_split(config: Config) -> str:
+    return "valid" if config.data.valid else config.eval.split
+
+
+def held_out_examples(config: Config, entry: TeacherEntry | None = None) -> list:
+    """The held-out samples agreement is measured on: those `entry` serves (all without a route)."""
+    split = held_out_split(config)
     examples = load_examples(getattr(config.data, split), config.data, split, tag_fields=route_fields(config))
-    if entry is not None and entry.route:
-        examples = served_examples(entry, examples, f"data.{split}")
+    return served_examples(entry, examples) if entry is not None else examples
+
+
+def _held_out_batches(job, teacher, student_tokenizer, aligner, same_vocab: bool, examples: list):
+    config = job.config
+    split = held_out_split(config)
     dataset = job.tokenized(split, student_tokenizer, teacher.tokenizer, None if same_vocab else aligner, examples)
     size = min(config.eval.batch_size, len(dataset))
     sampler = ResumableBatchSampler(len(dataset), size, shuffle=False, drop_last=False, infinite=False)
@@ -110,15 +118,17 @@ def _held_out_batches(job, teacher, student_tokenizer, aligner, same_vocab: bool
         yield make([dataset[i] for i in indices])
 
 
-def served_examples(entry: TeacherEntry, examples, where: str) -> list:
-    """The examples `entry` serves (all of them without a route); none is an error naming the route."""
-    served = [x for x in examples if entry.serves(dict(x.tags))]
-    if not served:
-        raise DskdError(
-            f"{where} has no sample that teacher {entry.name!r} serves (route {entry.route}); "
-            f"evaluate on a split with such samples, or raise eval.max_samples"
-        )
-    return served
+def served_examples(entry: TeacherEntry, examples) -> list:
+    """The examples `entry` serves (all of them without a route)."""
+    return [x for x in examples if entry.serves(dict(x.tags))]
+
+
+def _none_served(console, entry: TeacherEntry, where: str, what: str) -> None:
+    # Warned, not raised: the eval stage runs after training, and the other teachers' numbers still hold.
+    console.warn(
+        f"{where} has no sample that teacher {entry.name!r} serves (route {entry.route}), so its {what} is not "
+        f"measured; evaluate on a split with such samples, or raise eval.max_samples"
+    )
 
 
 MODELS = ("teacher", "student_init", "student")
@@ -194,8 +204,10 @@ def evaluate_stage(
         teacher = t.build(job)
         try:
             scaffolding[t.row] = _teacher_scaffolding(config, teacher.tokenizer)
-            if "teacher" in include:
-                served = served_examples(t.entry, examples, f"data.{config.eval.split}") if several else None
+            served = served_examples(t.entry, examples) if several else None
+            if "teacher" in include and served == []:
+                _none_served(console, t.entry, f"data.{config.eval.split}", "generation")
+            elif "teacher" in include:
                 metrics = _teacher_generation(config, teacher, scaffolding[t.row], served, console, t.entry.name)
                 if metrics is not None:
                     results[t.row] = metrics
@@ -211,10 +223,10 @@ def evaluate_stage(
         metrics = generation_metrics(config, model, tokenizer, scaffolding=words, per_example=several)
         per_example = metrics.pop("per_example", None)
         for t in teachers if several and per_example else ():
-            if t.entry.route:
-                served = [i for i, x in enumerate(examples) if t.entry.serves(dict(x.tags))]
+            served = [i for i, x in enumerate(examples) if t.entry.serves(dict(x.tags))]
+            if t.entry.route and served:
                 for key in SCORE_KEYS:
-                    metrics[f"{key}{t.suffix}"] = sum(per_example[i][key] for i in served) / max(len(served), 1)
+                    metrics[f"{key}{t.suffix}"] = sum(per_example[i][key] for i in served) / len(served)
         results[name] = {**metrics, **results.get(name, {})}
     _print_table(console, config, teachers, results, words)
     return {**{k: results[k] for k in results if k.startswith("teacher")}, **{k: results[k] for k in students}}
@@ -243,11 +255,15 @@ def _agreement(job, t: EvalTeacher, teacher, model, tokenizer) -> dict[str, floa
     # objective=None: teacher agreement is measured with the configured (else the exact, eta) alignment, not
     # the objective's own default, so the metric means the same thing for every objective (uld's index
     # alignment would pair unrelated tokens).
+    examples = held_out_examples(job.config, t.entry)
+    if not examples:
+        _none_served(job.console, t.entry, f"data.{held_out_split(job.config)}", "agreement")
+        return {}
     aligner = agreement_aligner(job, teacher.tokenizer, tokenizer, same_vocab, config=t.config)
     return teacher_agreement(
         model,
         teacher,
-        _held_out_batches(job, teacher, tokenizer, aligner, same_vocab, t.entry),
+        _held_out_batches(job, teacher, tokenizer, aligner, same_vocab, examples),
         token_map=None if same_vocab else aligner.vocab_map(),
         student_vocab_size=len(tokenizer),
     )
