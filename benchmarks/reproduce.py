@@ -29,7 +29,8 @@ Every row goes through the same [[teachers]] code path (a single row is a job wi
 same way: ROUGE-L and exact match on the test split, on each teacher's half of it (`exact_match/<name>`), and top-1
 agreement with each teacher on the held-out samples that teacher serves (`teacher_agreement/<name>`).
 
-    python benchmarks/reproduce.py --multi-teacher [--quick] [--steps N] [--teacher-steps N] [--teachers-from RUN]
+    python benchmarks/reproduce.py --multi-teacher [--quick] [--steps N] [--teacher-steps N] [--eval-samples N]
+        [--teachers-from RUN]
 """
 
 from __future__ import annotations
@@ -278,6 +279,7 @@ def main() -> int:
     )
     parser.add_argument("--steps", type=int, default=0, help="distillation steps (0: the preset's)")
     parser.add_argument("--teacher-steps", type=int, default=0, help="teacher fine-tuning steps (0: the preset's)")
+    parser.add_argument("--eval-samples", type=int, default=0, help="test prompts scored (0: the preset's)")
     parser.add_argument(
         "--teachers-from",
         default="",
@@ -288,7 +290,7 @@ def main() -> int:
     args.seeds = [0] if args.quick else [0, 1, 2]
     args.steps = args.steps or (120 if args.quick else 250)
     args.teacher_steps = args.teacher_steps or (300 if args.quick else 400)
-    args.eval_samples = 100 if args.quick else 200
+    args.eval_samples = args.eval_samples or (100 if args.quick else 200)
     if args.multi_teacher:
         args.out = args.out / "multi_teacher" / ("quick" if args.quick else "full")
         console = Console(stderr=True)
