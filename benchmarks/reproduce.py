@@ -232,19 +232,9 @@ def reproduce_multi_teacher(args, console: Console) -> dict:
             metrics = distill_multi(registry, out, row, seed, trained, args, console)
             for key in args.metrics:
                 results[row][key].append(metrics[key])
-    report = {
-        "rows": {r: {k: summary(v) for k, v in results[r].items()} for r in rows},
-        "teachers": teacher_metrics,
-        "job": str(MULTI_TEACHER_JOB.relative_to(REPO)),
-        "teachers_trained_once": True,
-        "teachers_from": args.teachers_from,
-        "seeds": args.seeds,
-        "steps": args.steps,
-        "teacher_steps": args.teacher_steps,
-        "eval_samples": args.eval_samples,
-        "quick": args.quick,
-        "elapsed_s": round(time.perf_counter() - started, 1),
-    }
+        # The seeds so far, after each: a long reproduction that is stopped still leaves its finished seeds.
+        report = _multi_teacher_report(results, rows, teacher_metrics, args, seed, started)
+        (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     shown = ("rougeL", "exact_match", *(f"exact_match/{n}" for n in names), *(f"teacher_agreement/{n}" for n in names))
     console.table(
         f"several teachers ({len(args.seeds)} seed(s), {args.steps} steps; teachers {args.teacher_steps} steps each)",
@@ -255,6 +245,22 @@ def reproduce_multi_teacher(args, console: Console) -> dict:
         ],
     )
     return report
+
+
+def _multi_teacher_report(results, rows, teacher_metrics, args, seed: int, started: float) -> dict:
+    return {
+        "rows": {r: {k: summary(v) for k, v in results[r].items()} for r in rows},
+        "teachers": teacher_metrics,
+        "job": str(MULTI_TEACHER_JOB.relative_to(REPO)),
+        "teachers_trained_once": True,
+        "teachers_from": args.teachers_from,
+        "seeds": args.seeds[: args.seeds.index(seed) + 1],
+        "steps": args.steps,
+        "teacher_steps": args.teacher_steps,
+        "eval_samples": args.eval_samples,
+        "quick": args.quick,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
 
 
 def summary(values: list[float]) -> dict:
@@ -294,9 +300,7 @@ def main() -> int:
     if args.multi_teacher:
         args.out = args.out / "multi_teacher" / ("quick" if args.quick else "full")
         console = Console(stderr=True)
-        report = reproduce_multi_teacher(args, console)
-        (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(json.dumps(report))
+        print(json.dumps(reproduce_multi_teacher(args, console)))
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
