@@ -118,8 +118,9 @@ def teacher_sft(job: Any) -> dict[str, Path]:
 def distill(job: Any, teacher_paths: dict[str, Path]) -> Path:
     """The distillation stage with every teacher of the job (`MultiTeacherObjective`)."""
     cfg = job.config
-    student = build_student(cfg, job.device)
     examples = training_examples(job)
+    serving_sets(list(cfg.teachers), examples)  # routes checked before any model loads
+    student = build_student(cfg, job.device)
     teachers, members, pairs, fingerprints = {}, {}, [], {}
     for entry in cfg.teachers:
         config = entry_config(cfg, entry)
