@@ -88,3 +88,10 @@ def score_corpus(predictions: Sequence[str], references: Sequence[References]) -
         "exact_match": corpus_exact_match(predictions, references),
         "rougeL": corpus_rouge_l(predictions, references),
     }
+
+
+def score_examples(predictions: Sequence[str], references: Sequence[References]) -> list[dict[str, float]]:
+    """`{"exact_match", "rougeL"}` of each example (0-100): the corpus scores are their means, so a part of the
+    corpus (e.g. the samples one teacher serves) can be scored from the same answers."""
+    _check_lengths(predictions, references)
+    return [{"exact_match": exact_match(p, r), "rougeL": rouge_l(p, r)} for p, r in zip(predictions, references)]

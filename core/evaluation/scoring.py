@@ -18,7 +18,7 @@ import torch
 from dskd.config import DataConfig
 from dskd.data.examples import encode_prompt
 from dskd.errors import DataError, DskdError
-from dskd.evaluation.metrics import References, score_corpus
+from dskd.evaluation.metrics import References, score_examples
 from dskd.kit.lm_head import head_from_model, last_hidden_state
 from dskd.models.generation import sample_continuations
 from dskd.types import Batch, SignalRequest
@@ -66,8 +66,9 @@ def generate_and_score(
 
     Answers are decoded with `skip_special_tokens=True` and stripped. Returns the means over seeds of
     `exact_match` and `rougeL` (0-100) and `avg_new_tokens` (generated tokens per prompt, the stopping EOS
-    included), plus `num_examples`, `seeds`, `per_seed` (each seed's own figures) and `predictions` (the
-    answers of the first seed, for the caller to save). Greedy decoding (`temperature == 0`) ignores the
+    included), plus `num_examples`, `seeds`, `per_seed` (each seed's own figures), `per_example` (each example's
+    `exact_match` and `rougeL`, means over seeds) and `predictions` (the answers of the first seed, for the caller
+    to save). Greedy decoding (`temperature == 0`) ignores the
     seed, so it generates once and reuses the answers for every seed.
 
     Conversations: `prompt_ids` are the prompts already rendered by the model's chat template and tokenised (used
@@ -96,6 +97,7 @@ def generate_and_score(
     _check_context(model, encoded, max_new_tokens)
 
     per_seed: list[dict] = []
+    per_example: list[list[dict[str, float]]] = []
     predictions: list[str] | None = None
     greedy_rows: list[list[int]] | None = None
     for seed in seeds:
@@ -119,9 +121,10 @@ def generate_and_score(
         texts = [text.strip() for text in texts]
         if predictions is None:
             predictions = texts
-        per_seed.append(
-            {"seed": seed, **score_corpus(texts, references), "avg_new_tokens": sum(len(r) for r in rows) / len(rows)}
-        )
+        scores = score_examples(texts, references)
+        per_example.append(scores)
+        corpus = {key: sum(x[key] for x in scores) / len(scores) for key in ("exact_match", "rougeL")}
+        per_seed.append({"seed": seed, **corpus, "avg_new_tokens": sum(len(r) for r in rows) / len(rows)})
 
     def mean(key: str) -> float:
         return sum(s[key] for s in per_seed) / len(per_seed)
@@ -138,6 +141,10 @@ def generate_and_score(
         "seeds": seeds,
         "per_seed": per_seed,
         "predictions": predictions,
+        "per_example": [
+            {key: sum(scores[i][key] for scores in per_example) / len(per_example) for key in ("exact_match", "rougeL")}
+            for i in range(len(prompts))
+        ],
     }
 
 

@@ -54,7 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE")
     evaluate.add_argument(
         "--teacher",
-        help="a teacher model folder: adds top-1 agreement with it and KL to it (default: the job's pretrained or remote teacher, if any)",
+        dest="teachers",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a teacher model folder replacing the job's teacher NAME (a [[teachers]] name; a job with one teacher "
+        "takes a bare DIR); repeatable. Top-1 agreement with and KL to each teacher of the job are reported, as "
+        "teacher_agreement and teacher_kl (one teacher) or teacher_agreement/NAME and teacher_kl/NAME (several). "
+        "Default for a teacher not named: its pretrained model or servers, else the copy the job's teacher_sft "
+        "stage saved in run.output_dir; a teacher with none of these is skipped",
     )
     evaluate.add_argument("--output", help="write the metrics as JSON to this file")
     evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -145,12 +153,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dskd.config import load_config
+    from dskd.evaluation.stage import evaluate_saved_model, parse_teacher_dirs
     from dskd.registry import load_registry
-    from dskd.run.job import evaluate_model
 
     registry = load_registry()
     config = load_config(args.config, args.overrides, registry=registry)
-    metrics = evaluate_model(config, args.model, teacher_dir=args.teacher, registry=registry)
+    teacher_dirs = parse_teacher_dirs(args.teachers, config)
+    metrics = evaluate_saved_model(config, args.model, teacher_dirs=teacher_dirs, registry=registry)
     text = json.dumps(metrics, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")

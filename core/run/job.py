@@ -423,23 +423,13 @@ def run_job(config: Config, *, registry: Any, resume: bool = False, force_resume
 def evaluate_model(
     config: Config, model_dir: str, *, teacher_dir: str | None = None, registry: Any = None
 ) -> dict[str, Any]:
-    """`dskd eval`: generation metrics of a saved model on the configured evaluation split and, with a teacher
-    (`teacher_dir`, or a pretrained or remote teacher in the config), its top-1 agreement with that teacher and
-    per-token KL to it on held-out text."""
-    from dskd.evaluation.stage import generation_metrics, student_agreement
+    """`dskd eval` of a job with one teacher (`teacher_dir` replaces it); see
+    `dskd.evaluation.stage.evaluate_saved_model`, which takes a folder per teacher."""
+    from dskd.config_teachers import teacher_entries
+    from dskd.evaluation.stage import evaluate_saved_model
 
-    tokenizer = load_tokenizer(dataclasses.replace(config.student, tokenizer=model_dir, model=model_dir), "model")
-    model = load_model(dataclasses.replace(config.student, model=model_dir), "model")
-    metrics = generation_metrics(config, model, tokenizer)
-    if teacher_dir or config.teacher.model or config.teacher.address:
-        if teacher_dir:
-            config = dataclasses.replace(
-                config,
-                teacher=dataclasses.replace(config.teacher, model=teacher_dir, tokenizer="", config="", address=()),
-            )
-        job = Job(config, registry)
-        metrics.update(student_agreement(job, model.to(job.device), tokenizer))
-    return metrics
+    dirs = {teacher_entries(config)[0].name: teacher_dir} if teacher_dir else None
+    return evaluate_saved_model(config, model_dir, teacher_dirs=dirs, registry=registry)
 
 
 def _changed_keys(finished: dict[str, Any], new: dict[str, Any], job_dir: str) -> list[str]:
