@@ -196,9 +196,14 @@ class Job:
 
         return None, make
 
-    def batches(self, dataset, batch_size: int, student_pad: int, teacher_pad: int, *, shuffle: bool = True):
+    def batches(
+        self, dataset, batch_size: int, student_pad: int, teacher_pad: int, *, shuffle: bool = True, collate_fn=None
+    ):
+        """`make(consumed)` of resumable shuffled batches of `dataset`; `collate_fn` replaces the one-teacher collate
+        (several teachers collate their views with `dskd.data.multi_teacher`)."""
         acc = self.accelerator
-        collate_fn = functools.partial(collate, student_pad_id=student_pad, teacher_pad_id=teacher_pad)
+        if collate_fn is None:
+            collate_fn = functools.partial(collate, student_pad_id=student_pad, teacher_pad_id=teacher_pad)
 
         def make(consumed: int):
             sampler = ResumableBatchSampler(

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from dskd.config_teachers import TeacherEntry, entry_config, route_fields
-from dskd.data.batching import ResumableBatchSampler, make_loader
 from dskd.data.multi_teacher import MultiTeacherDataset, collate_teachers, serving_sets
 from dskd.errors import DskdError
 from dskd.kit import Objective, member
@@ -71,22 +70,8 @@ def teacher_dataset(job: Any, examples: list, student_tokenizer: Any, pairs: lis
 def make_batches(
     job: Any, dataset: MultiTeacherDataset, student_pad: int, pads: dict[str, int], weights, batch_size: int
 ):
-    acc = job.accelerator
     collate_fn = functools.partial(collate_teachers, student_pad_id=student_pad, teacher_pad_ids=pads, weights=weights)
-
-    def make(consumed: int):
-        sampler = ResumableBatchSampler(
-            len(dataset),
-            batch_size,
-            seed=job.config.run.seed,
-            shuffle=True,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            start_batch=consumed,
-        )
-        return iter(make_loader(dataset, sampler, collate_fn, job.config.data.num_workers))
-
-    return make
+    return job.batches(dataset, batch_size, student_pad, 0, collate_fn=collate_fn)
 
 
 # -- stages ------------------------------------------------------------------------------------------------------
